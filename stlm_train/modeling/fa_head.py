@@ -1,0 +1,89 @@
+"""Feature-aggregation (FA) head: fuses the per-level student products into one anomaly map.
+
+DeSTSeg-style segmentation net as STLM configures it: two ResNet BasicBlocks (in -> 128), ASPP with
+an image-pool branch and dilations (1, 3), conv3x3-BN-ReLU, conv1x1 -> 1 logit, sigmoid.
+Key names follow the official ``segmentation_net`` (``res.N``, ``head.N``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FAHeadConfig
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (3x3-BN-ReLU-3x3-BN + shortcut, ReLU)."""
+
+    def __init__(self, inplanes: int, planes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ConvNormAct(nn.Module):
+    """Conv (no bias) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, padding: int = 0, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding, dilation=dilation, bias=False)
+        self.norm = nn.BatchNorm2d(out_ch)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: image-pool branch + one branch per rate (1x1 when rate is 1)."""
+
+    def __init__(self, in_ch: int, out_ch: int, atrous_rates: tuple[int, ...]) -> None:
+        super().__init__()
+        branches: list[nn.Module] = [nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_ch, out_ch, 1))]
+        for r in atrous_rates:
+            branches.append(ConvNormAct(in_ch, out_ch, 1 if r == 1 else 3, padding=0 if r == 1 else r, dilation=r))
+        self.aspp_feature_extractors = nn.ModuleList(branches)
+        self.aspp_fusion_layer = ConvNormAct((1 + len(atrous_rates)) * out_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, *rest = [m(x) for m in self.aspp_feature_extractors]
+        pooled = F.interpolate(pooled, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return self.aspp_fusion_layer(torch.cat([pooled, *rest], dim=1))
+
+
+class FAHead(nn.Module):
+    """(B, in_channels, h, w) student products -> (B, 1, h, w) anomaly probability."""
+
+    def __init__(self, in_channels: int, cfg: FAHeadConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.res = nn.Sequential(*[BasicBlock(in_channels if i == 0 else c, c) for i in range(cfg.num_blocks)])
+        for m in self.res.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.head = nn.Sequential(
+            ASPP(c, c, cfg.atrous_rates),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, 1, 1),
+        )
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.res(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
