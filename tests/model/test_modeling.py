@@ -1,0 +1,103 @@
+"""Numbers for the STLM graph: parameter counts, batch invariance, maps and scores at 256 and 512."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stlm_train import STLM, get_config
+from stlm_train.modeling import FeatureDecoder, TinyViT, topk_score
+
+from .helpers import naive_reference, randomize
+
+
+def test_parameter_counts_match_the_paper_configuration():
+    m = STLM(get_config("paper"))
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert count(m.plain) == count(m.denoising) == 5_743_892
+    assert count(m.decoder) == 3_160_576
+    assert count(m.fa_head) == 1_870_465
+    assert count(m) == 16_518_825  # every parameter of STLM reaches the map
+
+
+@pytest.mark.parametrize("img_size,feat", [(64, 4), (128, 8), (256, 16), (320, 20)])
+def test_tinyvit_any_multiple_of_64(img_size, feat):
+    enc = TinyViT(get_config("small").student, img_size, out_chans=64).eval()
+    with torch.no_grad():
+        out = enc(torch.randn(1, 3, img_size, img_size))
+    assert out.shape == (1, 64, feat, feat)
+
+
+def test_img_size_must_be_multiple_of_64():
+    with pytest.raises(ValueError, match="multiple of 64.*300"):
+        get_config("paper", 300)
+
+
+def test_batched_decoder_equals_per_image_calls():
+    cfg = get_config("small")
+    dec = randomize(FeatureDecoder(cfg.decoder), 3).eval()
+    emb = torch.randn(4, cfg.decoder.dim, 8, 8)
+    with torch.no_grad():
+        f1, f2 = dec(emb)
+        singles = [dec(emb[i:i + 1]) for i in range(4)]
+    assert torch.equal(f1, emb)  # feature1 is the embedding before the no-mask embedding is added
+    assert torch.allclose(f2, torch.cat([s[1] for s in singles]), atol=1e-5)
+
+
+def test_batch_invariance_small():
+    m = randomize(STLM(get_config("small")), 1).eval()
+    imgs = torch.randint(0, 256, (3, 128, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = m.predict(imgs)
+    for i in range(3):
+        one = m.predict(imgs[i:i + 1])
+        assert torch.allclose(one.anomaly_map[0], batch.anomaly_map[i], atol=1e-5)
+        assert torch.allclose(one.score[0], batch.score[i], atol=1e-6)
+        assert torch.allclose(one.tlm_map[0], batch.tlm_map[i], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def paper_weights():
+    return randomize(STLM(get_config("paper", 256)), 7).state_dict()
+
+
+@pytest.mark.parametrize("img_size", [256, 512])
+def test_paper_model_matches_naive_reference(paper_weights, img_size):
+    """Fused/batched implementation == the official longhand evaluation, at 256 and 512."""
+    m = STLM(get_config("paper", img_size))
+    m.load_state_dict(paper_weights)  # weights do not depend on the image size
+    m.eval()
+    g = torch.Generator().manual_seed(img_size)
+    imgs = torch.randint(0, 256, (2, img_size, img_size, 3), dtype=torch.uint8, generator=g)
+    out = m.predict(imgs)
+    ref_map, ref_score, ref_tlm = naive_reference(m, imgs)
+    assert out.anomaly_map.shape == (2, img_size, img_size) and out.score.shape == (2,)
+    assert (out.anomaly_map >= 0).all() and (out.anomaly_map <= 1).all()
+    assert (out.anomaly_map - ref_map).abs().max().item() <= 1e-5
+    assert (out.tlm_map - ref_tlm).abs().max().item() <= 1e-5
+    assert (out.score - ref_score).abs().max().item() <= 1e-6
+    # the two images differ, so must their maps
+    assert (out.anomaly_map[0] - out.anomaly_map[1]).abs().max().item() > 1e-4
+    assert (out.tlm_map[0] - out.tlm_map[1]).abs().max().item() > 1e-3
+
+
+def test_topk_score_is_mean_of_largest_pixels():
+    m = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = torch.sort(m.flatten(1), dim=1, descending=True).values[:, :100].mean(1)
+    assert torch.allclose(topk_score(m, 100), expected)
+
+
+def test_predict_resizes_to_and_from_img_size():
+    m = randomize(STLM(get_config("small")), 2).eval()
+    imgs = torch.randint(0, 256, (1, 150, 90, 3), dtype=torch.uint8)
+    out = m.predict(imgs)
+    assert out.anomaly_map.shape == (1, 150, 90) and out.tlm_map.shape == (1, 150, 90)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.zeros(1, 64, 64, 3), "uint8"),
+    (torch.zeros(64, 64, 3, dtype=torch.uint8), r"\(N, H, W, 3\)"),
+    (torch.zeros(1, 64, 64, 4, dtype=torch.uint8), "got torch.uint8 \\(1, 64, 64, 4\\)"),
+])
+def test_predict_rejects_bad_input(bad, match):
+    m = STLM(get_config("small")).eval()
+    with pytest.raises(ValueError, match=match):
+        m.predict(bad)
