@@ -1,9 +1,98 @@
-"""stlm-bench entry point."""
+"""stlm-bench: thin click layer over ``stlm_bench.bench``."""
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
+
+import click
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("stlm-bench: not available yet in this version (benchmarks land with the runtime issue)", file=sys.stderr)
-    sys.exit(2)
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of positive integers, got {text!r}") from None
+    if not out or any(b < 1 for b in out):
+        raise click.BadParameter(f"expected a comma list of positive integers, got {text!r}")
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", required=True, help="Engine directory (or a file inside it).")
+@click.option("--reference", "reference", default=None,
+              help="Checkpoint for the PyTorch eager reference (default: the source recorded in stlm.json, if present).")
+@click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference (no parity, no speed-up).")
+@click.option("--backend", "backends", default="all", show_default=True,
+              help="'all' or a comma list of backend[/precision]: ort/fp32, ort/fp16, openvino/bf16, tensorrt ...")
+@click.option("--batch", "batch", default="1", show_default=True, help="Batch sweep, e.g. 1,4.")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1), help="Timed runs per setting.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all).")
+@click.option("--data", default=None, help="Labelled test data for accuracy metrics per backend.")
+@click.option("--format", "fmt", default="mvtec", show_default=True,
+              type=click.Choice(["mvtec", "visa", "dagm", "folder"]))
+@click.option("--category", default=None)
+@click.option("--calib-data", default=None, help="Images for parity (default: bundled sample, else generated).")
+@click.option("--json", "json_path", default=None, help="Write the full report as JSON.")
+@click.option("--markdown", "md_path", default=None, help="Write the tables as Markdown.")
+@click.option("--plot", "plot_path", default=None, help="Write a latency/throughput PNG.")
+def main(engine: str, reference: str | None, no_reference: bool, backends: str, batch: str, runs: int, warmup: int,
+         threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
+         json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
+    """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
+    import logging
+
+    from stlm_deploy.errors import DeployError
+    from stlm_deploy.fsutil import atomic_write_text
+    from stlm_deploy.spec import load_spec, resolve_engine
+
+    from . import bench
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    batches = _batches(batch)
+    try:
+        engine_dir, _ = resolve_engine(engine)
+        spec = load_spec(engine_dir)
+        variants = bench.parse_variants(backends, engine_dir)
+        ref = None if no_reference else (reference or _recorded_source(spec, engine_dir))
+        if ref is not None and not Path(ref).is_file():
+            raise click.ClickException(f"--reference: no such checkpoint file {ref}")
+        labelled = bench.load_labelled(data, fmt, category, spec.img_size) if data else None
+        parity_images = source = None
+        if calib_data:
+            from stlm_export.calib import calibration_images
+
+            cs = calibration_images(calib_data, spec.img_size, max_images=16)
+            parity_images, source = cs.images, cs.source
+        report = bench.run_bench(str(engine_dir), ref, variants, batches, runs, warmup, threads, labelled,
+                                 parity_images, source or "")
+    except click.ClickException:
+        raise
+    except (DeployError, ValueError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    text = bench.markdown(report)
+    click.echo(text)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
+    if md_path:
+        atomic_write_text(md_path, text)
+    if plot_path:
+        bench.plot(report, plot_path)
+    if not any(r["error"] is None for r in report["results"]):
+        raise click.ClickException("no backend could run this engine here (see the table)")
+
+
+def _recorded_source(spec, engine_dir: Path) -> str | None:
+    p = spec.source.checkpoint
+    if not p:
+        return None
+    for cand in (Path(p), engine_dir / p):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

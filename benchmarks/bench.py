@@ -1,0 +1,348 @@
+"""stlm-bench: latency, throughput, memory, parity and accuracy of every engine next to PyTorch eager.
+
+One run measures everything on the same machine, so the speed-up ratios are meaningful even though
+absolute numbers vary between machines. Timings are per ``Detector.predict`` call on an img_size
+batch (preprocessing + graph + postprocessing), the eager reference is ``STLM.predict`` on the same
+batch with the same thread count.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .timing import Timing, environment, time_fn
+
+log = logging.getLogger("stlm_bench")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the engine: backend + requested precision (+ the artifact it implies)."""
+
+    backend: str
+    precision: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.precision or 'default'}"
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[int, Timing] = field(default_factory=dict)  # batch -> timing of one predict call
+    peak_rss_mib: float | None = None
+    rss_delta_mib: float | None = None
+    parity: dict[str, float] | None = None
+    accuracy: dict[str, float] | None = None
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each variant gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------- variants
+def default_variants(engine_dir: Path) -> list[Variant]:
+    """Every variant the engine directory has artifacts for (availability is checked when loading)."""
+    from stlm_deploy.spec import load_spec
+
+    spec = load_spec(engine_dir)
+    out = [Variant("ort", "fp32")]
+    if spec.find_artifacts("onnx", "fp16"):
+        out.append(Variant("ort", "fp16"))
+    if spec.find_artifacts("onnx", "int8"):
+        out.append(Variant("ort", "int8"))
+    if spec.find_artifacts("openvino"):
+        out.append(Variant("openvino", "fp32"))
+        out.append(Variant("openvino", "bf16"))
+    if spec.find_artifacts("tensorrt"):
+        out.append(Variant("tensorrt", None))
+    return out
+
+
+def parse_variants(text: str, engine_dir: Path) -> list[Variant]:
+    """'all' or a comma list of backend[/precision], e.g. 'ort/fp32,openvino/bf16'."""
+    if text == "all":
+        return default_variants(engine_dir)
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        backend, _, prec = item.partition("/")
+        if backend not in ("ort", "openvino", "tensorrt"):
+            raise ValueError(f"--backend: unknown backend {backend!r} in {text!r} (ort, openvino, tensorrt or all)")
+        out.append(Variant(backend, prec or None))
+    if not out:
+        raise ValueError("--backend: empty list")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def parity(ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    from scipy.stats import spearmanr
+
+    d = np.abs(maps.astype(np.float64) - ref_maps)
+    rho = float("nan")
+    if len(scores) >= 3 and np.ptp(ref_scores) > 0 and np.ptp(scores) > 0:
+        rho = float(spearmanr(ref_scores, scores).statistic)
+    return {"max_abs_map": float(d.max()), "mean_abs_map": float(d.mean()),
+            "max_abs_score": float(np.abs(scores.astype(np.float64) - ref_scores).max()), "spearman": rho}
+
+
+@dataclass
+class LabelledSet:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,)
+    masks: np.ndarray  # (N, S, S) uint8
+    source: str
+
+
+def load_labelled(root: str, fmt: str, category: str | None, img_size: int) -> LabelledSet:
+    from stlm_train.data import build_dataset
+
+    ds = build_dataset(root, fmt, category=category, split="test", img_size=img_size)
+    samples = [ds[i] for i in range(len(ds))]
+    return LabelledSet(np.stack([s.image for s in samples]), np.array([s.label for s in samples]),
+                       np.stack([s.mask for s in samples]), f"{fmt}:{root}")
+
+
+def accuracy(scores: np.ndarray, maps: np.ndarray, data: LabelledSet) -> dict[str, float]:
+    from stlm_train.metrics import compute_metrics
+
+    m = compute_metrics(scores, data.labels, maps, data.masks)
+    return {k: float(v) for k, v in m.items()}
+
+
+# ----------------------------------------------------------------------------------------- runs
+def _predict_arrays(det: Any, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    maps, scores = [], []
+    for i in range(0, len(images), batch):
+        preds = det.predict(images[i:i + batch])
+        maps.extend(p.anomaly_map for p in preds)
+        scores.extend(p.score for p in preds)
+    return np.stack(maps), np.asarray(scores, np.float32)
+
+
+class Reference:
+    """PyTorch eager fp32 on the same inputs (the yardstick every engine is compared with)."""
+
+    def __init__(self, ckpt: str, img_size: int, threads: int) -> None:
+        import torch
+
+        from stlm_train import load_model
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load_model(ckpt, img_size=img_size)
+
+    def predict(self, images: np.ndarray, batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = [], []
+        for i in range(0, len(images), batch):
+            out = self.model.predict(self.torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
+            maps.append(out.anomaly_map.numpy())
+            scores.append(out.score.numpy())
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def timer(self, images: np.ndarray):
+        x = self.torch.from_numpy(np.ascontiguousarray(images))
+        return lambda: self.model.predict(x)
+
+
+def _batch_of(images: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:n])
+
+
+def run_bench(engine: str, reference: str | None = None, variants: list[Variant] | None = None,
+              batches: tuple[int, ...] = (1,), runs: int = 10, warmup: int = 2, threads: int | None = None,
+              data: LabelledSet | None = None, parity_images: np.ndarray | None = None,
+              parity_source: str = "") -> dict[str, Any]:
+    """Benchmark the engine's variants and (optionally) the PyTorch reference; returns a JSON-able report."""
+    from stlm_deploy import Detector
+    from stlm_deploy.spec import load_spec, resolve_engine
+
+    threads = threads or os.cpu_count() or 1
+    engine_dir, _ = resolve_engine(engine)
+    spec = load_spec(engine_dir)
+    variants = variants or default_variants(engine_dir)
+    if parity_images is None:
+        from stlm_export.calib import calibration_images
+
+        calib = calibration_images(None, spec.img_size, max_images=8)
+        parity_images, parity_source = calib.images, calib.source
+    report: dict[str, Any] = {"engine": str(engine_dir), "img_size": spec.img_size, "batches": list(batches),
+                              "runs": runs, "warmup": warmup, "parity_images": parity_source,
+                              "parity_n": int(len(parity_images)), "accuracy_data": data.source if data else None,
+                              "environment": environment(threads), "results": []}
+    ref_maps = ref_scores = None
+    ref_acc = None
+    ref_t: dict[int, Timing] = {}
+    if reference:
+        _reset_peak_rss()
+        before = _rss_kib("VmRSS")
+        ref = Reference(reference, spec.img_size, threads)
+        ref_maps, ref_scores = ref.predict(parity_images)
+        for b in batches:
+            ref_t[b] = time_fn(ref.timer(_batch_of(parity_images, b)), runs=runs, warmup=warmup)
+        if data is not None:
+            dm, ds = ref.predict(data.images)
+            ref_acc = accuracy(ds, dm, data)
+        peak = _rss_kib("VmHWM")
+        report["reference"] = {"label": "pytorch/fp32 (eager)", "checkpoint": reference,
+                               "timings": {b: t.to_dict() for b, t in ref_t.items()},
+                               "peak_rss_mib": peak / 1024 if peak else None,
+                               "rss_delta_mib": (peak - before) / 1024 if peak and before else None,
+                               "accuracy": ref_acc}
+        del ref
+        gc.collect()
+    for v in variants:
+        res = VariantResult(v)
+        _reset_peak_rss()
+        before = _rss_kib("VmRSS")
+        try:
+            det = Detector.load(engine_dir, backend=v.backend, precision=v.precision, threads=threads)
+        except Exception as e:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
+            res.error = str(e).splitlines()[0]
+            report["results"].append(_result_dict(res, ref_t))
+            log.warning("%s: %s", v.label, res.error)
+            continue
+        try:
+            res.info = det.info()
+            maps, scores = _predict_arrays(det, parity_images, max(batches))
+            if ref_maps is not None:
+                res.parity = parity(ref_maps, ref_scores, maps, scores)
+            for b in batches:
+                x = _batch_of(parity_images, b)
+                res.timings[b] = time_fn(lambda: det.predict(x), runs=runs, warmup=warmup)
+            if data is not None:
+                dm, ds = _predict_arrays(det, data.images, max(batches))
+                res.accuracy = accuracy(ds, dm, data)
+            peak = _rss_kib("VmHWM")
+            res.peak_rss_mib = peak / 1024 if peak else None
+            res.rss_delta_mib = (peak - before) / 1024 if peak and before else None
+        finally:
+            det.close()
+            del det
+            gc.collect()
+        report["results"].append(_result_dict(res, ref_t))
+    return report
+
+
+def _result_dict(res: VariantResult, ref_t: dict[int, Timing]) -> dict[str, Any]:
+    speedup = {b: ref_t[b].p50_ms / t.p50_ms for b, t in res.timings.items() if b in ref_t and t.p50_ms > 0}
+    info = res.info
+    return {"label": res.variant.label, "backend": res.variant.backend, "requested_precision": res.variant.precision,
+            "precision_used": info.get("precision"), "providers": info.get("providers"),
+            "artifact": info.get("artifact"), "timings": {b: t.to_dict() for b, t in res.timings.items()},
+            "throughput_ips": {b: b * 1000 / t.mean_ms for b, t in res.timings.items()},
+            "speedup_vs_eager_p50": speedup, "peak_rss_mib": res.peak_rss_mib, "rss_delta_mib": res.rss_delta_mib,
+            "parity": res.parity, "accuracy": res.accuracy, "error": res.error}
+
+
+# ----------------------------------------------------------------------------------------- output
+def _f(x: Any, fmt: str = ".1f") -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Tables: latency per batch, parity, accuracy, environment."""
+    env = report["environment"]
+    lines = [f"### stlm-bench — `{report['engine']}` at {report['img_size']} px",
+             "", f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs, {env['threads']} threads); "
+                 f"parity on {report['parity_n']} images ({report['parity_images']})", ""]
+    head = "| variant | precision used | providers | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s | × eager | peak RSS MiB |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    ref = report.get("reference")
+    rows = []
+    if ref:
+        for b, t in ref["timings"].items():
+            rows.append(f"| {ref['label']} | fp32 | torch | {b} | {_f(t['p50_ms'])} | {_f(t['p90_ms'])} | "
+                        f"{_f(t['p99_ms'])} | {_f(t['mean_ms'])} | {_f(int(b) * 1000 / t['mean_ms'], '.2f')} | 1.00 | "
+                        f"{_f(ref['peak_rss_mib'], '.0f')} |")
+    for r in report["results"]:
+        if r["error"]:
+            rows.append(f"| {r['label']} | – | – | – | not run: {r['error'][:90]} |||||| |")
+            continue
+        for b, t in r["timings"].items():
+            rows.append(f"| {r['label']} | {r['precision_used']} | {','.join(r['providers'] or [])} | {b} | "
+                        f"{_f(t['p50_ms'])} | {_f(t['p90_ms'])} | {_f(t['p99_ms'])} | {_f(t['mean_ms'])} | "
+                        f"{_f(r['throughput_ips'][b], '.2f')} | {_f(r['speedup_vs_eager_p50'].get(b), '.2f')} | "
+                        f"{_f(r['peak_rss_mib'], '.0f')} |")
+    lines += rows
+    if ref:
+        lines += ["", "| variant | max abs Δmap | mean abs Δmap | max abs Δscore | score Spearman |", "|---|---|---|---|---|"]
+        for r in report["results"]:
+            p = r["parity"]
+            if p:
+                lines.append(f"| {r['label']} | {p['max_abs_map']:.2e} | {p['mean_abs_map']:.2e} | "
+                             f"{p['max_abs_score']:.2e} | {_f(p['spearman'], '.4f')} |")
+    acc_rows = [("pytorch/fp32 (eager)", ref.get("accuracy"))] if ref and ref.get("accuracy") else []
+    acc_rows += [(r["label"], r["accuracy"]) for r in report["results"] if r["accuracy"]]
+    if acc_rows:
+        keys = [k for k in ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max") if k in acc_rows[0][1]]
+        lines += ["", f"Accuracy on {report['accuracy_data']}", "",
+                  "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {lab} | " + " | ".join(_f(a.get(k), '.4f') for k in keys) + " |" for lab, a in acc_rows]
+    pk = env.get("packages", {})
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in pk.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Latency (p50, batch 1 or the smallest batch) and throughput per variant as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, p50, ips = [], [], []
+    b0 = str(min(int(b) for b in report["batches"]))
+    ref = report.get("reference")
+    entries = ([(ref["label"], ref["timings"])] if ref else []) + \
+        [(r["label"], r["timings"]) for r in report["results"] if not r["error"]]
+    for lab, t in entries:
+        t = {str(k): v for k, v in t.items()}
+        if b0 in t:
+            labels.append(lab)
+            p50.append(t[b0]["p50_ms"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].barh(labels, p50, color="tab:blue")
+    axes[0].set_xlabel(f"p50 latency per call, batch {b0} (ms)")
+    axes[0].invert_yaxis()
+    for lab, t in entries:
+        t = {int(k): v for k, v in t.items()}
+        bs = sorted(t)
+        ips = [b * 1000 / t[b]["mean_ms"] for b in bs]
+        axes[1].plot(bs, ips, marker="o", label=lab)
+    axes[1].set_xlabel("batch")
+    axes[1].set_ylabel("images / s")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{Path(report['engine']).name} at {report['img_size']} px — {report['environment']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    from stlm_deploy.fsutil import atomic_output
+
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
