@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install test demo clean
+.PHONY: install sysdeps test demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian packages for the C++ runtime (OpenCV, nlohmann-json, OpenSSL, cmake); skipped when not root.
+sysdeps:
+	bash .ci/install-system-deps.sh
+
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

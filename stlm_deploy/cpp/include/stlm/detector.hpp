@@ -104,4 +104,11 @@ class Detector {
   std::unique_ptr<Impl> impl_;
 };
 
+// Heat map (JET, fixed 0..1 scale) blended on the image (alpha = heat-map weight) plus the white outline
+// of anomaly_map > threshold when given; what stlm-infer / stlm_infer_cpp write as overlays.
+// image: CV_8UC3 in the channel order of your choice (the result has the same order; bgr tells which it
+// is so the colours are right), anomaly_map: CV_32FC1, resized to the image if needed.
+cv::Mat overlay(const cv::Mat& image, const cv::Mat& anomaly_map, std::optional<double> threshold = std::nullopt,
+                bool bgr = true, double alpha = 0.5);
+
 }  // namespace stlm

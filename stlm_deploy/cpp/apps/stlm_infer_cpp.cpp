@@ -1,0 +1,364 @@
+// stlm_infer_cpp: score images with an exported STLM engine from C++ (example app of the stlm::deploy library).
+//
+//   stlm_infer_cpp ENGINE IMAGE... [--out DIR] [--backend auto|openvino|ort|tensorrt] [--precision P]
+//                  [--threads N] [--json] [--bench N] [--save-maps DIR] [--no-verify] [--verbose]
+//
+// Prints one line per image on stdout: "path score decision" (decision: anomalous | normal | none when the
+// engine has no image threshold), plus the median latency in ms with --bench N. --json prints one JSON
+// document instead. --out DIR writes overlays DIR/<name>.png (JET heat map blended 50% + outline of
+// map > pixel threshold); --save-maps DIR writes each full-size map as DIR/<name>.npy (float32).
+// IMAGE may be a folder (searched recursively). Errors are ONE line on stderr each: an engine error stops
+// everything (exit 1); a missing or unreadable image is reported, the others are still processed, and the
+// exit code is 1. Bad arguments / no images: exit 2.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <opencv2/core.hpp>
+#include <opencv2/core/utils/logger.hpp>
+#include <opencv2/imgcodecs.hpp>
+
+#include "stlm/detector.hpp"
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+
+namespace {
+
+const char* kUsage =
+    "usage: stlm_infer_cpp ENGINE IMAGE... [--out DIR] [--backend auto|openvino|ort|tensorrt]\n"
+    "                      [--precision fp32|bf16|fp16|int8|device] [--threads N] [--json] [--bench N]\n"
+    "                      [--save-maps DIR] [--no-verify] [--verbose] [--list-backends]\n"
+    "\n"
+    "Score images with an exported STLM engine (the directory written by stlm-export, or a file in it).\n"
+    "stdout: one line per image 'path score decision' (anomalous | normal | none without a threshold).\n"
+    "  --out DIR        write overlays DIR/<name>.png (heat map + defect outline)\n"
+    "  --save-maps DIR  write each anomaly map (image size, float32) as DIR/<name>.npy\n"
+    "  --backend B      auto (default), openvino, ort, tensorrt\n"
+    "  --precision P    openvino inference precision (default fp32) / artifact precision\n"
+    "  --threads N      CPU threads (default: all CPUs this process may use)\n"
+    "  --json           print one JSON document (results + failures + backend) instead of lines\n"
+    "  --bench N        time N predictions per image after one warm-up; report the median in ms\n"
+    "  --no-verify      skip the sha256 check of the artifacts\n"
+    "  --verbose        print which backend/artifact runs on stderr\n"
+    "  --list-backends  print the backends compiled into this build and exit\n"
+    "Exit status: 0 ok, 1 engine error or some images failed (each reported on one stderr line), 2 usage.\n";
+
+const std::set<std::string> kImageExtensions = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp",
+                                                ".pgm", ".ppm", ".pbm", ".jp2"};
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Args {
+  std::string engine;
+  std::vector<std::string> inputs;
+  std::string out, save_maps;
+  stlm::LoadOptions load;
+  bool json = false, verbose = false, list_backends = false;
+  int bench = 0;
+};
+
+int parse_int(const std::string& flag, const std::string& v, int minimum) {
+  char* end = nullptr;
+  long x = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end || x < minimum || x > 1000000)
+    throw UsageError(flag + ": expected an integer >= " + std::to_string(minimum) + ", got '" + v + "'");
+  return static_cast<int>(x);
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    std::string s = argv[i];
+    auto value = [&](const std::string& flag) {
+      if (i + 1 >= argc) throw UsageError(flag + ": missing value");
+      return std::string(argv[++i]);
+    };
+    std::string flag = s, inline_value;
+    bool has_inline = false;
+    if (s.rfind("--", 0) == 0 && s.find('=') != std::string::npos) {
+      flag = s.substr(0, s.find('='));
+      inline_value = s.substr(s.find('=') + 1);
+      has_inline = true;
+    }
+    auto take = [&](const std::string& f) { return has_inline ? inline_value : value(f); };
+    if (flag == "-h" || flag == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (flag == "--out") {
+      a.out = take(flag);
+    } else if (flag == "--save-maps") {
+      a.save_maps = take(flag);
+    } else if (flag == "--backend") {
+      a.load.backend = take(flag);
+    } else if (flag == "--precision") {
+      a.load.precision = take(flag);
+    } else if (flag == "--threads") {
+      a.load.threads = parse_int(flag, take(flag), 0);
+    } else if (flag == "--bench") {
+      a.bench = parse_int(flag, take(flag), 1);
+    } else if (flag == "--json") {
+      a.json = true;
+    } else if (flag == "--no-verify") {
+      a.load.verify = false;
+    } else if (flag == "--verbose" || flag == "-v") {
+      a.verbose = true;
+    } else if (flag == "--list-backends") {
+      a.list_backends = true;
+    } else if (s == "--") {
+      for (++i; i < argc; ++i) positional.emplace_back(argv[i]);
+    } else if (s.size() > 1 && s[0] == '-') {
+      throw UsageError("no such option: " + s);
+    } else {
+      positional.push_back(s);
+    }
+  }
+  if (a.list_backends) return a;
+  if (positional.empty()) throw UsageError("missing ENGINE and IMAGE arguments");
+  a.engine = positional.front();
+  a.inputs.assign(positional.begin() + 1, positional.end());
+  if (a.inputs.empty()) throw UsageError("no IMAGE given: pass image files or folders");
+  return a;
+}
+
+struct Input {
+  std::string path;      // as given / found
+  std::string key;       // output name without extension (unique)
+  std::string problem;   // set when the input does not exist
+};
+
+// Files/folders -> (path, unique key) like stlm-infer's collect_inputs; missing paths keep their problem.
+std::vector<Input> collect(const std::vector<std::string>& items) {
+  std::vector<Input> out;
+  std::set<std::string> keys, seen;
+  auto add = [&](const fs::path& p, std::string key) {
+    std::error_code ec;
+    std::string real = fs::weakly_canonical(p, ec).string();
+    if (!seen.insert(real).second) return;
+    std::string base = key;
+    for (int i = 2; keys.count(key); ++i) key = base + "-" + std::to_string(i);
+    keys.insert(key);
+    out.push_back({p.string(), key, ""});
+  };
+  for (const std::string& item : items) {
+    fs::path p(item);
+    std::error_code ec;
+    if (fs::is_directory(p, ec)) {
+      std::vector<fs::path> files;
+      for (auto it = fs::recursive_directory_iterator(p, ec); !ec && it != fs::recursive_directory_iterator();
+           it.increment(ec)) {
+        std::string ext = it->path().extension().string();
+        std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+        if (it->is_regular_file(ec) && kImageExtensions.count(ext)) files.push_back(it->path());
+      }
+      std::sort(files.begin(), files.end());
+      for (const auto& f : files) add(f, fs::path(f.lexically_relative(p)).replace_extension().generic_string());
+    } else if (fs::exists(p, ec)) {
+      add(p, p.stem().string());
+    } else {
+      out.push_back({item, "", item + ": no such file or directory"});
+    }
+  }
+  return out;
+}
+
+// Write bytes atomically (temp file in the same folder, then rename).
+void write_atomic(const fs::path& dest, const std::string& bytes) {
+  std::error_code ec;
+  if (dest.has_parent_path()) fs::create_directories(dest.parent_path(), ec);
+  fs::path tmp = dest;
+  tmp += ".tmp" + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!f) {
+      fs::remove(tmp, ec);
+      throw std::runtime_error(dest.string() + ": cannot write");
+    }
+  }
+  fs::rename(tmp, dest, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(dest.string() + ": cannot write (" + ec.message() + ")");
+  }
+}
+
+// A float32 (H, W) map as a .npy file (format version 1.0, C order).
+std::string npy_bytes(const cv::Mat& map) {
+  CV_Assert(map.type() == CV_32FC1);
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(map.rows) + ", " +
+                       std::to_string(map.cols) + "), }";
+  const size_t unpadded = 10 + header.size() + 1;
+  header.append((64 - unpadded % 64) % 64, ' ');
+  header.push_back('\n');
+  std::string out = "\x93NUMPY";
+  out.push_back('\x01');
+  out.push_back('\x00');
+  out.push_back(static_cast<char>(header.size() & 0xff));
+  out.push_back(static_cast<char>((header.size() >> 8) & 0xff));
+  out += header;
+  cv::Mat c = map.isContinuous() ? map : map.clone();
+  out.append(reinterpret_cast<const char*>(c.data), c.total() * sizeof(float));
+  return out;
+}
+
+std::string png_bytes(const cv::Mat& image) {
+  std::vector<uchar> buf;
+  if (!cv::imencode(".png", image, buf)) throw std::runtime_error("PNG encoding failed");
+  return std::string(buf.begin(), buf.end());
+}
+
+cv::Mat read_image(const std::string& path, std::string& problem) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) {
+    problem = path + ": cannot read (" + std::string(std::strerror(errno)) + ")";
+    return {};
+  }
+  std::vector<uchar> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  cv::Mat img;
+  if (!data.empty()) {
+    try {
+      img = cv::imdecode(data, cv::IMREAD_COLOR);
+    } catch (const cv::Exception&) {
+      img.release();
+    }
+  }
+  if (img.empty()) problem = path + ": cannot decode as an image (unsupported format, empty or corrupt file)";
+  return img;
+}
+
+std::string fmt_score(float s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.8g", static_cast<double>(s));
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cv::utils::logging::setLogLevel(cv::utils::logging::LOG_LEVEL_SILENT);  // one line per error, ours
+  Args args;
+  try {
+    args = parse(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "Error: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+  if (args.list_backends) {
+    for (const auto& b : stlm::Detector::compiled_backends()) std::cout << b << "\n";
+    return 0;
+  }
+  std::vector<Input> inputs = collect(args.inputs);
+  const bool any_file = std::any_of(inputs.begin(), inputs.end(), [](const Input& i) { return i.problem.empty(); });
+  if (!any_file) {
+    std::string what;
+    for (const auto& i : inputs) what += (what.empty() ? "" : "; ") + i.problem;
+    std::cerr << "Error: no input images found (" << what << ")\n";
+    return 2;
+  }
+
+  std::optional<stlm::Detector> det;
+  try {
+    det.emplace(stlm::Detector::load(args.engine, args.load));
+  } catch (const std::exception& e) {
+    std::cerr << "Error: " << stlm::Error(e.what()).what() << "\n";
+    return 1;
+  }
+  if (args.verbose) {
+    std::cerr << "stlm_infer_cpp: " << det->name() << " on " << det->backend_name() << " (" << det->precision()
+              << ", " << det->device() << "); artifact " << det->artifact() << "\n";
+    for (const auto& n : det->notes()) std::cerr << "stlm_infer_cpp: note: " << n << "\n";
+  }
+  const stlm::Thresholds thr = det->thresholds();
+
+  json results = json::array(), failed = json::array();
+  for (const Input& in : inputs) {
+    auto fail = [&](const std::string& msg) {
+      std::cerr << msg << "; skipped\n";
+      failed.push_back({{"path", in.path}, {"error", msg}});
+    };
+    if (!in.problem.empty()) {
+      fail(in.problem);
+      continue;
+    }
+    std::string problem;
+    cv::Mat bgr = read_image(in.path, problem);
+    if (bgr.empty()) {
+      fail(problem);
+      continue;
+    }
+    try {
+      stlm::Prediction pred = det->predict(bgr, true);
+      json r = {{"path", in.path}, {"score", pred.score}, {"is_anomalous", nullptr},
+                {"height", bgr.rows}, {"width", bgr.cols}};
+      if (pred.is_anomalous) r["is_anomalous"] = *pred.is_anomalous;
+      double median_ms = -1;
+      if (args.bench > 0) {
+        det->predict(bgr, true);  // warm-up
+        std::vector<double> ms;
+        for (int k = 0; k < args.bench; ++k) {
+          auto t0 = std::chrono::steady_clock::now();
+          det->predict(bgr, true);
+          ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(ms.begin(), ms.end());
+        const size_t n = ms.size();
+        median_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+        r["latency_ms"] = {{"median", median_ms}, {"runs", args.bench}};
+      }
+      if (!args.save_maps.empty()) {
+        fs::path p = fs::path(args.save_maps) / (in.key + ".npy");
+        write_atomic(p, npy_bytes(pred.anomaly_map));
+        r["map"] = p.string();
+      }
+      if (!args.out.empty()) {
+        fs::path p = fs::path(args.out) / (in.key + ".png");
+        write_atomic(p, png_bytes(stlm::overlay(bgr, pred.anomaly_map, thr.pixel, true)));
+        r["overlay"] = p.string();
+      }
+      if (!args.json) {
+        std::string decision = pred.is_anomalous ? (*pred.is_anomalous ? "anomalous" : "normal") : "none";
+        std::cout << in.path << " " << fmt_score(pred.score) << " " << decision;
+        if (args.bench > 0) {
+          char buf[32];
+          std::snprintf(buf, sizeof buf, "%.3f", median_ms);
+          std::cout << " " << buf << "ms";
+        }
+        std::cout << std::endl;
+      }
+      results.push_back(std::move(r));
+    } catch (const std::exception& e) {
+      fail(in.path + ": " + stlm::Error(e.what()).what());
+    }
+  }
+  if (args.json) {
+    json doc = {{"engine", det->engine_dir()},
+                {"name", det->name()},
+                {"backend", det->backend_name()},
+                {"precision", det->precision()},
+                {"device", det->device()},
+                {"artifact", det->artifact()},
+                {"results", results},
+                {"failed", failed}};
+    std::cout << doc.dump(2) << std::endl;
+  }
+  return failed.empty() ? 0 : 1;
+}

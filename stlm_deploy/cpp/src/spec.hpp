@@ -1,0 +1,77 @@
+// stlm.json (format "stlm-engine", format_version 1): parsing and validation with the same rules and
+// one-line messages as the Python runtime (stlm_deploy/spec.py), artifact checksums, --engine resolution.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace stlm::detail {
+
+namespace fs = std::filesystem;
+
+inline constexpr const char* kFormat = "stlm-engine";
+inline constexpr int kFormatVersion = 1;  // newest stlm.json version this runtime understands
+inline constexpr const char* kSpecFilename = "stlm.json";
+inline constexpr int kImgSizeMultiple = 64;
+
+struct TensorDesc {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;  // -1 = dynamic
+};
+
+struct InputDesc {
+  std::string name = "image";
+  std::string dtype = "uint8";  // "uint8" (fused, NHWC) | "float32"/"float16" (unfused, NCHW, normalised)
+  std::vector<int64_t> shape;
+  std::string layout = "NHWC";
+  std::string channel_order = "RGB";
+  bool fused_preprocessing = true;
+};
+
+struct ArtifactDesc {
+  std::string sha256;
+  std::string kind;                      // onnx | openvino | tensorrt | json
+  std::optional<std::string> precision;  // fp32 | fp16 | bf16 | int8 | null
+  int64_t bytes = 0;
+};
+
+struct EngineSpec {
+  int format_version = kFormatVersion;
+  std::string model_family;
+  std::string name;
+  int img_size = 0;
+  InputDesc input;
+  std::vector<TensorDesc> outputs;
+  std::array<double, 3> mean{};
+  std::array<double, 3> std{};
+  int top_k = 100;
+  std::optional<double> threshold_image;
+  std::optional<double> threshold_pixel;
+  std::string threshold_method;
+  std::vector<std::pair<std::string, ArtifactDesc>> artifacts;  // in listing order
+  int batch = 0;                                                // 0 = "dynamic"
+  int opset = 0;
+
+  const ArtifactDesc* artifact(const std::string& relpath) const;
+  const TensorDesc* output(const std::string& name) const;
+};
+
+// Parse + validate the text of stlm.json; `where` names the file in error messages.
+EngineSpec parse_spec(const std::string& text, const std::string& where);
+
+// Read engine_dir/stlm.json and parse it.
+EngineSpec load_spec(const fs::path& engine_dir);
+
+// `--engine` accepts the directory or a file inside it: (engine_dir, preferred artifact relpath or "").
+std::pair<fs::path, std::string> resolve_engine(const fs::path& path);
+
+// Check the sha256 of each relpath against stlm.json (one-line stlm::Error naming the file on mismatch).
+void verify_artifacts(const fs::path& engine_dir, const EngineSpec& spec, const std::vector<std::string>& names);
+
+}  // namespace stlm::detail

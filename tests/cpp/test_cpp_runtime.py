@@ -1,0 +1,276 @@
+"""The C++ runtime (stlm_deploy/cpp) against the Python runtime: same scores, maps and decisions.
+
+Builds the library + ``stlm_infer_cpp`` once per session (``build.sh``), runs the app on generated PNGs of
+several sizes and on the bundled real MVTec sample, and compares with ``stlm_deploy.Detector`` on the
+same engine and backend (OpenVINO, fp32): max |Δscore| and max |Δmap| must be <= 1e-4 (measured: 0 and
+~6e-8). Also checks every documented failure: one stderr line, exit code != 0, other images processed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from .conftest import IMG, TOP_K, CppBuild, sample_image
+
+TOL = 1e-4
+SIZES = [(64, 64), (80, 100), (200, 300), (37, 53), (480, 640)]  # (H, W): equal, up, down, odd, wide
+
+
+def run_app(build: CppBuild, *args: str | Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(build.app), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if ln.strip()]
+
+
+def write_images(folder: Path, sizes=SIZES, gray: bool = True) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        p = folder / f"gen_{h}x{w}.png"
+        cv2.imwrite(str(p), cv2.cvtColor(sample_image(h, w, seed=i), cv2.COLOR_RGB2BGR))
+        paths.append(p)
+    if gray:  # a 1-channel PNG: both runtimes read it with IMREAD_COLOR (gray -> BGR)
+        p = folder / "gen_gray_90x70.png"
+        cv2.imwrite(str(p), cv2.cvtColor(sample_image(90, 70, seed=9), cv2.COLOR_RGB2GRAY))
+        paths.append(p)
+    return paths
+
+
+def analytic(bgr: np.ndarray) -> float:
+    """The fixture graph's score computed with numpy (independent of both runtimes)."""
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    small = rgb if rgb.shape[:2] == (IMG, IMG) else cv2.resize(rgb, (IMG, IMG), interpolation=cv2.INTER_LINEAR)
+    m = small.astype(np.float32).mean(axis=2) / 255.0
+    return float(np.sort(m.ravel())[-TOP_K:].mean())
+
+
+def compare_with_python(build: CppBuild, engine: Path, images: list[Path], tmp: Path, backend: str = "openvino",
+                        extra: tuple[str, ...] = (), analytic_tol: float = 1e-5) -> dict[str, float]:
+    """Run the app (--json --save-maps) and the Python Detector on the same files; return the max deltas.
+
+    The C++ score is also checked against the graph's analytic value (``analytic_tol``: float16 inputs
+    quantise the normalised image, so they get a looser bound there, never in the C++/Python parity).
+    """
+    from stlm_deploy import Detector
+
+    maps = tmp / f"maps_{engine.name}_{backend}"
+    proc = run_app(build, engine, *images, "--json", "--save-maps", maps, "--backend", backend, *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert doc["backend"] == backend and doc["failed"] == []
+    assert [r["path"] for r in doc["results"]] == [str(p) for p in images]
+    det = Detector.load(engine, backend=backend, precision="fp32")  # the same backend on the Python side
+    d_score = d_map = d_analytic = 0.0
+    try:
+        for r in doc["results"]:
+            bgr = cv2.imread(r["path"], cv2.IMREAD_COLOR)
+            ref = det.predict(bgr, bgr=True)
+            cmap = np.load(r["map"])
+            assert cmap.dtype == np.float32 and cmap.shape == bgr.shape[:2] == (r["height"], r["width"])
+            assert ref.anomaly_map.shape == cmap.shape
+            d_score = max(d_score, abs(r["score"] - ref.score))
+            d_map = max(d_map, float(np.abs(cmap - ref.anomaly_map).max()))
+            d_analytic = max(d_analytic, abs(r["score"] - analytic(bgr)))
+            assert r["is_anomalous"] == ref.is_anomalous, r["path"]
+    finally:
+        det.close()
+    assert d_score <= TOL, f"max |dscore| {d_score:.3g} > {TOL}"
+    assert d_map <= TOL, f"max |dmap| {d_map:.3g} > {TOL}"
+    assert d_analytic <= analytic_tol, f"C++ score differs from the analytic value by {d_analytic:.3g}"
+    return {"score": d_score, "map": d_map}
+
+
+# ---------------------------------------------------------------------------------------- the app itself
+def test_help_and_compiled_backends(cpp_build: CppBuild) -> None:
+    proc = run_app(cpp_build, "--help")
+    assert proc.returncode == 0 and "usage: stlm_infer_cpp ENGINE IMAGE..." in proc.stdout
+    assert "openvino" in cpp_build.backends
+    usage = run_app(cpp_build, "--bogus")
+    assert usage.returncode == 2 and len(stderr_lines(usage)) == 1
+
+
+def test_backend_not_compiled_is_one_line(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    missing = [b for b in ("tensorrt", "ort") if b not in cpp_build.backends]
+    if not missing:
+        pytest.skip("every backend is compiled into this build")
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, cpp_engines["fused"], img, "--backend", missing[0])
+    assert proc.returncode == 1 and proc.stdout == ""
+    [line] = stderr_lines(proc)
+    assert f"backend '{missing[0]}' is not compiled into this build" in line
+
+
+# -------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", ["fused", "unfused", "unfused16", "fixed"])
+def test_parity_generated_images(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path, name: str) -> None:
+    images = write_images(tmp_path / "imgs")
+    compare_with_python(cpp_build, cpp_engines[name], images, tmp_path,
+                        analytic_tol=5e-4 if name == "unfused16" else 1e-5)
+
+
+def test_parity_other_compiled_backends(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    others = [b for b in cpp_build.backends if b == "ort"]  # tensorrt needs a plan (GPU export), not built here
+    if not others:
+        pytest.skip("ONNX Runtime backend not compiled (configure with -DONNXRUNTIME_ROOT=...)")
+    images = write_images(tmp_path / "imgs")
+    for backend in others:
+        compare_with_python(cpp_build, cpp_engines["fused"], images, tmp_path, backend=backend)
+
+
+def test_parity_real_mvtec_sample(cpp_build: CppBuild, cpp_engines: dict[str, Path], sample_dir: Path,
+                                  tmp_path: Path) -> None:
+    images = sorted((sample_dir / "test").glob("*/*.png"))
+    if not images:
+        pytest.skip(f"no test/*/*.png under {sample_dir}")
+    deltas = compare_with_python(cpp_build, cpp_engines["fused"], images, tmp_path)
+    assert deltas["score"] <= TOL and deltas["map"] <= TOL
+
+
+def test_text_output_and_decisions(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    from stlm_deploy import Detector
+
+    images = write_images(tmp_path / "imgs", gray=False)
+    proc = run_app(cpp_build, cpp_engines["fused"], *images)
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(images)
+    with Detector.load(cpp_engines["fused"], backend="openvino", precision="fp32") as det:
+        for line, path in zip(lines, images):
+            p, score, decision = line.split(" ")
+            ref = det.predict(cv2.imread(str(path)), bgr=True)
+            assert p == str(path) and abs(float(score) - ref.score) < 1e-6
+            assert decision == ("anomalous" if ref.is_anomalous else "normal")
+    uncalibrated = run_app(cpp_build, cpp_engines["fixed"], images[0])  # thresholds.image is null
+    assert uncalibrated.returncode == 0 and uncalibrated.stdout.split()[-1] == "none"
+
+
+def test_artifact_path_as_engine(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    [img] = write_images(tmp_path, [(100, 80)], gray=False)
+    via_dir = run_app(cpp_build, cpp_engines["fused"], img, "--json")
+    via_xml = run_app(cpp_build, cpp_engines["fused"] / "openvino" / "model.xml", img, "--json")
+    assert via_dir.returncode == via_xml.returncode == 0
+    a, b = json.loads(via_dir.stdout), json.loads(via_xml.stdout)
+    assert b["artifact"] == "openvino/model.xml"
+    assert a["results"][0]["score"] == b["results"][0]["score"]
+
+
+def test_overlays_match_python(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    from stlm_deploy import Detector
+    from stlm_deploy.visualize import overlay
+
+    images = write_images(tmp_path / "imgs", [(200, 300), (480, 640)], gray=False)
+    out = tmp_path / "overlays"
+    proc = run_app(cpp_build, cpp_engines["fused"], *images, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    with Detector.load(cpp_engines["fused"], backend="openvino", precision="fp32") as det:
+        for path in images:
+            written = cv2.imread(str(out / f"{path.stem}.png"))
+            bgr = cv2.imread(str(path))
+            assert written is not None and written.shape == bgr.shape
+            pred = det.predict(bgr, bgr=True)
+            ref = cv2.cvtColor(overlay(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), pred.anomaly_map,
+                                       threshold=det.spec.thresholds.pixel), cv2.COLOR_RGB2BGR)
+            diff = np.abs(written.astype(np.int16) - ref)
+            # heat-map rounding of 1-ulp map differences may move a few pixels by 1-2 levels
+            assert diff.max() <= 3 and (diff > 0).mean() < 1e-3
+            assert (written == 255).all(axis=2).any()  # the white defect outline is drawn (pixel threshold set)
+
+
+def test_bench_reports_median_latency(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    images = write_images(tmp_path, [(200, 300)], gray=False)
+    text = run_app(cpp_build, cpp_engines["fused"], *images, "--bench", "5")
+    assert text.returncode == 0 and text.stdout.strip().endswith("ms")
+    doc = json.loads(run_app(cpp_build, cpp_engines["fused"], *images, "--bench", "5", "--json").stdout)
+    lat = doc["results"][0]["latency_ms"]
+    assert lat["runs"] == 5 and lat["median"] > 0
+
+
+# ------------------------------------------------------------------------------------------ failures
+def test_missing_engine_dir(cpp_build: CppBuild, tmp_path: Path) -> None:
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, tmp_path / "no_such_engine", img)
+    assert proc.returncode == 1 and proc.stdout == ""
+    [line] = stderr_lines(proc)
+    assert "no_such_engine: no such engine directory or file" in line
+
+
+def test_missing_image_others_processed(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    good = write_images(tmp_path, [(64, 64), (80, 100)], gray=False)
+    missing = tmp_path / "missing.png"
+    proc = run_app(cpp_build, cpp_engines["fused"], good[0], missing, good[1])
+    assert proc.returncode == 1
+    assert [ln.split(" ")[0] for ln in proc.stdout.splitlines()] == [str(good[0]), str(good[1])]
+    [line] = stderr_lines(proc)
+    assert line.startswith(f"{missing}: no such file or directory")
+
+
+def test_unreadable_image_others_processed(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    [good] = write_images(tmp_path, [(64, 64)], gray=False)
+    bad = tmp_path / "text.png"
+    bad.write_text("this is not a PNG\n")
+    proc = run_app(cpp_build, cpp_engines["fused"], bad, good, "--json")
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert [r["path"] for r in doc["results"]] == [str(good)]
+    assert doc["failed"][0]["path"] == str(bad)
+    [line] = stderr_lines(proc)
+    assert line.startswith(f"{bad}: cannot decode as an image")
+
+
+@pytest.mark.parametrize("victim", ["openvino/model.bin", "openvino/model.xml"])
+def test_checksum_mismatch(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path, victim: str) -> None:
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    with open(engine / victim, "ab") as f:
+        f.write(b"\n" if victim.endswith(".xml") else b"\0")
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, engine, img)
+    assert proc.returncode == 1 and proc.stdout == ""
+    [line] = stderr_lines(proc)
+    assert f"{victim}: sha256 mismatch" in line and "modified after export" in line
+    assert run_app(cpp_build, engine, img, "--no-verify").returncode == 0  # the check is what stopped it
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda d: d.update(format_version=2), "field 'format_version' is 2, newer than this runtime supports (1)"),
+    (lambda d: d.update(format="something-else"), "field 'format' must be 'stlm-engine'"),
+    (lambda d: d.update(img_size=100), "field 'img_size' must be a positive multiple of 64"),
+    (lambda d: d["artifacts"]["openvino/model.xml"].update(sha256="xyz"), "must be 64 lowercase hex digits"),
+    (lambda d: d["input"].update(dtype="float32"), "field 'input.dtype' must be \"uint8\""),
+    (None, "not valid JSON"),
+])
+def test_mismatched_engine(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path, edit, expected) -> None:
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    spec_path = engine / "stlm.json"
+    if edit is None:
+        spec_path.write_text("{\"format\": \"stlm-engine\",\n")
+    else:
+        data = json.loads(spec_path.read_text())
+        edit(data)
+        spec_path.write_text(json.dumps(data, indent=2))
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, engine, img)
+    assert proc.returncode == 1 and proc.stdout == ""
+    [line] = stderr_lines(proc)
+    assert "stlm.json" in line and expected in line, line
+
+
+def test_missing_artifact_file(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    (engine / "openvino" / "model.bin").unlink()
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, engine, img)
+    assert proc.returncode == 1
+    [line] = stderr_lines(proc)
+    assert "openvino/model.bin: listed in stlm.json but missing" in line
