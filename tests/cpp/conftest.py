@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 
+from tests.contract_engine import IMG, OPSET, TOP_K, build_onnx, make_engine, sample_image  # noqa: F401 (re-exported)
+
 REPO = Path(__file__).resolve().parents[2]
 CPP_DIR = REPO / "stlm_deploy" / "cpp"
 APT_LIST = REPO / ".ci" / "apt-packages.txt"
-IMG = 64
-TOP_K = 100
-OPSET = 17
 # Headers the apt packages of .ci/apt-packages.txt provide (checked before building, to skip clearly).
 REQUIRED_HEADERS = {
     "opencv2/core.hpp (libopencv-core-dev)": ["opencv4/opencv2/core.hpp", "opencv2/core.hpp"],
@@ -80,80 +79,6 @@ def cpp_build() -> CppBuild:
 
 
 # ----------------------------------------------------------------------------------------- engines
-def build_onnx(path: Path, *, fused: bool = True, batch: int | None = None, with_tlm: bool = False,
-               half_input: bool = False) -> Path:
-    """A contract-conforming ONNX model (see the module docstring); ``half_input``: unfused float16 input."""
-    import onnx
-    from onnx import TensorProto as T
-    from onnx import helper as h
-
-    from stlm_deploy.spec import DEFAULT_MEAN, DEFAULT_STD
-
-    n: Any = batch if batch else "N"
-    s = IMG
-    inits = [h.make_tensor("c255", T.FLOAT, [], [255.0]), h.make_tensor("flat_shape", T.INT64, [2], [0, -1]),
-             h.make_tensor("k", T.INT64, [1], [TOP_K])]
-    nodes = []
-    if fused:
-        inp = h.make_tensor_value_info("image", T.UINT8, [n, s, s, 3])
-        nodes += [h.make_node("Cast", ["image"], ["xf"], to=T.FLOAT),
-                  h.make_node("ReduceMean", ["xf"], ["m"], axes=[3], keepdims=0)]
-    else:
-        inp = h.make_tensor_value_info("image", T.FLOAT16 if half_input else T.FLOAT, [n, 3, s, s])
-        inits += [h.make_tensor("std", T.FLOAT, [1, 3, 1, 1], list(DEFAULT_STD)),
-                  h.make_tensor("mean", T.FLOAT, [1, 3, 1, 1], list(DEFAULT_MEAN))]
-        if half_input:
-            nodes.append(h.make_node("Cast", ["image"], ["x32"], to=T.FLOAT))
-        nodes += [h.make_node("Mul", ["x32" if half_input else "image", "std"], ["xs"]),
-                  h.make_node("Add", ["xs", "mean"], ["xf"]),
-                  h.make_node("ReduceMean", ["xf"], ["m"], axes=[1], keepdims=0)]
-    nodes += [h.make_node("Div", ["m", "c255"], ["anomaly_map"]),
-              h.make_node("Reshape", ["anomaly_map", "flat_shape"], ["flat"]),
-              h.make_node("TopK", ["flat", "k"], ["top", "top_idx"], axis=1),
-              h.make_node("ReduceMean", ["top"], ["score"], axes=[1], keepdims=0)]
-    outputs = [h.make_tensor_value_info("anomaly_map", T.FLOAT, [n, s, s]),
-               h.make_tensor_value_info("score", T.FLOAT, [n])]
-    if with_tlm:
-        inits.append(h.make_tensor("one", T.FLOAT, [], [1.0]))
-        nodes.append(h.make_node("Sub", ["one", "anomaly_map"], ["tlm_map"]))
-        outputs.append(h.make_tensor_value_info("tlm_map", T.FLOAT, [n, s, s]))
-    graph = h.make_graph(nodes, "tiny_stlm_cpp", [inp], outputs, inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="stlm-cpp-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def make_engine(root: Path, name: str, *, fused: bool = True, batch: int | str = "dynamic", with_tlm: bool = False,
-                half_input: bool = False, image_threshold: float | None = None,
-                pixel_threshold: float | None = None) -> Path:
-    """An engine directory as stlm-export writes it: model.onnx, openvino/model.{xml,bin}, stlm.json."""
-    import onnx
-    import openvino as ov
-
-    from stlm_deploy.spec import EngineSpec, write_spec
-
-    d = root / name
-    d.mkdir(parents=True, exist_ok=True)
-    build_onnx(d / "model.onnx", fused=fused, batch=None if batch == "dynamic" else int(batch), with_tlm=with_tlm,
-               half_input=half_input)
-    (d / "openvino").mkdir(exist_ok=True)
-    ov.save_model(ov.convert_model(str(d / "model.onnx")), str(d / "openvino" / "model.xml"), compress_to_fp16=False)
-    spec = EngineSpec.create(name, IMG, opset=OPSET, fused_preprocessing=fused, batch=batch, with_tlm=with_tlm,
-                             top_k=TOP_K, tools={"onnx": onnx.__version__, "openvino": ov.__version__})
-    if half_input:
-        spec.input.dtype = "float16"
-    spec.thresholds.image, spec.thresholds.pixel = image_threshold, pixel_threshold
-    spec.thresholds.method = "test" if image_threshold is not None else "none"
-    spec.add_artifact(d, "model.onnx", "onnx", "fp32")
-    spec.add_artifact(d, "openvino/model.xml", "openvino", "fp32")
-    spec.add_artifact(d, "openvino/model.bin", "openvino", "fp32")
-    write_spec(d, spec)
-    return d
-
-
 @pytest.fixture(scope="session")
 def cpp_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Read-only engines shared by the session (copy one before tampering with it)."""
@@ -161,23 +86,8 @@ def cpp_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pytest.importorskip("openvino")
     root = tmp_path_factory.mktemp("cpp_engines")
     return {
-        "fused": make_engine(root, "fused", with_tlm=True, image_threshold=0.74, pixel_threshold=0.55),
-        "unfused": make_engine(root, "unfused", fused=False, image_threshold=0.45, pixel_threshold=0.55),
-        "unfused16": make_engine(root, "unfused16", fused=False, half_input=True),
-        "fixed": make_engine(root, "fixed", batch=2),
+        "fused": make_engine(root, "fused", openvino_ir=True, with_tlm=True, image_threshold=0.74, pixel_threshold=0.55),
+        "unfused": make_engine(root, "unfused", openvino_ir=True, fused=False, image_threshold=0.45, pixel_threshold=0.55),
+        "unfused16": make_engine(root, "unfused16", openvino_ir=True, fused=False, half_input=True),
+        "fixed": make_engine(root, "fixed", openvino_ir=True, batch=2),
     }
-
-
-def sample_image(h: int, w: int, seed: int = 0):
-    """A structured RGB uint8 image (gradient + blobs + noise) so top-k and both resizes are non-trivial."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = (xx / max(w - 1, 1) * 120 + yy / max(h - 1, 1) * 60).astype(np.float32)
-    img = np.stack([base, base * 0.8 + 20, 180 - base], axis=2)
-    for _ in range(3):
-        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(3, max(4, min(h, w) // 4))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(100, 256, 3)
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)

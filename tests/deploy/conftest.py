@@ -15,85 +15,8 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T
-from onnx import helper as h
 
-from stlm_deploy.spec import DEFAULT_MEAN, DEFAULT_STD, EngineSpec, write_spec
-
-IMG = 64
-TOP_K = 100
-OPSET = 17
-
-
-def build_onnx(path: Path, *, img_size: int = IMG, top_k: int = TOP_K, fused: bool = True,
-               batch: int | None = None, with_tlm: bool = False, fp16_inside: bool = False) -> Path:
-    """Write a contract-conforming ONNX model (see module docstring)."""
-    n: Any = batch if batch else "N"
-    s = img_size
-    nodes, inits = [], [h.make_tensor("c255", T.FLOAT, [], [255.0]), h.make_tensor("flat_shape", T.INT64, [2], [0, -1]),
-                        h.make_tensor("k", T.INT64, [1], [top_k])]
-    if fused:
-        inp = h.make_tensor_value_info("image", T.UINT8, [n, s, s, 3])
-        if fp16_inside:  # a distinct "fp16" file: uint8 -> f16 -> f32 is exact for 0..255
-            nodes += [h.make_node("Cast", ["image"], ["x16"], to=T.FLOAT16),
-                      h.make_node("Cast", ["x16"], ["xf"], to=T.FLOAT)]
-        else:
-            nodes.append(h.make_node("Cast", ["image"], ["xf"], to=T.FLOAT))
-        nodes.append(h.make_node("ReduceMean", ["xf"], ["m"], axes=[3], keepdims=0))
-    else:
-        inp = h.make_tensor_value_info("image", T.FLOAT, [n, 3, s, s])
-        inits += [h.make_tensor("std", T.FLOAT, [1, 3, 1, 1], list(DEFAULT_STD)),
-                  h.make_tensor("mean", T.FLOAT, [1, 3, 1, 1], list(DEFAULT_MEAN))]
-        nodes += [h.make_node("Mul", ["image", "std"], ["xs"]), h.make_node("Add", ["xs", "mean"], ["xf"]),
-                  h.make_node("ReduceMean", ["xf"], ["m"], axes=[1], keepdims=0)]
-    nodes += [h.make_node("Div", ["m", "c255"], ["anomaly_map"]),
-              h.make_node("Reshape", ["anomaly_map", "flat_shape"], ["flat"]),
-              h.make_node("TopK", ["flat", "k"], ["top", "top_idx"], axis=1),
-              h.make_node("ReduceMean", ["top"], ["score"], axes=[1], keepdims=0)]
-    outputs = [h.make_tensor_value_info("anomaly_map", T.FLOAT, [n, s, s]),
-               h.make_tensor_value_info("score", T.FLOAT, [n])]
-    if with_tlm:
-        inits.append(h.make_tensor("one", T.FLOAT, [], [1.0]))
-        nodes.append(h.make_node("Sub", ["one", "anomaly_map"], ["tlm_map"]))
-        outputs.append(h.make_tensor_value_info("tlm_map", T.FLOAT, [n, s, s]))
-    graph = h.make_graph(nodes, "tiny_stlm", [inp], outputs, inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="stlm-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def make_engine(root: Path, name: str = "tiny", *, fused: bool = True, batch: int | str = "dynamic",
-                with_tlm: bool = False, fp16: bool = False, openvino_ir: bool = False,
-                image_threshold: float | None = None, pixel_threshold: float | None = None) -> Path:
-    """An engine directory exactly as the exporter writes it (stlm.json via write_spec + checksums)."""
-    d = root / name
-    d.mkdir(parents=True, exist_ok=True)
-    b = None if batch == "dynamic" else int(batch)
-    build_onnx(d / "model.onnx", fused=fused, batch=b, with_tlm=with_tlm)
-    spec = EngineSpec.create(name, IMG, opset=OPSET, fused_preprocessing=fused, batch=batch, with_tlm=with_tlm,
-                             top_k=TOP_K, tools={"onnx": onnx.__version__})
-    spec.thresholds.image, spec.thresholds.pixel = image_threshold, pixel_threshold
-    spec.thresholds.method = "test" if image_threshold is not None else "none"
-    spec.source.checkpoint, spec.source.sha256 = "runs/tiny/model.ckpt", "0" * 64
-    spec.add_artifact(d, "model.onnx", "onnx", "fp32")
-    if fp16:
-        build_onnx(d / "model.fp16.onnx", fused=fused, batch=b, with_tlm=with_tlm, fp16_inside=True)
-        spec.add_artifact(d, "model.fp16.onnx", "onnx", "fp16")
-    if openvino_ir:
-        import openvino as ov
-
-        model = ov.Core().read_model(str(d / "model.onnx"))
-        (d / "openvino").mkdir(exist_ok=True)
-        ov.save_model(model, str(d / "openvino" / "model.xml"), compress_to_fp16=False)
-        spec.add_artifact(d, "openvino/model.xml", "openvino", "fp32")
-        spec.add_artifact(d, "openvino/model.bin", "openvino", "fp32")
-    (d / "parity.json").write_text('{"pass": true}\n')
-    spec.add_artifact(d, "parity.json", "json", None)
-    write_spec(d, spec)
-    return d
+from tests.contract_engine import IMG, OPSET, TOP_K, build_onnx, make_engine, sample_image  # noqa: F401 (re-exported)
 
 
 def reference(images: list[np.ndarray], img_size: int = IMG, top_k: int = TOP_K,
@@ -110,19 +33,6 @@ def reference(images: list[np.ndarray], img_size: int = IMG, top_k: int = TOP_K,
         maps.append(m if (hh, ww) == (img_size, img_size) else
                     cv2.resize(m, (ww, hh), interpolation=cv2.INTER_LINEAR))
     return maps, scores
-
-
-def sample_image(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A structured RGB uint8 image (gradient + blobs) so top-k and resizes are non-trivial."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = (xx / max(w - 1, 1) * 120 + yy / max(h - 1, 1) * 60).astype(np.float32)
-    img = np.stack([base, base * 0.8 + 20, 180 - base], axis=2)
-    for _ in range(3):
-        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(3, max(4, min(h, w) // 4))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(100, 256, 3)
-    img += rng.normal(0, 4, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")
