@@ -1,9 +1,118 @@
-"""stlm-export entry point."""
+"""``stlm-export``: parse flags, call :func:`stlm_export.pipeline.export_engine`, print one-line errors.
+
+Every user error (missing checkpoint, bad flag value, failed parity gate, missing TensorRT) ends as
+exactly one ``Error: ...`` line on stderr and a non-zero exit status, never a traceback:
+exit 2 for bad flags (click's usage errors), 1 for everything else, 3 for a failed parity gate.
+"""
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+import click
+
+from .calib import DEFAULT_MAX_IMAGES
+from .onnx_export import DEFAULT_OPSET
+from .tensorrt_build import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB
+
+__all__ = ["main"]
+
+EXIT_ERROR, EXIT_USAGE, EXIT_PARITY = 1, 2, 3
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("stlm-export: not available yet in this version (export lands with the export issue)", file=sys.stderr)
-    sys.exit(2)
+class _OneLineErrors(click.Command):
+    """click prints usage + hint + error for bad flags; the toolkit contract is one ``Error:`` line."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.exceptions.Abort:
+            click.echo("Error: aborted", err=True)
+            code = EXIT_ERROR
+        except click.UsageError as e:
+            click.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
+            code = EXIT_USAGE
+        except click.ClickException as e:
+            click.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
+            code = e.exit_code
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Project checkpoint (model.ckpt) or an official STLM state dict.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Engine directory to write (default: engines/<name>). Replaced atomically.")
+@click.option("--name", default=None, help="Engine name (default: the run folder of model.ckpt, else the file stem).")
+@click.option("--img-size", type=int, default=None,
+              help="Input side, a multiple of 64 (default: the checkpoint's; official state dicts: 1024).")
+@click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size N.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (17-20).")
+@click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (mixed precision policy) and fp16 plans.")
+@click.option("--int8", is_flag=True, help="INT8 export (not supported yet: rejected with a message).")
+@click.option("--calib-data", type=click.Path(path_type=str), default=None,
+              help="Folder of images (searched recursively) for the parity gate / calibration.")
+@click.option("--parity-images", type=int, default=DEFAULT_MAX_IMAGES, show_default=True,
+              help="At most this many calibration images are used by the parity gate.")
+@click.option("--target", type=click.Choice(["onnx", "openvino", "tensorrt", "all"]), default=None,
+              help="What to build (default: onnx + openvino, + tensorrt with --fp16 when TensorRT is installed).")
+@click.option("--no-verify", is_flag=True, help="Skip the parity gate (no parity.json, no Polygraphy files).")
+@click.option("--no-fuse-pre", is_flag=True, help="Input float32 NCHW already normalised (runtime normalises).")
+@click.option("--with-tlm", is_flag=True, help="Add the no-FA (TLM) map as output 'tlm_map'.")
+@click.option("--no-simplify", is_flag=True, help="Keep the exporter's graph (skip onnxslim).")
+@click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
+              help="TensorRT profile max batch (dynamic batch).")
+@click.option("--opt-batch", type=int, default=DEFAULT_OPT_BATCH, show_default=True,
+              help="TensorRT profile optimum batch (dynamic batch).")
+@click.option("--workspace-mb", type=int, default=DEFAULT_WORKSPACE_MB, show_default=True,
+              help="TensorRT builder workspace.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="TensorRT timing cache to reuse (default: .trt-timing.cache next to the engine directory).")
+@click.option("--version-compatible", is_flag=True, help="TensorRT plan loadable by later TensorRT versions.")
+@click.option("--hardware-compatible", is_flag=True, help="TensorRT plan for any Ampere-or-newer GPU.")
+def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, batch: str, opset: int, fp16: bool,
+         int8: bool, calib_data: str | None, parity_images: int, target: str | None, no_verify: bool,
+         no_fuse_pre: bool, with_tlm: bool, no_simplify: bool, max_batch: int, opt_batch: int, workspace_mb: int,
+         timing_cache: str | None, version_compatible: bool, hardware_compatible: bool) -> None:
+    """Export an STLM checkpoint to a verified engine directory (ONNX, fp16 ONNX, OpenVINO, TensorRT)."""
+    from stlm_train.checkpoint import CheckpointError
+
+    from .pipeline import ExportError, ExportOptions, ParityGateError, export_engine
+
+    opts = ExportOptions(ckpt=ckpt, out=out, name=name, img_size=img_size, batch=batch, opset=opset, fp16=fp16,
+                         int8=int8, target=target, verify=not no_verify, fuse_pre=not no_fuse_pre,
+                         with_tlm=with_tlm, calib_data=calib_data, parity_images=parity_images,
+                         simplify=not no_simplify, max_batch=max_batch, opt_batch=opt_batch,
+                         workspace_mb=workspace_mb, timing_cache=timing_cache, version_compatible=version_compatible,
+                         hardware_compatible=hardware_compatible)
+    try:
+        result = export_engine(opts, log=_echo)
+    except ParityGateError as e:
+        raise _Fail(str(e), EXIT_PARITY) from None
+    except (ExportError, CheckpointError) as e:
+        raise _Fail(str(e), EXIT_ERROR) from None
+    except (ValueError, OSError, RuntimeError) as e:
+        raise _Fail(f"{type(e).__name__}: {e}", EXIT_ERROR) from None
+    click.echo(str(result.engine_dir))
+
+
+class _Fail(click.ClickException):
+    """A one-line failure with its own exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = code
+
+
+if __name__ == "__main__":  # python -m stlm_export.cli
+    main()

@@ -1,0 +1,117 @@
+"""Calibration / parity images: a user folder, the bundled real MVTec sample, or generated fields.
+
+The parity gate needs images whose maps look like real ones (textures, edges, smooth regions), so
+the order of preference is: ``--calib-data ROOT`` (every image below it, recursively), the bundled
+real sample ``../shared/data/mvtec_bottle_xs`` next to the repository (``$STLM_SAMPLE_DATA``
+overrides; its ``test/`` images: good and defective), and only then deterministic generated images
+(smooth random colour fields with a few blobs, named ``generated:smooth-fields(seed=0)``).
+
+Images are resized exactly like the runtime does it (OpenCV ``INTER_LINEAR``, half-pixel centres =
+PyTorch bilinear ``align_corners=False``), so the graph sees ``img_size`` x ``img_size`` uint8 RGB.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["IMAGE_EXTENSIONS", "CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
+           "calibration_images", "DEFAULT_MAX_IMAGES"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_IMAGES = 8
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CalibSet:
+    """uint8 (N, S, S, 3) RGB images plus where they came from (recorded in parity.json)."""
+
+    images: np.ndarray
+    source: str  # "calib-data:<root>", "sample:<root>" or "generated:..."
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file below ``root`` (recursively), sorted for determinism; hidden files skipped."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _spread(paths: list[Path], n: int) -> list[Path]:
+    """n paths evenly spread over the sorted list (so good and defective folders are both used)."""
+    if len(paths) <= n:
+        return paths
+    idx = np.linspace(0, len(paths) - 1, n).round().astype(int)
+    return [paths[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def load_images(paths: list[Path], img_size: int) -> np.ndarray:
+    """Read, convert to RGB and resize (bilinear, half-pixel centres) to (N, S, S, 3) uint8."""
+    import cv2
+
+    out = np.empty((len(paths), img_size, img_size, 3), np.uint8)
+    for i, p in enumerate(paths):
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)  # BGR uint8, grey images expanded to 3 channels
+        if img is None:
+            raise ValueError(f"{p}: not a readable image")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if img.shape[:2] != (img_size, img_size):
+            img = cv2.resize(img, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
+        out[i] = img
+    return out
+
+
+def sample_data_root() -> Path | None:
+    """The bundled real MVTec 'bottle' sample: $STLM_SAMPLE_DATA or ../shared/data/mvtec_bottle_xs."""
+    env = os.environ.get("STLM_SAMPLE_DATA")
+    for cand in ([Path(env)] if env else []) + [_REPO.parent / "shared" / "data" / "mvtec_bottle_xs"]:
+        if (cand / "test").is_dir() and find_images(cand / "test"):
+            return cand
+    return None
+
+
+def generated_images(n: int, img_size: int, seed: int = 0) -> np.ndarray:
+    """Deterministic smooth random colour fields with a few bright/dark blobs (no data needed)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, img_size, img_size, 3), np.uint8)
+    yy, xx = np.mgrid[0:img_size, 0:img_size].astype(np.float32) / img_size
+    for i in range(n):
+        coarse = rng.uniform(0, 255, (4 + i % 4, 4 + i % 4, 3)).astype(np.float32)
+        img = cv2.resize(coarse, (img_size, img_size), interpolation=cv2.INTER_CUBIC)
+        for _ in range(1 + i % 3):
+            cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.03, 0.12)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+            img = img * (1 - blob) + blob * rng.uniform(0, 255, 3).astype(np.float32)
+        out[i] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
+                       max_images: int = DEFAULT_MAX_IMAGES) -> CalibSet:
+    """The parity/calibration batch: ``calib_data``, else the bundled sample, else generated images."""
+    if max_images < 1:
+        raise ValueError(f"--parity-images: must be >= 1, got {max_images}")
+    if calib_data is not None:
+        root = Path(calib_data)
+        if not root.is_dir():
+            raise ValueError(f"--calib-data {root}: not a directory")
+        paths = find_images(root)
+        if not paths:
+            raise ValueError(f"--calib-data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found below it")
+        chosen = _spread(paths, max_images)
+        return CalibSet(load_images(chosen, img_size), f"calib-data:{root}", [str(p) for p in chosen])
+    sample = sample_data_root()
+    if sample is not None:
+        chosen = _spread(find_images(sample / "test"), max_images)
+        return CalibSet(load_images(chosen, img_size), f"sample:{sample}", [str(p) for p in chosen])
+    n = max_images
+    return CalibSet(generated_images(n, img_size), "generated:smooth-fields(seed=0)", [])

@@ -1,0 +1,76 @@
+"""``DeployModel``: the student-only STLM inference graph with pre/post-processing fused in.
+
+It wraps an :class:`stlm_train.STLM` (sharing its submodules, no copies) so that one traced graph
+goes from the camera's uint8 RGB batch to the outputs the runtime needs:
+
+    image uint8 (N, S, S, 3) RGB --cast, NHWC->NCHW, (x - mean) / std-->  (N, 3, S, S)
+      -> Sp and Sd (two TinyViTs), one decoder call on both streams stacked on the batch axis
+      -> FA head (sigmoid) -> bilinear upsample to S x S -> anomaly_map (N, S, S)
+      -> mean of the top-k pixels -> score (N,)
+      [-> no-FA (TLM) map -> upsample -> tlm_map (N, S, S)]   with ``with_tlm``
+
+The teacher and the decoder parts that never reach the map (output upscaling, hypernetworks, IoU
+head) are not part of ``STLM`` in the first place, so they cannot leak into the export. Everything
+size-dependent uses ``cfg.img_size`` as a Python constant, so only the batch axis is symbolic.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stlm_train import STLM
+from stlm_train.modeling import fa_input, tlm_map, topk_score, upsample
+
+__all__ = ["DeployModel", "INPUT_NAME", "OUTPUT_NAMES", "TLM_OUTPUT"]
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score")  # the ONNX output names (InferenceOutput field names)
+TLM_OUTPUT = "tlm_map"
+
+
+class DeployModel(nn.Module):
+    """Fused inference graph around a (shared, not copied) ``STLM``.
+
+    Args:
+        stlm: the trained student-only model (eval mode is forced).
+        fuse_pre: True: input uint8 NHWC RGB, normalisation inside the graph. False: input is the
+            already normalised float32 NCHW tensor (for runtimes that do their own preprocessing).
+        with_tlm: also output the no-FA (TLM) map, e.g. for evaluation or a second opinion.
+    """
+
+    def __init__(self, stlm: STLM, fuse_pre: bool = True, with_tlm: bool = False) -> None:
+        super().__init__()
+        self.stlm = stlm
+        self.fuse_pre = bool(fuse_pre)
+        self.with_tlm = bool(with_tlm)
+        self.img_size = int(stlm.cfg.img_size)
+        self.top_k = int(stlm.cfg.top_k)
+        # The wrapper itself must be in eval mode too: the exporter restores the wrapper's mode
+        # recursively afterwards, which would otherwise switch the shared STLM to training (BN!).
+        self.eval()
+
+    @property
+    def input_name(self) -> str:
+        return INPUT_NAME
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES + ((TLM_OUTPUT,) if self.with_tlm else ())
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        """A deterministic input of the graph's dtype/layout (what the exporter traces with)."""
+        g = torch.Generator().manual_seed(seed)
+        s = self.img_size
+        img = torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8, generator=g)
+        return img if self.fuse_pre else self.stlm.normalize(img)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 (N, S, S, 3) RGB (or normalised float32 (N, 3, S, S)) -> anomaly_map, score[, tlm_map]."""
+        x = self.stlm.normalize(image) if self.fuse_pre else image  # (N, 3, S, S)
+        plain, denoising = self.stlm.student_features(x)  # one batched decoder call for both streams
+        size = (self.img_size, self.img_size)
+        anomaly_map = upsample(self.stlm.fa_head(fa_input(plain, denoising)), size)  # (N, S, S)
+        score = topk_score(anomaly_map, self.top_k)  # (N,)
+        if not self.with_tlm:
+            return anomaly_map, score
+        return anomaly_map, score, upsample(tlm_map(plain, denoising), size)

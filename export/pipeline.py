@@ -1,0 +1,498 @@
+"""The export pipeline behind ``stlm-export``: checkpoint -> verified engine directory, atomically.
+
+Order of work (each step gated before the next one runs):
+
+1. validate options (one-line ``ExportError`` naming the flag), resolve targets, load the model;
+2. calibration images and the PyTorch reference outputs on them (skipped with ``verify=False``);
+3. fused fp32 ONNX (TorchScript exporter, full checker, onnxslim kept only if the parity probe
+   passes) -> ``model.onnx``, gated with ONNX Runtime CPU;
+4. ``--fp16``: ``model.fp16.onnx`` with the precision policy, gated;
+5. OpenVINO IR with fp16-compressed weights, gated at the inference precision actually used;
+6. TensorRT plan + sidecar (needs TensorRT and a GPU), gated through the runtime's TensorRT backend;
+7. ``parity.json``, Polygraphy ``inputs.json``/``outputs.json``, ``stlm.json`` with every artifact's
+   sha256.
+
+Everything is written into a temporary sibling directory that replaces ``engines/<name>`` only
+after the last step succeeded (``stlm_deploy.fsutil.atomic_directory``): a failed gate, an error
+or an interrupt leaves no partial directory and never touches an existing engine.
+
+The ONNX files embed the engine description in ``metadata_props``: scalar ``stlm.*`` keys plus the
+whole ``stlm.json`` as a JSON string under ``"stlm.json"``, *without* ``artifacts`` and ``parity``:
+a file cannot contain its own sha256, and the parity numbers are measured on the finished file.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from stlm_deploy.fsutil import atomic_directory, atomic_write_json, sha256_file
+
+from .calib import DEFAULT_MAX_IMAGES, CalibSet, calibration_images
+from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_onnx, save_onnx, set_metadata,
+                          torch_param_count)
+from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
+from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
+                             builder_settings, tensorrt_available, tensorrt_version)
+from .verify import (POLYGRAPHY_RUNNER, ParityGateError, ParityRecord, Tolerance, compare, normalize_images,
+                     ort_outputs, polygraphy_command, reference_outputs, run_batched, tolerance_for,
+                     write_polygraphy_files)
+
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "TARGETS", "export_engine", "parse_batch",
+           "resolve_targets", "default_name", "check_img_size", "ParityGateError", "spec_metadata"]
+
+log_ = logging.getLogger("stlm_export")
+
+TARGETS = ("onnx", "openvino", "tensorrt", "all")
+INT8_MESSAGE = ("--int8: INT8 export is not supported yet (static QDQ calibration is planned); export fp32 or "
+                "--fp16 instead")
+_GENERIC_STEMS = {"model", "last", "best", "checkpoint", "final"}
+
+
+class ExportError(ValueError):
+    """A bad option or input; one line naming the flag or file (printed as ``Error: ...``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``stlm-export`` can be asked to do (CLI flags map 1:1 onto these fields)."""
+
+    ckpt: str | os.PathLike
+    out: str | os.PathLike | None = None
+    name: str | None = None
+    img_size: int | None = None
+    batch: int | str = "dynamic"
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    int8: bool = False
+    target: str | None = None  # None: onnx + openvino (+ tensorrt with --fp16 when TensorRT imports)
+    verify: bool = True
+    fuse_pre: bool = True
+    with_tlm: bool = False
+    calib_data: str | os.PathLike | None = None
+    parity_images: int = DEFAULT_MAX_IMAGES
+    simplify: bool = True
+    max_batch: int = DEFAULT_MAX_BATCH
+    opt_batch: int = DEFAULT_OPT_BATCH
+    workspace_mb: int = DEFAULT_WORKSPACE_MB
+    timing_cache: str | os.PathLike | None = None
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+    engines_root: str | os.PathLike = "engines"
+    tolerances: Mapping[str, Tolerance] | None = None  # per-precision overrides (experiments, tests)
+
+
+@dataclass
+class ExportResult:
+    """What was published and the numbers behind it."""
+
+    engine_dir: Path
+    spec: dict[str, Any]
+    parity: list[dict[str, Any]]
+    graph: dict[str, Any]
+    fp16_policy: dict[str, Any] | None = None
+    targets: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------ option parsing
+def parse_batch(value: Any) -> int | str:
+    """``--batch``: "dynamic" or a positive integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+    elif isinstance(value, str):
+        v = value.strip().lower()
+        if v == "dynamic":
+            return "dynamic"
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    raise ExportError(f"--batch: expected 'dynamic' or a positive integer, got {value!r}")
+
+
+def check_img_size(value: Any) -> int | None:
+    """``--img-size``: a positive multiple of 64 (None keeps the checkpoint's size)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 64:
+        raise ExportError(f"--img-size: must be a positive multiple of 64 (e.g. 256, 512, 1024), got {value!r}")
+    return value
+
+
+def resolve_targets(target: str | None, fp16: bool, trt_importable: bool | None = None) -> tuple[str, ...]:
+    """Targets to build: explicit ones need their tools; the default adapts to what is installed."""
+    if target is not None and target not in TARGETS:
+        raise ExportError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
+    trt_ok = tensorrt_available() if trt_importable is None else trt_importable
+    if target is None:
+        return ("onnx", "openvino", "tensorrt") if (fp16 and trt_ok) else ("onnx", "openvino")
+    wanted = ("onnx", "openvino", "tensorrt") if target == "all" else ("onnx", target) if target != "onnx" else ("onnx",)
+    if "tensorrt" in wanted and not trt_ok:
+        raise ExportError(f"--target {target}: {TRT_INSTALL_HINT}")
+    return wanted
+
+
+def default_name(ckpt: str | os.PathLike) -> str:
+    """``runs/bottle/model.ckpt`` -> "bottle" (the run folder); ``stlm_bottle.pth`` -> "stlm_bottle"."""
+    p = Path(ckpt)
+    if p.stem.lower() in _GENERIC_STEMS and p.resolve().parent.name:
+        return p.resolve().parent.name
+    return p.stem
+
+
+def _check_out(out: Path) -> None:
+    """Never replace something that is not an engine directory (e.g. a typo pointing at $HOME)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "stlm.json").is_file():
+        raise ExportError(f"--out {out}: exists, is not empty and is not an engine directory (no stlm.json); "
+                          "refusing to replace it")
+
+
+def _validate(opts: ExportOptions) -> tuple[int | str, int | None]:
+    if opts.int8:
+        raise ExportError(INT8_MESSAGE)
+    batch = parse_batch(opts.batch)
+    img_size = check_img_size(opts.img_size)
+    try:
+        check_opset(opts.opset)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if not isinstance(opts.parity_images, int) or opts.parity_images < 1:
+        raise ExportError(f"--parity-images: must be a positive integer, got {opts.parity_images!r}")
+    if batch == "dynamic" and not 1 <= opts.opt_batch <= opts.max_batch:
+        raise ExportError(f"--opt-batch/--max-batch: need 1 <= opt <= max, got {opts.opt_batch}/{opts.max_batch}")
+    if opts.name is not None and (not opts.name.strip() or "/" in opts.name or "\\" in opts.name
+                                  or opts.name in (".", "..")):
+        raise ExportError(f"--name: must be a plain folder name, got {opts.name!r}")
+    if opts.calib_data is not None and not Path(opts.calib_data).is_dir():
+        raise ExportError(f"--calib-data {opts.calib_data}: not a directory")
+    return batch, img_size
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _tool_versions(extra: Mapping[str, str | None] = ()) -> dict[str, str]:
+    tools: dict[str, str] = {}
+    for key, dists in (("torch", ("torch",)), ("onnx", ("onnx",)),
+                       ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("openvino", ("openvino",)),
+                       ("onnxslim", ("onnxslim",)), ("onnxsim", ("onnxsim",)),
+                       ("onnxconverter_common", ("onnxconverter-common",)), ("polygraphy", ("polygraphy",))):
+        for d in dists:
+            try:
+                tools[key] = md.version(d)
+                break
+            except md.PackageNotFoundError:
+                continue
+    for k, v in dict(extra).items():
+        if v:
+            tools[k] = v
+    return tools
+
+
+def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, with_tlm: bool) -> dict[str, Any]:
+    th = obj.get("thresholds") if kind == "project" and isinstance(obj, Mapping) else None
+    if not isinstance(th, Mapping):
+        return {"image": None, "pixel": None, "method": "none"}
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
+
+    method = str(th.get("method") or "checkpoint")
+    if trained_size is not None and trained_size != img_size:
+        method += f" (chosen at img_size {trained_size}; engine exported at {img_size})"
+    out: dict[str, Any] = {"image": num(th.get("image")), "pixel": num(th.get("pixel")), "method": method}
+    if with_tlm:
+        for k in ("tlm_image", "tlm_pixel"):
+            if num(th.get(k)) is not None:
+                out[k] = num(th.get(k))
+    return out
+
+
+def _io_spec(img_size: int, batch: int | str, fuse_pre: bool, with_tlm: bool) -> tuple[dict, list[dict]]:
+    n, s = (-1 if batch == "dynamic" else int(batch)), img_size
+    if fuse_pre:
+        inp = {"name": "image", "dtype": "uint8", "shape": [n, s, s, 3], "layout": "NHWC", "channel_order": "RGB",
+               "fused_preprocessing": True}
+    else:
+        inp = {"name": "image", "dtype": "float32", "shape": [n, 3, s, s], "layout": "NCHW", "channel_order": "RGB",
+               "fused_preprocessing": False}
+    outs = [{"name": "anomaly_map", "dtype": "float32", "shape": [n, s, s]},
+            {"name": "score", "dtype": "float32", "shape": [n]}]
+    if with_tlm:
+        outs.append({"name": "tlm_map", "dtype": "float32", "shape": [n, s, s]})
+    return inp, outs
+
+
+def spec_metadata(spec: Mapping[str, Any], precision: str) -> dict[str, str]:
+    """``metadata_props`` of one ONNX file: scalar mirrors + the spec (minus artifacts/parity) as JSON."""
+    embedded = {k: v for k, v in spec.items() if k not in ("artifacts", "parity")}
+    props: dict[str, str] = {}
+    for key in ("format", "format_version", "model_family", "name", "img_size", "top_k", "opset", "batch", "created"):
+        props[f"stlm.{key}"] = str(spec[key])
+    inp = spec["input"]
+    props.update({"stlm.input.name": inp["name"], "stlm.input.dtype": inp["dtype"], "stlm.input.layout": inp["layout"],
+                  "stlm.input.channel_order": inp["channel_order"],
+                  "stlm.input.fused_preprocessing": json.dumps(inp["fused_preprocessing"]),
+                  "stlm.outputs": ",".join(o["name"] for o in spec["outputs"]),
+                  "stlm.preprocessing.mean": json.dumps(spec["preprocessing"]["mean"]),
+                  "stlm.preprocessing.std": json.dumps(spec["preprocessing"]["std"]),
+                  "stlm.thresholds.image": json.dumps(spec["thresholds"]["image"]),
+                  "stlm.thresholds.pixel": json.dumps(spec["thresholds"]["pixel"]),
+                  "stlm.source.sha256": spec["source"]["sha256"], "stlm.source.kind": spec["source"]["kind"],
+                  "stlm.precision": precision,
+                  METADATA_SPEC_KEY: json.dumps(embedded, sort_keys=False)})
+    return props
+
+
+def _write_spec(engine_dir: Path, spec: dict[str, Any]) -> None:
+    """stlm.json through stlm_deploy.spec: validated by the same code the runtime reads it with."""
+    from stlm_deploy.spec import EngineSpec, write_spec
+
+    write_spec(engine_dir, EngineSpec.from_dict(spec, where="stlm.json (export)"))
+
+
+def _artifact(engine_dir: Path, rel: str, kind: str, precision: str | None, **extra: Any) -> dict[str, Any]:
+    path = engine_dir / rel
+    return {"sha256": sha256_file(path), "kind": kind, "precision": precision, "bytes": path.stat().st_size, **extra}
+
+
+# ---------------------------------------------------------------------------------------- the export
+def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
+    """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
+    from stlm_train.checkpoint import checkpoint_kind, load_model, load_official_stlm, read_file
+
+    say = log or (lambda msg: log_.info(msg))
+    t0 = time.perf_counter()
+    batch, img_size = _validate(opts)
+    targets = resolve_targets(opts.target, opts.fp16)
+    ckpt = Path(opts.ckpt)
+    name = opts.name or default_name(ckpt)
+    out = Path(opts.out) if opts.out is not None else Path(opts.engines_root) / name
+    _check_out(out)
+
+    obj = read_file(ckpt)
+    kind = checkpoint_kind(obj)
+    if kind == "official":
+        stlm = load_official_stlm(obj, img_size=img_size or 1024, config=None)
+        trained_size = None
+    else:
+        stlm = load_model(ckpt, img_size=img_size)
+        cfg = obj.get("config") if isinstance(obj, Mapping) else None
+        trained_size = cfg.get("img_size") if isinstance(cfg, Mapping) else None
+    stlm = stlm.cpu().eval()
+    cfg = stlm.cfg
+    s = cfg.img_size
+    ckpt_sha = sha256_file(ckpt)
+    say(f"{ckpt}: {kind} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
+        f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
+
+    # calibration images and the PyTorch reference
+    calib: CalibSet | None = None
+    ref: dict[str, np.ndarray] = {}
+    graph_inputs: np.ndarray | None = None
+    if opts.verify:
+        try:
+            calib = calibration_images(opts.calib_data, s, opts.parity_images)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        ref = reference_outputs(stlm, calib.images, with_tlm=opts.with_tlm)
+        graph_inputs = calib.images if opts.fuse_pre else normalize_images(stlm, calib.images)
+        say(f"parity images: {len(calib)} from {calib.source}")
+    gate = _Gate(ref, calib.source if calib else "", opts.tolerances, say)
+
+    def probe(model: Any) -> tuple[bool, str]:
+        rec = gate.check("model.onnx (simplified)", "onnxruntime-cpu", "fp32", ort_outputs(model, graph_inputs, batch))
+        return rec.passed, f"max|Δmap| {rec.max_abs_map:.2e}"
+
+    exp = export_onnx(stlm, opset=opts.opset, batch=batch, fuse_pre=opts.fuse_pre, with_tlm=opts.with_tlm,
+                      simplify=opts.simplify, probe=probe if opts.verify else None)
+    name_nodes(exp.model)
+    notes = list(exp.notes)
+    graph = {**exp.report.to_dict(), "torch_params": torch_param_count(stlm), "raw_nodes": exp.raw_report.nodes,
+             "simplified": exp.simplified, "simplifier": exp.simplifier}
+    say(f"model.onnx: {exp.report.line()} (exporter output: {exp.raw_report.nodes} nodes; "
+        f"{'; '.join(exp.notes)})")
+
+    trt_ver = tensorrt_version()
+    trt_major = int(trt_ver.split(".")[0]) if trt_ver else 10
+    fp32_names = sorted(set(fp32_nodes(exp.model)) & float_nodes(exp.model)) if opts.fp16 else []
+    timing_cache = opts.timing_cache
+    if timing_cache is None and "tensorrt" in targets:
+        timing_cache = out.parent / ".trt-timing.cache"  # shared by every engine built next to this one
+    settings = builder_settings(trt_major, opts.fp16, batch, opts.max_batch, opts.opt_batch, s, opts.workspace_mb,
+                                timing_cache, opts.version_compatible, opts.hardware_compatible, opts.fuse_pre,
+                                fp32_layer_names=fp32_names if trt_major < 11 else ())
+
+    inp, outs = _io_spec(s, batch, opts.fuse_pre, opts.with_tlm)
+    spec: dict[str, Any] = {
+        "format": "stlm-engine", "format_version": 1, "model_family": "stlm", "name": name, "img_size": s,
+        "input": inp, "outputs": outs,
+        "preprocessing": {"resize": "bilinear", "mean": [float(v) for v in cfg.pixel_mean],
+                          "std": [float(v) for v in cfg.pixel_std]},
+        "top_k": int(cfg.top_k),
+        "thresholds": _thresholds(obj, kind, trained_size, s, opts.with_tlm),
+        "source": {"checkpoint": str(ckpt), "sha256": ckpt_sha, "kind": kind},
+        "artifacts": {},
+        "opset": int(opts.opset), "batch": batch,
+        "tools": _tool_versions({"tensorrt": trt_ver if "tensorrt" in targets else None}),
+        "parity": {},
+        "trtexec": settings.trtexec,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    fp16_policy: dict[str, Any] | None = None
+
+    with atomic_directory(out) as tmp:
+        artifacts: dict[str, dict[str, Any]] = {}
+        set_metadata(exp.model, spec_metadata(spec, "fp32"))
+        save_onnx(exp.model, tmp / "model.onnx")
+        artifacts["model.onnx"] = {"kind": "onnx", "precision": "fp32"}
+        if opts.verify:
+            gate.require(gate.check("model.onnx", "onnxruntime-cpu", "fp32",
+                                    ort_outputs(tmp / "model.onnx", graph_inputs, batch)))
+
+        if opts.fp16:
+            conv = convert_fp16(exp.model)
+            set_metadata(conv.model, spec_metadata(spec, "fp16"))
+            save_onnx(conv.model, tmp / "model.fp16.onnx")
+            artifacts["model.fp16.onnx"] = {"kind": "onnx", "precision": "fp16"}
+            fp16_policy = conv.summary()
+            say(f"model.fp16.onnx: {conv.count} nodes kept fp32: "
+                + ", ".join(f"{k} {v}" for k, v in conv.histogram().items()))
+            if opts.verify:
+                gate.require(gate.check("model.fp16.onnx", "onnxruntime-cpu", "fp16",
+                                        ort_outputs(tmp / "model.fp16.onnx", graph_inputs, batch),
+                                        details={"kept_fp32_count": conv.count,
+                                                 "kept_fp32_by_op": conv.histogram()}))
+
+        if "openvino" in targets:
+            artifacts.update(_openvino_stage(tmp, opts.verify, batch, graph_inputs, gate, notes))
+
+        if "tensorrt" in targets:
+            artifacts.update(_tensorrt_stage(tmp, settings, batch, graph_inputs, gate, spec))
+
+        summary: dict[str, Any] = {"verified": False, "passed": None, "summary": {}}
+        if opts.verify:
+            assert calib is not None and graph_inputs is not None
+            # one Polygraphy iteration: 2 images (dynamic) or exactly one fixed batch (last image repeated)
+            n_poly = 2 if batch == "dynamic" else int(batch)
+            take = np.minimum(np.arange(n_poly), len(calib) - 1)
+            write_polygraphy_files(tmp, "image", graph_inputs[take], {k: v[take] for k, v in ref.items()})
+            artifacts["inputs.json"] = {"kind": "json", "precision": None}
+            artifacts["outputs.json"] = {"kind": "json", "precision": None}
+            parity = {"format": "stlm-parity", "format_version": 1, "reference": "pytorch STLM.predict (cpu, fp32)",
+                      "n_images": len(calib), "image_source": calib.source, "images": calib.paths,
+                      "passed": all(r.passed for r in gate.records),
+                      "artifacts": [r.to_dict() for r in gate.records],
+                      "graph": graph, "fp16_policy": fp16_policy, "notes": notes,
+                      "polygraphy": {"inputs": "inputs.json", "outputs": "outputs.json", "runner": POLYGRAPHY_RUNNER,
+                                     "n_images": n_poly, "command": polygraphy_command()}}
+            atomic_write_json(tmp / "parity.json", parity)
+            artifacts["parity.json"] = {"kind": "json", "precision": None}
+            summary = {"verified": True, "passed": parity["passed"], "n_images": len(calib),
+                       "image_source": calib.source, "report": "parity.json",
+                       "summary": {r.artifact: {"backend": r.backend, "precision": r.precision,
+                                                "max_abs_map": r.max_abs_map, "max_abs_score": r.max_abs_score,
+                                                "spearman": r.spearman, "pass": r.passed}
+                                   for r in gate.records}}
+        spec["parity"] = summary
+        spec["artifacts"] = {rel: _artifact(tmp, rel, a.pop("kind"), a.pop("precision"), **a)
+                             for rel, a in artifacts.items()}
+        _write_spec(tmp, spec)
+    say(f"published {out} ({len(spec['artifacts'])} artifacts, {time.perf_counter() - t0:.1f} s)")
+    return ExportResult(engine_dir=out, spec=spec, parity=[r.to_dict() for r in gate.records], graph=graph,
+                        fp16_policy=fp16_policy, targets=targets, notes=notes, seconds=time.perf_counter() - t0)
+
+
+class _Gate:
+    """Compares backend outputs with the reference and keeps the records that go into parity.json."""
+
+    def __init__(self, ref: Mapping[str, np.ndarray], image_source: str,
+                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None]) -> None:
+        self.ref, self.image_source, self.tolerances, self.say = ref, image_source, tolerances, say
+        self.records: list[ParityRecord] = []
+
+    def check(self, artifact: str, backend: str, precision: str, got: Mapping[str, np.ndarray],
+              details: dict[str, Any] | None = None) -> ParityRecord:
+        """Compare only (not recorded): used by probes and fallbacks."""
+        return compare(self.ref, got, artifact=artifact, backend=backend, precision=precision,
+                       tolerance=tolerance_for(precision, self.tolerances), image_source=self.image_source,
+                       details=details)
+
+    def require(self, rec: ParityRecord) -> ParityRecord:
+        """Record ``rec``; a failure aborts the export (the temp directory is discarded)."""
+        self.records.append(rec)
+        self.say("parity " + rec.line())
+        if not rec.passed:
+            raise ParityGateError(f"parity gate failed, nothing published: {rec.line()}")
+        return rec
+
+
+def _openvino_stage(tmp: Path, verify: bool, batch: int | str, graph_inputs: np.ndarray | None, gate: _Gate,
+                    notes: list[str]) -> dict[str, dict[str, Any]]:
+    """IR with fp16 weights; gated at bf16 (if the CPU has it) with an f32-inference fallback."""
+    from .openvino_build import OpenVinoRunner, build_openvino, cpu_capabilities, preferred_precision
+
+    ir = build_openvino(tmp / "model.onnx", tmp / "openvino")
+    caps = cpu_capabilities()
+    used = preferred_precision(caps)
+    if verify:
+        assert graph_inputs is not None
+        tried: list[ParityRecord] = []
+        for prec in dict.fromkeys([used, "fp32"]):
+            runner = OpenVinoRunner(ir.xml, prec)
+            got = run_batched(runner.run, graph_inputs, batch)
+            # fp16-compressed weights: the fp16 tolerance applies even to f32 inference
+            tol_class = "fp16" if runner.precision == "fp32" else runner.precision
+            rec = gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
+                             details={"inference_precision": runner.precision, "weights": ir.weights_precision,
+                                      "requested_precision": prec, "cpu_capabilities": caps})
+            tried.append(rec)
+            if rec.passed:
+                break
+        final = tried[-1]
+        used = final.details["inference_precision"]
+        if len(tried) > 1:
+            final.details["fallback_from"] = tried[0].to_dict()
+            notes.append(f"openvino: {tried[0].details['inference_precision']} inference failed the gate "
+                         f"({'; '.join(tried[0].failures)}); published for f32 inference")
+        gate.require(final)
+    return {"openvino/model.xml": {"kind": "openvino", "precision": ir.weights_precision,
+                                   "inference_precision": used},
+            "openvino/model.bin": {"kind": "openvino", "precision": ir.weights_precision}}
+
+
+def _tensorrt_stage(tmp: Path, settings: Any, batch: int | str, graph_inputs: np.ndarray | None, gate: _Gate,
+                    spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Build the plan (TensorRT + GPU) and gate it through the runtime's TensorRT backend."""
+    from .tensorrt_build import TensorRTUnavailable, build_engine
+
+    try:
+        sidecar = build_engine(settings, tmp, log=gate.say)
+    except TensorRTUnavailable as e:
+        raise ExportError(f"--target tensorrt: {e}") from None
+    spec["tools"]["tensorrt"] = sidecar["tensorrt_version"]
+    if graph_inputs is not None:
+        from stlm_deploy.backends.tensorrt import TensorRTBackend
+
+        onnx_shas = [sha256_file(tmp / f) for f in ("model.onnx", "model.fp16.onnx") if (tmp / f).is_file()]
+        backend = TensorRTBackend(tmp / settings.plan_file, onnx_sha256s=onnx_shas)
+        with backend:
+            got = run_batched(lambda x: backend.infer({"image": x}), graph_inputs, batch,
+                              dynamic_chunk=min(4, settings.max_shape[0]))
+        gate.require(gate.check(settings.plan_file, "tensorrt", settings.precision, got,
+                                details={"tensorrt_version": sidecar["tensorrt_version"],
+                                         "gpu_name": sidecar["gpu_name"]}))
+    return {settings.plan_file: {"kind": "tensorrt", "precision": settings.precision},
+            settings.plan_file + ".json": {"kind": "json", "precision": None}}
