@@ -132,13 +132,19 @@ def check_img_size(value: Any) -> int | None:
 
 
 def resolve_targets(target: str | None, fp16: bool, trt_importable: bool | None = None) -> tuple[str, ...]:
-    """Targets to build: explicit ones need their tools; the default adapts to what is installed."""
+    """Targets to build: ``--target tensorrt`` needs TensorRT; ``all`` and the default take what is installed.
+
+    ``all`` means every engine this machine can build (TensorRT only where it is importable), so the
+    same command works on a CPU box and on a GPU box; the CLI says when TensorRT was left out.
+    """
     if target is not None and target not in TARGETS:
         raise ExportError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
     trt_ok = tensorrt_available() if trt_importable is None else trt_importable
     if target is None:
         return ("onnx", "openvino", "tensorrt") if (fp16 and trt_ok) else ("onnx", "openvino")
-    wanted = ("onnx", "openvino", "tensorrt") if target == "all" else ("onnx", target) if target != "onnx" else ("onnx",)
+    if target == "all":
+        return ("onnx", "openvino", "tensorrt") if trt_ok else ("onnx", "openvino")
+    wanted = ("onnx", target) if target != "onnx" else ("onnx",)
     if "tensorrt" in wanted and not trt_ok:
         raise ExportError(f"--target {target}: {TRT_INSTALL_HINT}")
     return wanted
@@ -277,6 +283,8 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     t0 = time.perf_counter()
     batch, img_size = _validate(opts)
     targets = resolve_targets(opts.target, opts.fp16)
+    if opts.target == "all" and "tensorrt" not in targets:
+        say(f"--target all: TensorRT left out on this machine ({TRT_INSTALL_HINT})")
     ckpt = Path(opts.ckpt)
     name = opts.name or default_name(ckpt)
     out = Path(opts.out) if opts.out is not None else Path(opts.engines_root) / name

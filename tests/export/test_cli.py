@@ -70,7 +70,7 @@ def test_calib_data_must_exist(small_ckpt, tmp_path):
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
-@pytest.mark.parametrize("target", ["tensorrt", "all"])
+@pytest.mark.parametrize("target", ["tensorrt"])
 def test_tensorrt_without_tensorrt(small_ckpt, target):
     line = _one_error_line(_run(["--ckpt", str(small_ckpt), "--target", target]))
     assert "pip install 'stlm-deploy[trt]'" in line and "GPU" in line

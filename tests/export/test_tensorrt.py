@@ -62,6 +62,7 @@ def test_default_targets_follow_what_is_installed():
     assert resolve_targets(None, fp16=True, trt_importable=False) == ("onnx", "openvino")
     assert resolve_targets(None, fp16=True, trt_importable=True) == ("onnx", "openvino", "tensorrt")
     assert resolve_targets("all", fp16=False, trt_importable=True) == ("onnx", "openvino", "tensorrt")
+    assert resolve_targets("all", fp16=True, trt_importable=False) == ("onnx", "openvino")  # same command on CPU
     assert resolve_targets("openvino", fp16=False, trt_importable=False) == ("onnx", "openvino")
     with pytest.raises(ExportError, match=r"--target tensorrt: .*pip install 'stlm-deploy\[trt\]'"):
         resolve_targets("tensorrt", fp16=True, trt_importable=False)
