@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 
-def _batches(text: str) -> tuple[int, ...]:
+def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str) -> tuple[int, ...]:
     try:
         out = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
@@ -26,7 +26,7 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference (no parity, no speed-up).")
 @click.option("--backend", "backends", default="all", show_default=True,
               help="'all' or a comma list of backend[/precision]: ort/fp32, ort/fp16, openvino/bf16, tensorrt ...")
-@click.option("--batch", "batch", default="1", show_default=True, help="Batch sweep, e.g. 1,4.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_batches, help="Batch sweep, e.g. 1,4.")
 @click.option("--runs", default=10, show_default=True, type=click.IntRange(1), help="Timed runs per setting.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all).")
@@ -38,7 +38,7 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--json", "json_path", default=None, help="Write the full report as JSON.")
 @click.option("--markdown", "md_path", default=None, help="Write the tables as Markdown.")
 @click.option("--plot", "plot_path", default=None, help="Write a latency/throughput PNG.")
-def main(engine: str, reference: str | None, no_reference: bool, backends: str, batch: str, runs: int, warmup: int,
+def main(engine: str, reference: str | None, no_reference: bool, backends: str, batches: tuple[int, ...], runs: int, warmup: int,
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
          json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
     """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
@@ -51,7 +51,6 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
     from . import bench
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    batches = _batches(batch)
     try:
         engine_dir, _ = resolve_engine(engine)
         spec = load_spec(engine_dir)

@@ -6,6 +6,14 @@ from pathlib import Path
 
 import pytest
 
+try:  # after `pip install -e .` setup.cfg maps stlm_export -> export/
+    import stlm_export  # noqa: F401
+except ImportError:  # PYTHONPATH=<repo> only: `export` is the package
+    import importlib
+    import sys
+
+    sys.modules.setdefault("stlm_export", importlib.import_module("export"))
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +32,39 @@ def sample_dir() -> Path:
     if root is None:
         pytest.skip("bundled MVTec sample not found (set STLM_SAMPLE_DATA or place it at ../shared/data/mvtec_bottle_xs)")
     return root
+
+
+# ---- one small randomised model and one complete export, shared by the export and benchmark tests
+THRESHOLDS = {"image": 0.61, "pixel": 0.7, "method": "held-out good (test fixture)", "tlm_image": 0.2,
+              "tlm_pixel": 0.3, "n_images": 2}
+
+
+@pytest.fixture(scope="session")
+def small_stlm():
+    """The `small` config at 128 px with seeded non-trivial weights (zero inits hide bugs)."""
+    import torch
+
+    from stlm_train import STLM, get_config
+    from tests.model.helpers import randomize
+
+    torch.manual_seed(0)
+    return randomize(STLM(get_config("small")), 1).eval()
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory, small_stlm) -> Path:
+    """A project checkpoint in a run folder (so the default engine name is the folder's)."""
+    from stlm_train import save_checkpoint
+
+    path = tmp_path_factory.mktemp("runs") / "bottle" / "model.ckpt"
+    save_checkpoint(path, small_stlm, thresholds=dict(THRESHOLDS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def full_engine(tmp_path_factory, small_ckpt):
+    """One complete export: model.onnx, model.fp16.onnx, openvino/, parity + Polygraphy files."""
+    from stlm_export.pipeline import ExportOptions, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "bottle"
+    return export_engine(ExportOptions(ckpt=small_ckpt, out=out, fp16=True, with_tlm=True, parity_images=6))

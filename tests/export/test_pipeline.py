@@ -22,7 +22,7 @@ from stlm_train import STLM, get_config
 from stlm_train.checkpoint import official_state_dict
 from tests.model.helpers import randomize
 
-from .conftest import THRESHOLDS
+from tests.conftest import THRESHOLDS
 
 
 def _tree(root: Path) -> dict[str, str]:

@@ -1,0 +1,90 @@
+"""stlm-bench on a real exported engine: tables, parity numbers, JSON, plot, and one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from stlm_bench import bench
+from stlm_bench.cli import main
+from stlm_bench.timing import _percentile, time_fn
+
+
+def test_percentiles_and_timing():
+    assert _percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert _percentile([5.0], 99) == 5.0
+    calls = []
+    t = time_fn(lambda: calls.append(1), runs=4, warmup=2)
+    assert len(calls) == 6 and t.runs == 4 and t.min_ms <= t.p50_ms <= t.p99_ms
+
+
+def test_parity_numbers():
+    ref_m = np.zeros((3, 4, 4))
+    m = ref_m.copy()
+    m[0, 0, 0] = 0.5
+    p = bench.parity(ref_m, np.array([0.1, 0.2, 0.3]), m, np.array([0.1, 0.25, 0.3], np.float32))
+    assert p["max_abs_map"] == 0.5 and p["mean_abs_map"] == pytest.approx(0.5 / 48)
+    assert p["max_abs_score"] == pytest.approx(0.05) and p["spearman"] == pytest.approx(1.0)
+
+
+def test_parse_variants(full_engine):
+    d = full_engine.engine_dir
+    labels = [v.label for v in bench.parse_variants("all", d)]
+    assert labels[:2] == ["ort/fp32", "ort/fp16"] and "openvino/bf16" in labels and "openvino/fp32" in labels
+    assert [v.label for v in bench.parse_variants("ort/fp32,openvino", d)] == ["ort/fp32", "openvino/default"]
+    with pytest.raises(ValueError, match="unknown backend 'onnx'"):
+        bench.parse_variants("onnx/fp32", d)
+
+
+def test_bench_cli_tables_json_and_plot(full_engine, small_ckpt, tmp_path):
+    js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    r = CliRunner().invoke(main, ["--engine", str(full_engine.engine_dir), "--reference", str(small_ckpt),
+                                  "--backend", "ort/fp32,ort/fp16,openvino/fp32", "--batch", "1,2", "--runs", "2",
+                                  "--warmup", "1", "--json", str(js), "--markdown", str(md), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "| pytorch/fp32 (eager) | fp32 | torch | 1 |" in r.output
+    assert "| ort/fp32 | fp32 | CPUExecutionProvider | 2 |" in r.output
+    report = json.loads(js.read_text())
+    by = {x["label"]: x for x in report["results"]}
+    assert by["ort/fp32"]["parity"]["max_abs_map"] <= 1e-4  # same gate as the export
+    assert by["ort/fp16"]["parity"]["max_abs_map"] <= 5e-3
+    assert by["openvino/fp32"]["precision_used"] == "fp32"
+    assert set(by["ort/fp32"]["speedup_vs_eager_p50"]) == {"1", "2"}
+    assert report["environment"]["threads"] >= 1 and "onnxruntime" in report["environment"]["packages"]
+    assert md.read_text() in r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_accuracy_on_labelled_data(full_engine, small_ckpt, sample_dir, tmp_path):
+    js = tmp_path / "acc.json"
+    r = CliRunner().invoke(main, ["--engine", str(full_engine.engine_dir), "--reference", str(small_ckpt),
+                                  "--backend", "ort/fp32", "--runs", "1", "--warmup", "0", "--data", str(sample_dir),
+                                  "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "| variant | i_auroc | p_auroc | aupro | p_ap | f1_max |" in r.output
+    report = json.loads(js.read_text())
+    ref, ort = report["reference"]["accuracy"], report["results"][0]["accuracy"]
+    assert set(ref) >= {"i_auroc", "p_auroc", "aupro", "p_ap", "f1_max"}
+    # the fp32 engine and the reference agree on the metrics of the same 10 labelled images
+    for k in ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max"):
+        assert ort[k] == pytest.approx(ref[k], abs=1e-3), k
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--engine", "/nonexistent/engine"], "/nonexistent/engine"),
+    (["--batch", "0"], "--batch"),
+    (["--backend", "coreml"], "unknown backend 'coreml'"),
+    (["--reference", "/nonexistent/x.ckpt"], "--reference: no such checkpoint file"),
+])
+def test_bench_errors_are_one_line(full_engine, args, msg):
+    argv = ["--engine", str(full_engine.engine_dir), "--runs", "1"]
+    argv = args + argv[2:] if args[0] == "--engine" else argv + args
+    p = subprocess.run([sys.executable, "-m", "stlm_bench.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    err = [l for l in p.stderr.splitlines() if l.strip()]
+    assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len([l for l in err if l.startswith("Error")]) == 1
