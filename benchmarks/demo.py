@@ -1,17 +1,19 @@
-"""`make demo`: the main job on the embedded defaults, end to end on the bundled sample.
+"""`make demo`: the whole main job on the embedded defaults, as a user would run it.
 
-Stages that have not landed yet are skipped with a line saying so.
+train briefly -> evaluate -> export (fp32 + fp16 + OpenVINO, + TensorRT where present) -> bench ->
+overlays -> runs/demo/report.md with the tables and the plot. Every stage runs the installed
+command-line tool in a subprocess, exactly as the README shows them. Data: the bundled real MVTec
+sample (../shared/data/mvtec_bottle_xs or $STLM_SAMPLE_DATA), else the built-in generated set.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,48 +21,85 @@ REPO = Path(__file__).resolve().parents[1]
 def find_sample() -> Path | None:
     env = os.environ.get("STLM_SAMPLE_DATA")
     for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "mvtec_bottle_xs"]:
-        if (cand / "test").is_dir():
+        if (cand / "train" / "good").is_dir():
             return cand
     return None
 
 
-def load_test_images(root: Path, size: int) -> list[tuple[str, np.ndarray]]:
-    import cv2
+class Runner:
+    """Runs one CLI stage, echoes it, records its wall time."""
 
-    out = []
-    for p in sorted(root.glob("test/*/*.png")):
-        img = cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        out.append((f"{p.parent.name}/{p.name}", cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)))
-    return out
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, str, float]] = []
+
+    def __call__(self, title: str, module: str, *args: str) -> None:
+        cmd = [sys.executable, "-m", module, *args]
+        shown = " ".join([{"stlm_train.cli": "stlm-train", "stlm_export.cli": "stlm-export",
+                           "stlm_bench.cli": "stlm-bench", "stlm_deploy.cli": "stlm-infer"}.get(module, module),
+                          *(a for a in args if a not in ("train", "eval") or module != "stlm_train.cli")])
+        if module == "stlm_train.cli":
+            shown = shown.replace("stlm-train", "stlm-eval" if args[0] == "eval" else "stlm-train", 1)
+        print(f"\n=== {title}\n$ {shown}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO)
+        dt = time.perf_counter() - t0
+        self.stages.append((title, shown, dt))
+        if proc.returncode != 0:
+            raise SystemExit(f"demo: stage '{title}' failed (exit {proc.returncode})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--img-size", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--config", default="paper", choices=["paper", "small"])
+    ap.add_argument("--time-budget", type=float, default=4.0, help="training minutes")
+    ap.add_argument("--bench-runs", type=int, default=5)
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
-    from stlm_train import STLM, get_config, save_checkpoint
-
+    out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     sample = find_sample()
-    if sample is None:
-        print("demo: bundled sample not found (../shared/data/mvtec_bottle_xs or $STLM_SAMPLE_DATA)", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    print(f"[1/2] building the paper-configuration STLM at {args.img_size} px (random init, no downloads)")
-    torch.manual_seed(0)
-    model = STLM(get_config("paper", args.img_size)).eval()
-    ckpt = save_checkpoint(out / "untrained.ckpt", model)
-    print(f"      {sum(p.numel() for p in model.parameters()):,} parameters reach the map; saved {ckpt}")
-    print(f"[2/2] scoring the {sample.name} test images")
-    items = load_test_images(sample, args.img_size)
-    t0 = time.perf_counter()
-    pred = model.predict(torch.from_numpy(np.stack([im for _, im in items])))
-    dt = (time.perf_counter() - t0) / len(items)
-    for (name, _), s in zip(items, pred.score.tolist()):
-        print(f"      {name:28s} score {s:.4f}")
-    print(f"      eager PyTorch: {dt * 1000:.0f} ms/image at {args.img_size} px (untrained weights: scores are not meaningful)")
+    data = str(sample) if sample else "builtin"
+    run, engine = out / "train", out / "engine"
+    r = Runner()
+    print(f"demo: data {data} ({'bundled real MVTec sample' if sample else 'built-in generated set'}), "
+          f"config {args.config} at {args.img_size} px, built-in weightless teacher")
+    r("1/5 train (brief)", "stlm_train.cli", "train", "--data", data, "--out", str(run), "--config", args.config,
+      "--img-size", str(args.img_size), "--time-budget", str(args.time_budget), "--seed", "0")
+    ckpt = run / "model.ckpt"
+    eval_data = data if sample else str(run / "data")
+    r("2/5 evaluate", "stlm_train.cli", "eval", "--ckpt", str(ckpt), "--data", eval_data, "--json", str(out / "eval.json"))
+    r("3/5 export fp32 + fp16 + OpenVINO (+ TensorRT where present), parity-gated", "stlm_export.cli",
+      "--ckpt", str(ckpt), "--fp16", "--target", "all", "--out", str(engine), "--with-tlm")
+    r("4/5 benchmark every engine next to PyTorch eager", "stlm_bench.cli", "--engine", str(engine), "--reference",
+      str(ckpt), "--batch", "1,4", "--runs", str(args.bench_runs), "--data", eval_data,
+      "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png"))
+    r("5/5 score the test images, write overlays", "stlm_deploy.cli", "--engine", str(engine), "--out",
+      str(out / "infer"), str(Path(eval_data) / "test"))
+    write_report(out, r.stages, data)
+    print(f"\ndemo: done — {out / 'report.md'}")
     return 0
+
+
+def write_report(out: Path, stages: list[tuple[str, str, float]], data: str) -> None:
+    from stlm_deploy.fsutil import atomic_write_text
+
+    ev = json.loads((out / "eval.json").read_text())
+    spec = json.loads((out / "engine" / "stlm.json").read_text())
+    lines = ["# stlm-deploy demo report", "",
+             f"Data: `{data}`. Teacher: built-in weightless (real accuracy needs SAM weights, see README).", "",
+             "## Stages", "", "| stage | command | seconds |", "|---|---|---|"]
+    lines += [f"| {t} | `{c}` | {s:.0f} |" for t, c, s in stages]
+    lines += ["", "## Evaluation (stlm-eval)", "", "```", json.dumps(ev, indent=2)[:4000], "```", "",
+              "## Export parity gate (stlm.json)", "", "| artifact | backend | precision | max abs Δmap | max abs Δscore | pass |",
+              "|---|---|---|---|---|---|"]
+    for art, p in spec.get("parity", {}).get("summary", {}).items():
+        lines.append(f"| {art} | {p.get('backend')} | {p.get('precision')} | {p.get('max_abs_map', float('nan')):.2e} | "
+                     f"{p.get('max_abs_score', float('nan')):.2e} | {p.get('pass')} |")
+    lines += ["", "## Benchmark (stlm-bench)", "", (out / "bench.md").read_text(), "", "![latency](bench.png)", "",
+              "## Overlays (stlm-infer)", ""]
+    for p in sorted((out / "infer").rglob("*.png"))[:12]:
+        lines.append(f"![{p.name}]({p.relative_to(out).as_posix()})")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
