@@ -1,17 +1,205 @@
-"""Command-line entry points of the training package (thin: parse, then call the library)."""
+"""Command-line entry points of the training package (thin: parse, then call the library).
+
+``stlm-train`` / ``stlm-eval`` (console scripts) or ``python -m stlm_train.cli train|eval``.
+Every failure is one ``Error: ...`` line on stderr and a non-zero exit code, never a traceback
+(set STLM_DEBUG=1 to see one).
+"""
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Sequence
+
+import click
+
+from .config import CONFIGS, validate_img_size
+
+FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
+
+_STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; without any, "
+              "--steps 100 (a quick demo; the paper trains 200 epochs at 1024 px).")
 
 
-def _not_yet(name: str) -> int:
-    print(f"{name}: not available yet in this version (training lands with the training issue)", file=sys.stderr)
-    return 2
+@click.command(name="stlm-train", context_settings={"help_option_names": ["-h", "--help"]},
+               epilog=_STOP_HELP)
+@click.option("--data", metavar="ROOT", help="Data-set root, or 'builtin' (a generated data set in RUN_DIR/data). "
+              "Required unless --resume.")
+@click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), default="mvtec", show_default=True,
+              help="Data-set layout.")
+@click.option("--category", default=None, help="Category sub-folder / VisA object / DAGM class.")
+@click.option("--out", required=True, metavar="RUN_DIR", help="Run folder: last.ckpt, model.ckpt, metrics.json.")
+@click.option("--config", type=click.Choice(sorted(CONFIGS)), default="paper", show_default=True,
+              help="Model size ('small' is for tests and demos).")
+@click.option("--img-size", type=int, default=None, help="Input size, a multiple of 64 [default: the config's].")
+@click.option("--epochs", type=int, default=None, help="Train this many epochs (total, resumes included).")
+@click.option("--steps", type=int, default=None, help="Train this many steps (total, resumes included).")
+@click.option("--time-budget", type=float, default=None, metavar="MIN",
+              help="Train for this many minutes of training-loop wall clock.")
+@click.option("--teacher", default="builtin", show_default=True, metavar="builtin|PATH",
+              help="'builtin' (weightless, calibrated on the training images) or sam_vit_*.pth / mobile_sam.pt.")
+@click.option("--anomaly-source", default=None, metavar="DIR",
+              help="Texture images for pseudo anomalies (e.g. DTD); default: procedural textures.")
+@click.option("--augmentation", type=click.Choice(("auto", "none", "slight", "rotation")), default="auto",
+              show_default=True, help="Geometric augmentation before the noise; auto: the official per-category "
+              "mode of --category (or of an MVTec category named in the data folder).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True, help="Images per step per process.")
+@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last.ckpt.")
+@click.option("--amp", is_flag=True, help="Mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--init-mobile-sam", default=None, metavar="PATH",
+              help="Initialise both students and the decoder from mobile_sam.pt (the paper; official code: off).")
+@click.option("--save-every", type=int, default=100, show_default=True,
+              help="Save RUN_DIR/last.ckpt every N steps (0: only at the end).")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="Fraction of train/good held out (never trained on) to set thresholds; at least 1 image.")
+@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
+              help="Evaluate the test split at the end (when the data set has one).")
+@click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
+@click.pass_context
+def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, epochs, steps, time_budget,
+              teacher, anomaly_source, augmentation, device, seed, batch_size, resume, amp, num_workers,
+              init_mobile_sam, save_every, holdout, do_eval, quiet) -> int:
+    """Train an STLM model (students + shared decoder + FA head) on the good images of a data set."""
+    from .train import TrainOptions, train
+
+    explicit = {name for name in ctx.params
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    explicit = {"format" if n == "format_" else n for n in explicit}
+    if data is None and not resume:
+        raise click.UsageError("Missing option '--data' (a data-set root or 'builtin').")
+    stops = [n for n, v in (("--epochs", epochs), ("--steps", steps), ("--time-budget", time_budget)) if v is not None]
+    if len(stops) > 1:
+        raise click.UsageError(f"use only one of --epochs, --steps, --time-budget (got {' and '.join(stops)})")
+    if img_size is not None:
+        try:
+            validate_img_size(img_size)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--img-size'") from None
+    if data is not None and data.lower() not in ("builtin", "generated") and not os.path.isdir(data):
+        raise click.BadParameter(f"data root '{data}' does not exist or is not a folder", param_hint="'--data'")
+    if anomaly_source is not None and not os.path.isdir(anomaly_source):
+        raise click.BadParameter(f"'{anomaly_source}' is not a folder", param_hint="'--anomaly-source'")
+    if teacher.lower() != "builtin" and not os.path.isfile(teacher):
+        raise click.BadParameter(f"'{teacher}': no such file (use builtin or a sam_vit_*.pth / mobile_sam.pt)",
+                                 param_hint="'--teacher'")
+    opts = TrainOptions(
+        data=data or "", out=out, format=format_, category=category, config=config, img_size=img_size,
+        epochs=epochs, steps=steps, time_budget=time_budget, teacher=teacher, anomaly_source=anomaly_source,
+        augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
+        init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, holdout=holdout,
+        evaluate=do_eval, progress=not quiet)
+    result = train(opts, explicit=explicit)
+    if result.model_path is not None and not quiet:
+        click.echo(f"wrote {result.model_path} and {result.metrics_path}")
+    return 0
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    sys.exit(_not_yet("stlm-train"))
+@click.command(name="stlm-eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", required=True, metavar="CKPT", help="A project checkpoint (model.ckpt) or an official "
+              "STLM state dict.")
+@click.option("--data", required=True, metavar="ROOT", help="Data-set root, or 'builtin' (the generated set).")
+@click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), default="mvtec", show_default=True)
+@click.option("--category", default=None)
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the results as JSON (atomically).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--img-size", type=int, default=None, help="Evaluate at another size (multiple of 64) "
+              "[default: the checkpoint's; official state dicts: 1024].")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors (use with --json).")
+def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, quiet) -> int:
+    """Evaluate a checkpoint on a data set's test split: FA map and TLM map metrics."""
+    from .evaluate import evaluate_checkpoint, format_table
+    from .train import resolve_device
+
+    if batch_size < 1:
+        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="'--batch-size'")
+    if img_size is not None:
+        try:
+            validate_img_size(img_size)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--img-size'") from None
+    if not os.path.isfile(ckpt):
+        raise click.BadParameter(f"'{ckpt}': no such checkpoint file", param_hint="'--ckpt'")
+    if data.lower() not in ("builtin", "generated") and not os.path.isdir(data):
+        raise click.BadParameter(f"data root '{data}' does not exist or is not a folder", param_hint="'--data'")
+    dev = resolve_device(device)
+    result = evaluate_checkpoint(ckpt, data, format_, category, batch_size=batch_size, device=dev,
+                                 img_size=img_size, json_path=json_path)
+    if not quiet:
+        click.echo(format_table(result))
+        if json_path:
+            click.echo(f"wrote {json_path}")
+    return 0
 
 
-def eval_main(argv: list[str] | None = None) -> int:
-    sys.exit(_not_yet("stlm-eval"))
+def _one_line_text(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0]
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        msg = f"missing entry {msg}"
+    return _one_line_text(msg)
+
+
+def _run(cmd: click.Command, argv: Sequence[str] | None, prog: str) -> int:
+    """Run a click command with one-line errors and an integer exit code (never sys.exit here)."""
+    from .checkpoint import CheckpointError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rv = cmd.main(args=args, prog_name=prog, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Abort:
+        click.echo("Error: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"Error: {_one_line_text(e.format_message())}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
+        if os.environ.get("STLM_DEBUG"):
+            raise
+        known = (CheckpointError, ValueError, OSError, RuntimeError, json.JSONDecodeError)
+        prefix = "" if isinstance(e, known) else f"{type(e).__name__}: "
+        click.echo(f"Error: {prefix}{_one_line(e)}", err=True)
+        return 1
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``stlm-train``."""
+    return _run(train_cmd, argv, "stlm-train")
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``stlm-eval``."""
+    return _run(eval_cmd, argv, "stlm-eval")
+
+
+_COMMANDS = {"train": train_main, "eval": eval_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlm_train.cli train|eval [OPTIONS]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        click.echo("Usage: python -m stlm_train.cli train|eval [OPTIONS]\n\n"
+                   "  train  train an STLM model (same as stlm-train)\n"
+                   "  eval   evaluate a checkpoint (same as stlm-eval)\n\n"
+                   "Run 'python -m stlm_train.cli train --help' for the options.")
+        return 0 if args else 2
+    if args[0] not in _COMMANDS:
+        click.echo(f"Error: unknown command '{args[0]}' (expected train or eval)", err=True)
+        return 2
+    return _COMMANDS[args[0]](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Evaluation of an STLM model on a data set's test split (``stlm-eval``; also run by ``stlm-train``).
+
+For both maps the model produces — the FA map (what the deployed graph outputs) and the no-FA TLM
+map — it reports I-AUROC, P-AUROC, AUPRO@0.3, P-AP and F1-max, plus FNR/FPR at the checkpoint's
+stored image threshold. Image scores are the mean of the top-k pixels of the full-size map, as in
+the official evaluation, for both maps.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .checkpoint import checkpoint_kind, load_model, read_file
+from .config import validate_img_size
+from .metrics import compute_metrics
+from .modeling.stlm import STLM, topk_score
+
+METRIC_NAMES = ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max")
+BUILTIN_DATA = ("builtin", "generated")
+
+
+class Predictions(NamedTuple):
+    """Model outputs over a data set, at the model's img_size."""
+
+    fa_scores: np.ndarray  # (N,) float64
+    tlm_scores: np.ndarray  # (N,) float64
+    fa_maps: np.ndarray  # (N, H, W) float32
+    tlm_maps: np.ndarray  # (N, H, W) float32
+    labels: np.ndarray  # (N,) int64
+    masks: np.ndarray  # (N, H, W) uint8 in {0, 1}
+    paths: list[str]
+
+
+def _batches(dataset: Any, indices: Sequence[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield [dataset[i] for i in indices[start:start + batch_size]]
+
+
+@torch.no_grad()
+def predict_dataset(model: STLM, dataset: Any, batch_size: int = 8, indices: Sequence[int] | None = None,
+                    device: str | torch.device | None = None) -> Predictions:
+    """Run ``model`` (switched to eval) over ``dataset`` samples (image uint8 HxWx3 at img_size)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    fa_s, tlm_s, fa_m, tlm_m, labels, masks, paths = [], [], [], [], [], [], []
+    try:
+        for samples in _batches(dataset, idx, max(1, int(batch_size))):
+            images = torch.from_numpy(np.stack([s.image for s in samples])).to(device)  # (B, H, W, 3) uint8
+            out = model(model.normalize(images))
+            fa_s.append(out.score.float().cpu().numpy())
+            tlm_s.append(topk_score(out.tlm_map, model.cfg.top_k).float().cpu().numpy())
+            fa_m.append(out.anomaly_map.float().cpu().numpy())
+            tlm_m.append(out.tlm_map.float().cpu().numpy())
+            labels += [int(s.label) for s in samples]
+            masks += [np.asarray(s.mask, dtype=np.uint8) for s in samples]
+            paths += [str(s.path) for s in samples]
+    finally:
+        model.train(was_training)
+    if not idx:
+        raise ValueError("predict_dataset: no samples")
+    return Predictions(np.concatenate(fa_s).astype(np.float64), np.concatenate(tlm_s).astype(np.float64),
+                       np.concatenate(fa_m), np.concatenate(tlm_m), np.asarray(labels, dtype=np.int64),
+                       np.stack(masks), paths)
+
+
+def _clean(v: Any) -> Any:
+    """NaN/inf -> None so the JSON is strict; numpy scalars -> Python."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def metrics_from_predictions(pred: Predictions, thresholds: dict[str, Any] | None = None,
+                             pixel_labels: bool = True) -> dict[str, Any]:
+    """{"fa": {...}, "tlm": {...}} from predictions; FNR/FPR where a threshold for that map is known."""
+    thresholds = thresholds or {}
+    out: dict[str, Any] = {}
+    for name, scores, maps, thr in (("fa", pred.fa_scores, pred.fa_maps, thresholds.get("image")),
+                                    ("tlm", pred.tlm_scores, pred.tlm_maps, thresholds.get("tlm_image"))):
+        out[name] = compute_metrics(scores, pred.labels, maps if pixel_labels else None,
+                                    pred.masks if pixel_labels else None,
+                                    image_threshold=float(thr) if thr is not None else None)
+    return out
+
+
+def evaluate_model(model: STLM, dataset: Any, thresholds: dict[str, Any] | None = None, batch_size: int = 8,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
+    """Predict the whole test split and compute every metric for the FA and TLM maps."""
+    t0 = time.perf_counter()
+    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device)
+    pixel_labels = bool(getattr(dataset, "has_pixel_labels", True))
+    metrics = metrics_from_predictions(pred, thresholds, pixel_labels)
+    n_bad = int(pred.labels.sum())
+    result = {
+        "data": getattr(dataset, "name", ""),
+        "n_images": int(len(pred.labels)), "n_anomalous": n_bad, "n_good": int(len(pred.labels)) - n_bad,
+        "img_size": int(model.cfg.img_size), "pixel_metrics": pixel_labels,
+        "fa": metrics["fa"], "tlm": metrics["tlm"],
+        "thresholds": thresholds or None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return _clean(result)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of the FA and TLM metrics (values in %, '-' for undefined)."""
+    cols = list(METRIC_NAMES) + ["fnr", "fpr"]
+    head = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "aupro": "AUPRO@0.3", "p_ap": "P-AP", "f1_max": "F1-max",
+            "fnr": "FNR@thr", "fpr": "FPR@thr"}
+    rows = [["map"] + [head[c] for c in cols]]
+    for name, label in (("fa", "FA"), ("tlm", "TLM")):
+        m = result.get(name) or {}
+        rows.append([label] + ["-" if m.get(c) is None else f"{100 * m[c]:.2f}" for c in cols])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    info = (f"{result.get('data', '')}: {result.get('n_images')} images "
+            f"({result.get('n_anomalous')} anomalous) at {result.get('img_size')} px")
+    if not result.get("pixel_metrics", True):
+        info += "; no pixel masks: pixel metrics skipped"
+    return "\n".join([info, *lines])
+
+
+def resolve_eval_data(data: str | os.PathLike, img_size: int, workdir: str | os.PathLike | None = None) -> Path:
+    """``builtin``/``generated`` -> a freshly generated data set (deterministic); else the path itself."""
+    if str(data).lower() in BUILTIN_DATA:
+        from .data import make_generated_dataset
+
+        where = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="stlm-builtin-"))
+        return make_generated_dataset(where, size=img_size, seed=0)
+    return Path(data)
+
+
+def load_for_eval(ckpt: str | os.PathLike, img_size: int | None = None,
+                  device: str | torch.device = "cpu") -> tuple[STLM, dict[str, Any] | None]:
+    """A checkpoint -> (model in eval mode, stored thresholds or None)."""
+    if img_size is not None:
+        validate_img_size(img_size)
+    obj = read_file(ckpt)
+    thresholds = obj.get("thresholds") if checkpoint_kind(obj) == "project" else None
+    del obj
+    model = load_model(ckpt, img_size=img_size, device=device)
+    return model, (dict(thresholds) if isinstance(thresholds, dict) else None)
+
+
+def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format: str = "mvtec",
+                        category: str | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
+                        img_size: int | None = None, json_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Library form of ``stlm-eval``: load, run the test split, optionally write JSON atomically."""
+    from .data import build_dataset
+
+    model, thresholds = load_for_eval(ckpt, img_size, device)
+    with tempfile.TemporaryDirectory(prefix="stlm-eval-") as tmp:
+        root = resolve_eval_data(data, model.cfg.img_size, Path(tmp) / "data")
+        fmt = "mvtec" if str(data).lower() in BUILTIN_DATA else format
+        dataset = build_dataset(root, fmt, category, "test", model.cfg.img_size)
+        result = evaluate_model(model, dataset, thresholds, batch_size=batch_size, device=device)
+    result = {"checkpoint": str(ckpt), "data_root": str(data), "format": fmt, "category": category, **result}
+    if json_path is not None:
+        from stlm_deploy.fsutil import atomic_write_json
+
+        atomic_write_json(json_path, result)
+    return result
+
+
+__all__ = ["Predictions", "predict_dataset", "metrics_from_predictions", "evaluate_model", "evaluate_checkpoint",
+           "format_table", "load_for_eval", "resolve_eval_data", "METRIC_NAMES"]

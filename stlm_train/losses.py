@@ -1,0 +1,99 @@
+"""STLM training losses (paper eqs. 2-8, official ``model/losses.py`` + ``trainSTLM.py``).
+
+- Distillation, per stream: ``sum_k mean_{b,i,j}(1 - <l2n(S_k), l2n(T_k)>)`` over the two feature
+  levels (plain stream vs the teacher on I_a, denoising stream vs the teacher on the clean N).
+- FA head: focal loss (gamma 4, built on BCE of the sigmoid output, mean) + L1 (mean) against the
+  pseudo mask resized bilinearly to the feature size and re-binarised at 0.5.
+- Total: the four terms with equal weights.
+
+All losses are computed in float32 (cast on the way in), so they can sit outside an autocast region.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .modeling.stlm import l2n
+
+
+class LossTerms(NamedTuple):
+    """The four loss terms and their equal-weight sum, each a 0-d tensor."""
+
+    plain: torch.Tensor  # L_p: Sp(I_a) vs T(I_a)
+    denoising: torch.Tensor  # L_de: Sd(I_a) vs T(N)
+    focal: torch.Tensor  # focal loss on the FA output
+    l1: torch.Tensor  # L1 on the FA output
+    total: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in self._asdict().items()}
+
+
+def cosine_distance_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_k mean(1 - <l2n(S_k), l2n(T_k)>)``; mean over batch and positions (official sum / (b h w)).
+
+    Teacher features are detached: no gradient ever reaches the teacher through this loss.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"cosine_distance_loss: {len(student)} student levels vs {len(teacher)} teacher levels")
+    total = None
+    for s, t in zip(student, teacher):  # each (B, C, h, w)
+        if s.shape != t.shape:
+            raise ValueError(f"cosine_distance_loss: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+        sim = torch.sum(l2n(s.float()) * l2n(t.detach().float()), dim=1)  # (B, h, w)
+        term = torch.mean(1.0 - sim)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("cosine_distance_loss: no feature levels")
+    return total
+
+
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    """Official focal loss: ``mean(BCE(p, y) * (1 - p_t)^gamma)``, ``p_t = p y + (1 - p)(1 - y)``.
+
+    ``prob`` is the sigmoid output (not logits), as in the official code; BCE clamps log at -100.
+    """
+    prob, target = prob.float(), target.float()
+    ce = F.binary_cross_entropy(prob, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    return torch.mean(ce * (1 - p_t) ** gamma)
+
+
+def l1_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean(|p - y|)``."""
+    return F.l1_loss(prob.float(), target.float(), reduction="mean")
+
+
+def mask_to_feature_size(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) mask -> (B, 1, h, w) in {0, 1}: bilinear (align_corners=False), >= 0.5."""
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask: expected (B, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
+    small = F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False)
+    return (small >= 0.5).to(torch.float32)
+
+
+def stlm_loss(
+    plain: Sequence[torch.Tensor],
+    denoising: Sequence[torch.Tensor],
+    teacher_pseudo: Sequence[torch.Tensor],
+    teacher_clean: Sequence[torch.Tensor],
+    fa_prob: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 4.0,
+) -> LossTerms:
+    """All four terms. ``fa_prob`` (B, 1, h, w) is the FA sigmoid output at feature resolution;
+    ``mask`` the pseudo mask at image resolution (B, H, W) or already (B, 1, h, w)."""
+    target = mask_to_feature_size(mask, tuple(fa_prob.shape[-2:]))
+    lp = cosine_distance_loss(plain, teacher_pseudo)
+    lde = cosine_distance_loss(denoising, teacher_clean)
+    lf = focal_loss(fa_prob, target, gamma)
+    l1 = l1_loss(fa_prob, target)
+    return LossTerms(lp, lde, lf, l1, lp + lde + lf + l1)
+
+
+__all__ = ["LossTerms", "cosine_distance_loss", "focal_loss", "l1_loss", "mask_to_feature_size", "stlm_loss"]

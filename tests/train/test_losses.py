@@ -1,0 +1,146 @@
+"""STLM losses: hand-computed values on tiny tensors, invariances, and where gradients go."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stlm_train import STLM, get_config
+from stlm_train.losses import (LossTerms, cosine_distance_loss, focal_loss, l1_loss, mask_to_feature_size,
+                               stlm_loss)
+from stlm_train.modeling import build_builtin_teacher
+from stlm_train.train import TrainGraph, teacher_features
+
+
+def _feat(rows: list[list[float]]) -> torch.Tensor:
+    """Per-position channel vectors -> (1, C, 1, W)."""
+    return torch.tensor(rows, dtype=torch.float32).T.reshape(1, len(rows[0]), 1, len(rows))
+
+
+def test_cosine_loss_known_values():
+    # level 1: positions (1,0)v(1,0) -> 0 and (0,1)v(1,0) -> 1: mean 0.5
+    # level 2: (2,0)v(-1,0) -> 1-(-1) = 2 and (3,4)v(4,3) -> 1-24/25 = 0.04: mean 1.02
+    s = [_feat([[1, 0], [0, 1]]), _feat([[2, 0], [3, 4]])]
+    t = [_feat([[1, 0], [1, 0]]), _feat([[-1, 0], [4, 3]])]
+    assert cosine_distance_loss(s, t).item() == pytest.approx(0.5 + 1.02, abs=1e-6)
+    assert cosine_distance_loss(s[:1], t[:1]).item() == pytest.approx(0.5, abs=1e-7)
+
+
+def test_cosine_loss_mean_over_batch_and_positions_and_scale_invariance():
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(3, 8, 4, 5, generator=g), torch.randn(3, 8, 4, 5, generator=g)]
+    t = [torch.randn(3, 8, 4, 5, generator=g), torch.randn(3, 8, 4, 5, generator=g)]
+    ref = sum((1 - F.cosine_similarity(a, b, dim=1, eps=0)).mean() for a, b in zip(s, t))
+    assert cosine_distance_loss(s, t).item() == pytest.approx(ref.item(), abs=1e-5)
+    scaled = cosine_distance_loss([3.0 * x for x in s], [0.5 * x for x in t])
+    assert scaled.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_cosine_loss_identical_inputs_is_zero():
+    g = torch.Generator().manual_seed(1)
+    f = [torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)]
+    assert abs(cosine_distance_loss(f, [x.clone() for x in f]).item()) < 1e-6
+
+
+def test_cosine_loss_shape_errors():
+    with pytest.raises(ValueError, match="levels"):
+        cosine_distance_loss([torch.zeros(1, 2, 1, 1)], [])
+    with pytest.raises(ValueError, match="student"):
+        cosine_distance_loss([torch.zeros(1, 2, 1, 1)], [torch.zeros(1, 3, 1, 1)])
+
+
+def test_focal_and_l1_known_values():
+    # p = 0.5, y = 1: BCE = ln 2, p_t = 0.5, (1 - p_t)^4 = 1/16
+    # p = 0.9, y = 0: BCE = -ln 0.1, p_t = 0.1, (0.9)^4 = 0.6561
+    p = torch.tensor([0.5, 0.9])
+    y = torch.tensor([1.0, 0.0])
+    expected = (math.log(2) / 16 + -math.log(0.1) * 0.6561) / 2
+    assert focal_loss(p, y).item() == pytest.approx(expected, rel=1e-6)
+    assert focal_loss(p, y, gamma=0).item() == pytest.approx((math.log(2) - math.log(0.1)) / 2, rel=1e-6)
+    assert l1_loss(p, y).item() == pytest.approx((0.5 + 0.9) / 2, rel=1e-6)
+
+
+def test_focal_matches_official_formula():
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(2, 1, 4, 4, generator=g)
+    y = (torch.rand(2, 1, 4, 4, generator=g) > 0.5).float()
+    # official model/losses.py focal_loss(alpha=-1, gamma=4, reduction="mean")
+    ce = F.binary_cross_entropy(p, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    assert focal_loss(p, y).item() == pytest.approx((ce * (1 - p_t) ** 4).mean().item(), rel=1e-6)
+    assert focal_loss(y, y).item() == 0.0  # perfect prediction
+
+
+def test_mask_resized_bilinear_and_rebinarised_at_half():
+    m = torch.zeros(1, 4, 4)
+    m[0, :2, :2] = 1  # full 2x2 block -> 1.0
+    m[0, 0, 2:] = 1  # half of the block -> exactly 0.5 -> 1 (official: where(mask < 0.5, 0, 1))
+    m[0, 3, 3] = 1  # a quarter -> 0.25 -> 0
+    out = mask_to_feature_size(m, (2, 2))
+    assert out.shape == (1, 1, 2, 2)
+    assert out[0, 0].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert mask_to_feature_size(m[:, None], (2, 2)).equal(out)
+    with pytest.raises(ValueError):
+        mask_to_feature_size(torch.zeros(4, 4), (2, 2))
+
+
+def test_stlm_loss_pairs_streams_with_the_right_teacher_and_sums_equally():
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
+    plain, den, t_pseudo, t_clean = rnd(), rnd(), rnd(), rnd()
+    prob = torch.rand(2, 1, 4, 4, generator=g)
+    mask = torch.zeros(2, 64, 64)
+    mask[:, :32, :32] = 1
+    terms = stlm_loss(plain, den, t_pseudo, t_clean, prob, mask)
+    assert isinstance(terms, LossTerms)
+    target = mask_to_feature_size(mask, (4, 4))
+    assert terms.plain.item() == pytest.approx(cosine_distance_loss(plain, t_pseudo).item(), abs=1e-6)
+    assert terms.denoising.item() == pytest.approx(cosine_distance_loss(den, t_clean).item(), abs=1e-6)
+    assert terms.focal.item() == pytest.approx(focal_loss(prob, target).item(), abs=1e-7)
+    assert terms.l1.item() == pytest.approx(l1_loss(prob, target).item(), abs=1e-7)
+    assert terms.total.item() == pytest.approx(sum(terms[:4]).item(), abs=1e-6)
+    assert set(terms.as_floats()) == {"plain", "denoising", "focal", "l1", "total"}
+
+
+def test_gradients_reach_students_decoder_and_fa_head_but_not_the_teacher():
+    cfg = get_config("small", 64)
+    torch.manual_seed(0)
+    model = STLM(cfg).train()
+    teacher = build_builtin_teacher(cfg, 0).eval()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 256, (2, 64, 64, 3), generator=g, dtype=torch.uint8)
+    pseudo = clean.clone()
+    pseudo[0, :32, :32] = 255 - pseudo[0, :32, :32]
+    mask = torch.zeros(2, 64, 64)
+    mask[0, :32, :32] = 1
+    same = (clean == pseudo).flatten(1).all(1)
+    t_pseudo, t_clean = teacher_features(teacher, model.normalize(clean), model.normalize(pseudo), same)
+    assert not any(t.requires_grad for t in (*t_pseudo, *t_clean))
+    plain, den, logits = TrainGraph(model)(model.normalize(pseudo))
+    terms = stlm_loss(plain, den, t_pseudo, t_clean, torch.sigmoid(logits), mask)
+    terms.total.backward()
+    for name, part in (("plain", model.plain), ("denoising", model.denoising), ("decoder", model.decoder),
+                       ("fa_head.res", model.fa_head.res), ("fa_head.head", model.fa_head.head)):
+        grads = [p.grad for p in part.parameters()]
+        assert all(gr is not None for gr in grads), name
+        assert sum(float(gr.abs().sum()) for gr in grads) > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_features_one_call_equals_separate_calls():
+    cfg = get_config("small", 64)
+    teacher = build_builtin_teacher(cfg, 0).eval()
+    g = torch.Generator().manual_seed(4)
+    xc, xp = torch.randn(3, 3, 64, 64, generator=g), torch.randn(3, 3, 64, 64, generator=g)
+    xp[1] = xc[1]  # no anomaly pasted on sample 1
+    calls = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    same = torch.tensor([False, True, False])
+    t_pseudo, t_clean = teacher_features(teacher, xc, xp, same)
+    assert calls == [5]  # one call: 3 clean + the 2 pseudo images that differ
+    with torch.no_grad():
+        ref_p, ref_c = teacher(xp), teacher(xc)
+    for a, b in zip((*t_pseudo, *t_clean), (*ref_p, *ref_c)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

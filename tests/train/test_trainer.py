@@ -1,0 +1,187 @@
+"""The trainer on the small config at 128 px: data order, reproducibility, resume, outputs, AMP, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from stlm_train.checkpoint import read_file
+from stlm_train.data import make_generated_dataset
+from stlm_train.train import (DEFAULT_STEPS, EpochBatchSampler, TrainError, TrainOptions, holdout_split,
+                              summarize_history, train)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_generated_dataset(tmp_path_factory.mktemp("gen") / "d", n_train=8, n_test_good=3, n_test_bad=3,
+                                  size=128, seed=0)
+
+
+def opts(data_root: Path, out: Path, **kw) -> TrainOptions:
+    base = dict(data=str(data_root), out=str(out), config="small", img_size=128, steps=2, progress=False,
+                evaluate=False, save_every=0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_holdout_split_is_deterministic_disjoint_and_keeps_at_least_one():
+    assert holdout_split(5, 0.2) == ([0, 1, 3, 4], [2])
+    assert holdout_split(2, 0.2) == ([0], [1])
+    tr, ho = holdout_split(16, 0.2)
+    assert len(ho) == 3 and not set(tr) & set(ho) and sorted(tr + ho) == list(range(16))
+    assert holdout_split(16, 0.2) == (tr, ho)
+    with pytest.raises(TrainError, match="at least 2 training images"):
+        holdout_split(1, 0.2)
+    with pytest.raises(TrainError):
+        holdout_split(10, 0.0)
+
+
+def test_epoch_batch_sampler_order_sharding_and_restart():
+    s = EpochBatchSampler(10, 3, seed=0)
+    assert s.steps_per_epoch == 3  # 10 // 3, the remainder is dropped
+    it = iter(s)
+    batches = [next(it) for _ in range(7)]
+    assert all(len(b) == 3 for b in batches)
+    assert [b[0][0] for b in batches] == [0, 0, 0, 1, 1, 1, 2]  # epoch of each step
+    epoch0 = [i for b in batches[:3] for _, i in b]
+    assert len(set(epoch0)) == 9  # a permutation, no repeats within an epoch
+    assert [i for b in batches[3:6] for _, i in b] != epoch0  # reshuffled each epoch
+    again = iter(EpochBatchSampler(10, 3, seed=0, start_step=4))
+    assert next(again) == batches[4]  # resuming continues the same stream
+    r0 = [i for b in [EpochBatchSampler(8, 2, 0, rank=0, world_size=2).batch_at(k) for k in range(2)] for _, i in b]
+    r1 = [i for b in [EpochBatchSampler(8, 2, 0, rank=1, world_size=2).batch_at(k) for k in range(2)] for _, i in b]
+    assert sorted(r0 + r1) == list(range(8))  # ranks share an epoch without overlap
+    tiny = EpochBatchSampler(1, 2, 0)  # fewer images than a batch: repeated cyclically
+    assert tiny.steps_per_epoch == 1 and tiny.batch_at(0) == [(0, 0), (0, 0)]
+
+
+def test_summarize_history():
+    h = [[i + 1, 1.0 * i, 2.0, 3.0, 4.0, 10.0 + i, 0.5 * (i + 1)] for i in range(20)]
+    s = summarize_history(h, points=5)
+    assert s["first"]["plain"] == pytest.approx(0.5) and s["last"]["plain"] == pytest.approx(18.5)
+    assert s["last"]["total"] == pytest.approx(28.5) and s["s_per_step_median"] == pytest.approx(0.5)
+    assert len(s["curve"]) <= 5 and s["curve"][0][0] == 1
+    assert summarize_history([])["first"] is None
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_same_seed_same_weights_any_workers_and_other_seed_differs(data_root, tmp_path):
+    a = train(opts(data_root, tmp_path / "a", steps=3))
+    b = train(opts(data_root, tmp_path / "b", steps=3, num_workers=1))
+    c = train(opts(data_root, tmp_path / "c", steps=3, seed=1))
+    assert a.steps == b.steps == 3
+    assert max_diff(weights(a), weights(b)) == 0.0
+    assert max_diff(weights(a), weights(c)) > 1e-3
+
+
+def test_resume_gives_the_uninterrupted_weights(data_root, tmp_path):
+    straight = train(opts(data_root, tmp_path / "straight", steps=4))
+    first = train(opts(data_root, tmp_path / "resumed", steps=2))
+    state = read_file(tmp_path / "resumed" / "last.ckpt")
+    assert state["step"] == 2 and {"model", "optim", "rng", "teacher", "history", "options"} <= set(state)
+    assert state["teacher"]["kind"] == "builtin" and "state_dict" in state["teacher"]
+    assert {"opt_students", "opt_fa"} <= set(state["optim"])
+    assert first.steps == 2
+    resumed = train(opts(data_root, tmp_path / "resumed", steps=4, resume=True), explicit={"steps", "resume"})
+    assert resumed.steps == 4
+    assert max_diff(weights(straight), weights(resumed)) <= 1e-6
+    assert resumed.losses == pytest.approx(straight.losses, abs=1e-6)
+    hist_a = read_file(tmp_path / "straight" / "last.ckpt")["history"]
+    hist_b = read_file(tmp_path / "resumed" / "last.ckpt")["history"]
+    assert hist_a.shape == (4, 7) and float((hist_a[:, :6] - hist_b[:, :6]).abs().max()) <= 1e-6
+
+
+def test_resume_errors(data_root, tmp_path):
+    with pytest.raises(TrainError, match="last.ckpt not found"):
+        train(opts(data_root, tmp_path / "none", resume=True))
+    train(opts(data_root, tmp_path / "r", steps=1))
+    with pytest.raises(TrainError, match="--seed 5 differs"):
+        train(opts(data_root, tmp_path / "r", steps=2, seed=5, resume=True), explicit={"seed"})
+
+
+def test_outputs_thresholds_and_metrics(data_root, tmp_path):
+    out = tmp_path / "run"
+    res = train(opts(data_root, out, steps=2, evaluate=True))
+    ckpt = read_file(out / "model.ckpt")
+    thr = ckpt["thresholds"]
+    assert {"image", "pixel", "method"} <= set(thr) and "held-out good" in thr["method"]
+    assert thr["n_images"] == 2 and len(thr["held_out"]) == 2  # 20 % of 8, never trained on
+    tr = ckpt["train"]
+    for key in ("steps", "epochs", "seconds", "seed", "teacher", "config", "data", "category", "losses"):
+        assert key in tr, key
+    assert tr["steps"] == 2 and tr["config"] == "small" and tr["n_train_images"] == 6
+    assert tr["losses"]["steps_averaged"] == 1  # 2 steps: "last" is the final step
+    assert tr["losses"]["last"]["total"] == pytest.approx(res.losses["total"], abs=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"train", "thresholds", "eval", "losses"} <= set(metrics)
+    for name in ("fa", "tlm"):
+        assert {"i_auroc", "p_auroc", "aupro", "p_ap", "f1_max", "fnr"} <= set(metrics["eval"][name])
+    assert metrics["eval"]["n_images"] == 6 and metrics["eval"]["n_anomalous"] == 3
+    from stlm_train import load_model
+
+    m = load_model(out / "model.ckpt")
+    assert max_diff(m.state_dict(), res.model.state_dict()) == 0.0
+
+
+def test_stopping_rules(data_root, tmp_path):
+    r = train(opts(data_root, tmp_path / "e", steps=None, epochs=1))
+    assert r.steps == 3 and r.epochs == pytest.approx(1.0)  # 6 training images / batch 2
+    t = train(opts(data_root, tmp_path / "t", steps=None, time_budget=0.0001))
+    assert t.steps >= 1
+    with pytest.raises(TrainError, match="only one of"):
+        train(opts(data_root, tmp_path / "x", steps=2, epochs=1))
+    with pytest.raises(TrainError, match="positive"):
+        train(opts(data_root, tmp_path / "x", steps=0))
+    assert DEFAULT_STEPS > 0
+
+
+def test_amp_bf16_on_cpu_runs_with_finite_losses(data_root, tmp_path):
+    r = train(opts(data_root, tmp_path / "amp", steps=1, amp=True, img_size=64))  # bf16 is emulated on many CPUs
+    assert all(torch.isfinite(torch.tensor(v)) for v in r.losses.values())
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
+def test_distributed_two_processes_gloo_end_identical(data_root, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        from stlm_train.train import TrainOptions, train
+        out = sys.argv[1]
+        r = train(TrainOptions(data={str(data_root)!r}, out=out, config="small", img_size=128, steps=2,
+                               progress=False, evaluate=False, save_every=0))
+        torch.save({{k: v.detach().clone() for k, v in r.model.state_dict().items()}},
+                   os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+    """))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert max_diff(r0, r1) == 0.0
+    ckpt = read_file(out / "model.ckpt")
+    assert ckpt["train"]["world_size"] == 2 and ckpt["train"]["steps"] == 2
+    assert max_diff(ckpt["state_dict"], r0) == 0.0
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".ckpt") == ["last.ckpt", "model.ckpt"]
