@@ -658,9 +658,12 @@ def _train(opts, cfg, state, stop_kind, stop_value, info, log, synth_cls, build_
         with atomic_output(out / "last.ckpt") as tmp:
             torch.save(payload, tmp)
 
+    # Workers are spawned, never forked: a fork of a process that has loaded OpenVINO/TBB or ONNX Runtime
+    # thread pools (e.g. training from a notebook or the test suite) can crash in the atfork handlers.
     loader = DataLoader(TrainTriples(train_ds, train_idx, synth, opts.seed), batch_sampler=sampler,
                         num_workers=opts.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=opts.num_workers > 0,
+                        multiprocessing_context="spawn" if opts.num_workers > 0 else None)
     imgs_per_step = opts.batch_size * info.world_size
     say(f"training: config '{cfg.name}' at {cfg.img_size} px, batch {opts.batch_size} x {info.world_size} "
         f"process(es), {spe} steps/epoch, stop at "
