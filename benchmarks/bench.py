@@ -8,6 +8,7 @@ batch with the same thread count.
 from __future__ import annotations
 
 import gc
+from functools import partial
 import logging
 import os
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
                 res.parity = parity(ref_maps, ref_scores, maps, scores)
             for b in batches:
                 x = _batch_of(parity_images, b)
-                res.timings[b] = time_fn(lambda: det.predict(x), runs=runs, warmup=warmup)
+                res.timings[b] = time_fn(partial(det.predict, x), runs=runs, warmup=warmup)
             if data is not None:
                 dm, ds = _predict_arrays(det, data.images, max(batches))
                 res.accuracy = accuracy(ds, dm, data)

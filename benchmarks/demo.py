@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,11 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def find_sample() -> Path | None:
-    env = os.environ.get("STLM_SAMPLE_DATA")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "mvtec_bottle_xs"]:
-        if (cand / "train" / "good").is_dir():
-            return cand
-    return None
+    from stlm_train.data.io import bundled_sample_root
+
+    return bundled_sample_root()
 
 
 class Runner:

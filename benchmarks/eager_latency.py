@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"| config | img | params | eager fp32 ms/img (p50) | mean | min |\n|---|---|---|---|---|---|")
+    print("| config | img | params | eager fp32 ms/img (p50) | mean | min |\n|---|---|---|---|---|---|")
     for size in args.sizes:
         model = STLM(get_config(args.config, size)).eval()
         x = torch.randint(0, 256, (1, size, size, 3), dtype=torch.uint8)

@@ -22,7 +22,6 @@ __all__ = ["IMAGE_EXTENSIONS", "CalibSet", "find_images", "load_images", "sample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_IMAGES = 8
-_REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -69,12 +68,11 @@ def load_images(paths: list[Path], img_size: int) -> np.ndarray:
 
 
 def sample_data_root() -> Path | None:
-    """The bundled real MVTec 'bottle' sample: $STLM_SAMPLE_DATA or ../shared/data/mvtec_bottle_xs."""
-    env = os.environ.get("STLM_SAMPLE_DATA")
-    for cand in ([Path(env)] if env else []) + [_REPO.parent / "shared" / "data" / "mvtec_bottle_xs"]:
-        if (cand / "test").is_dir() and find_images(cand / "test"):
-            return cand
-    return None
+    """The bundled real MVTec 'bottle' sample (see ``stlm_train.data.bundled_sample_root``)."""
+    from stlm_train.data.io import bundled_sample_root
+
+    root = bundled_sample_root()
+    return root if root is not None and find_images(root / "test") else None
 
 
 def generated_images(n: int, img_size: int, seed: int = 0) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Shared fixtures: the bundled real MVTec sample (read from ../shared, never copied) and seeds."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sample_root() -> Path | None:
-    """The 20-image MVTec 'bottle' sample: $STLM_SAMPLE_DATA or ../shared/data/mvtec_bottle_xs."""
-    env = os.environ.get("STLM_SAMPLE_DATA")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "mvtec_bottle_xs"]:
-        if (cand / "train" / "good").is_dir():
-            return cand
-    return None
+    from stlm_train.data.io import bundled_sample_root
+
+    return bundled_sample_root()
 
 
 @pytest.fixture(scope="session")

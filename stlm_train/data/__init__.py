@@ -9,6 +9,7 @@ from stlm_train.data.datasets import (
 )
 from stlm_train.data.generated import make_generated_dataset
 from stlm_train.data.io import (
+    bundled_sample_root,
     IMAGE_EXTENSIONS,
     DataError,
     list_images,
@@ -19,6 +20,7 @@ from stlm_train.data.io import (
 )
 
 __all__ = [
+    "bundled_sample_root",
     "FORMATS",
     "IMAGE_EXTENSIONS",
     "AnomalyDataset",

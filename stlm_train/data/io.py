@@ -127,3 +127,17 @@ def list_images(folder: PathLike, recursive: bool = False) -> list[Path]:
     pattern = root.rglob("*") if recursive else root.iterdir()
     found = [p for p in pattern if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     return sorted(found, key=lambda p: p.as_posix())
+
+
+def bundled_sample_root() -> Path | None:
+    """The real 20-image MVTec AD 'bottle' sample used by tests, demos and parity checks.
+
+    ``$STLM_SAMPLE_DATA`` wins; otherwise ``../shared/data/mvtec_bottle_xs`` next to the repository.
+    It is never copied into the repository; callers skip or fall back to generated data without it.
+    """
+    env = os.environ.get("STLM_SAMPLE_DATA")
+    repo = Path(__file__).resolve().parents[2]
+    for cand in ([Path(env)] if env else []) + [repo.parent / "shared" / "data" / "mvtec_bottle_xs"]:
+        if (cand / "train" / "good").is_dir() and (cand / "test").is_dir():
+            return cand
+    return None
