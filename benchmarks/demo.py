@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_data = data if sample else str(run / "data")
     r("2/5 evaluate", "stlm_train.cli", "eval", "--ckpt", str(ckpt), "--data", eval_data, "--json", str(out / "eval.json"))
     r("3/5 export fp32 + fp16 + OpenVINO (+ TensorRT where present), parity-gated", "stlm_export.cli",
-      "--ckpt", str(ckpt), "--fp16", "--target", "all", "--out", str(engine), "--with-tlm")
+      "--ckpt", str(ckpt), "--fp16", "--target", "all", "--out", str(engine), "--name", "demo", "--with-tlm")
     r("4/5 benchmark every engine next to PyTorch eager", "stlm_bench.cli", "--engine", str(engine), "--reference",
       str(ckpt), "--batch", "1,4", "--runs", str(args.bench_runs), "--data", eval_data,
       "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png"))
