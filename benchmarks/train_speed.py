@@ -41,7 +41,7 @@ from stlm_train.config import get_config  # noqa: E402
 from stlm_train.data import build_dataset, make_generated_dataset  # noqa: E402
 from stlm_train.losses import stlm_loss  # noqa: E402
 from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm, fa_input  # noqa: E402
-from stlm_train.train import TrainOptions, Trainer  # noqa: E402
+from stlm_train.train import TrainOptions, Trainer, build_optimizers  # noqa: E402
 
 
 class OfficialLikeStep:
@@ -49,12 +49,7 @@ class OfficialLikeStep:
 
     def __init__(self, model: STLM, teacher, opts: TrainOptions) -> None:
         self.model, self.teacher = model, teacher
-        student_params = [*model.plain.parameters(), *model.denoising.parameters(), *model.decoder.parameters()]
-        self.opt_students = torch.optim.Adam(student_params, lr=opts.lr_students, betas=(0.5, 0.999))
-        self.opt_fa = torch.optim.SGD(
-            [{"params": model.fa_head.res.parameters(), "lr": opts.lr_fa_res},
-             {"params": model.fa_head.head.parameters(), "lr": opts.lr_fa_head}],
-            lr=opts.lr_fa_head, momentum=0.9, weight_decay=1e-4)
+        self.opt_students, self.opt_fa = build_optimizers(model, opts)
 
     @staticmethod
     def _per_sample(decoder, embeddings):

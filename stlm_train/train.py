@@ -352,6 +352,17 @@ def teacher_features(teacher: nn.Module, x_clean: torch.Tensor, x_pseudo: torch.
     return (pseudo[0], pseudo[1]), clean
 
 
+def build_optimizers(model: STLM, opts: TrainOptions) -> tuple[torch.optim.Adam, torch.optim.SGD]:
+    """The official optimisers: Adam for students + shared decoder, SGD with two groups for the FA head."""
+    student_params = [*model.plain.parameters(), *model.denoising.parameters(), *model.decoder.parameters()]
+    opt_students = torch.optim.Adam(student_params, lr=opts.lr_students, betas=(0.5, 0.999))
+    opt_fa = torch.optim.SGD(
+        [{"params": model.fa_head.res.parameters(), "lr": opts.lr_fa_res},
+         {"params": model.fa_head.head.parameters(), "lr": opts.lr_fa_head}],
+        lr=opts.lr_fa_head, momentum=0.9, weight_decay=1e-4)
+    return opt_students, opt_fa
+
+
 class Trainer:
     """Owns the optimisers and performs steps; ``model`` is updated in place."""
 
@@ -364,12 +375,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [device.index] if device.type == "cuda" else None
             self.graph = nn.parallel.DistributedDataParallel(self.graph, device_ids=ids)
-        student_params = [*model.plain.parameters(), *model.denoising.parameters(), *model.decoder.parameters()]
-        self.opt_students = torch.optim.Adam(student_params, lr=opts.lr_students, betas=(0.5, 0.999))
-        self.opt_fa = torch.optim.SGD(
-            [{"params": model.fa_head.res.parameters(), "lr": opts.lr_fa_res},
-             {"params": model.fa_head.head.parameters(), "lr": opts.lr_fa_head}],
-            lr=opts.lr_fa_head, momentum=0.9, weight_decay=1e-4)
+        self.opt_students, self.opt_fa = build_optimizers(model, opts)
         self.amp = bool(opts.amp)
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
