@@ -48,10 +48,21 @@ def defect_contours(anomaly_map: np.ndarray, threshold: float) -> list[np.ndarra
     return list(contours)
 
 
+def colour_range(threshold: float | None) -> tuple[float, float]:
+    """Colour scale for a map: [0, 2 x pixel threshold] (the threshold sits mid-palette, so "normal" is
+    blue-green and "defect" red even for models whose maps stay far below 1), else [0, 1]."""
+    if threshold is None or not threshold > 0:
+        return 0.0, 1.0
+    return 0.0, float(min(1.0, 2.0 * threshold))
+
+
 def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None = None, alpha: float = 0.5,
-            vmin: float = 0.0, vmax: float = 1.0, contour_color: Sequence[int] = (255, 255, 255),
+            vmin: float | None = None, vmax: float | None = None, contour_color: Sequence[int] = (255, 255, 255),
             thickness: int = 2) -> np.ndarray:
     """Heat map blended on the image (``alpha`` = heat-map weight) plus the defect outline.
+
+    Colours span ``colour_range(threshold)`` unless ``vmin``/``vmax`` are given (the C++ runtime's
+    ``stlm::overlay`` uses the same rule, so both draw the same picture).
 
     The map is resized to the image if needed. With ``threshold`` the outline of ``map > threshold``
     is drawn in ``contour_color`` (white: absent from the JET palette, so it stays visible).
@@ -60,6 +71,9 @@ def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | N
     img = _as_rgb(image_rgb)
     h, w = img.shape[:2]
     m = _as_map(anomaly_map, (h, w))
+    lo, hi = colour_range(threshold)
+    vmin = lo if vmin is None else vmin
+    vmax = hi if vmax is None else vmax
     a = float(np.clip(alpha, 0.0, 1.0))
     out = cv2.addWeighted(np.ascontiguousarray(img), 1.0 - a, heatmap(m, vmin, vmax), a, 0.0)
     if threshold is not None:

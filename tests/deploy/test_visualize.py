@@ -69,3 +69,12 @@ def test_overlay_input_validation():
         overlay(np.zeros((10, 10, 3), np.float32), np.zeros((10, 10), np.float32))
     with pytest.raises(InputError, match=r"anomaly_map: expected a 2-D float array"):
         overlay(np.zeros((10, 10, 3), np.uint8), np.zeros((1, 10, 10), np.float32))
+
+
+def test_colour_range_puts_the_pixel_threshold_mid_palette():
+    from stlm_deploy.visualize import colour_range
+
+    assert colour_range(None) == (0.0, 1.0)
+    assert colour_range(0.04) == (0.0, 0.08)
+    assert colour_range(0.7) == (0.0, 1.0)
+    assert colour_range(0.0) == (0.0, 1.0)

@@ -16,9 +16,11 @@ cv::Mat overlay(const cv::Mat& image, const cv::Mat& anomaly_map, std::optional<
     throw Error("overlay: expected a CV_32FC1 anomaly map");
   cv::Mat m = anomaly_map;
   if (m.size() != image.size()) cv::resize(anomaly_map, m, image.size(), 0, 0, cv::INTER_LINEAR);
-  // heat map: round(clip(map, 0, 1) * 255) -> JET (OpenCV gives BGR)
+  // heat map: round(clip(map / vmax, 0, 1) * 255) -> JET (OpenCV gives BGR); vmax = min(1, 2 x pixel
+  // threshold) so the threshold sits mid-palette (visualize.colour_range in the Python runtime)
+  const double vmax = (threshold && *threshold > 0) ? std::min(1.0, 2.0 * *threshold) : 1.0;
   cv::Mat clipped;
-  cv::min(cv::max(m, 0.0), 1.0, clipped);
+  cv::min(cv::max(m * (1.0 / vmax), 0.0), 1.0, clipped);
   cv::patchNaNs(clipped, 0.0);
   cv::Mat u8, heat;
   clipped.convertTo(u8, CV_8U, 255.0);
