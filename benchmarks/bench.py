@@ -101,13 +101,11 @@ def parse_variants(text: str, engine_dir: Path) -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------------------- metrics
-def parity(ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    from scipy.stats import spearmanr
+def parity(ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+    from stlm_export.verify import spearman
 
     d = np.abs(maps.astype(np.float64) - ref_maps)
-    rho = float("nan")
-    if len(scores) >= 3 and np.ptp(ref_scores) > 0 and np.ptp(scores) > 0:
-        rho = float(spearmanr(ref_scores, scores).statistic)
+    rho, _ = spearman(ref_scores, scores, score_tol=0.0)  # same rule as the export gate
     return {"max_abs_map": float(d.max()), "mean_abs_map": float(d.mean()),
             "max_abs_score": float(np.abs(scores.astype(np.float64) - ref_scores).max()), "spearman": rho}
 

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import DeployError
+from ..errors import BackendUnavailable, DeployError
 
-__all__ = ["Backend", "dim_or_dynamic", "default_threads", "first_line"]
+__all__ = ["Backend", "dim_or_dynamic", "default_threads", "first_line", "import_or_unavailable"]
 
 
 def default_threads() -> int:
@@ -154,3 +154,13 @@ class Backend(abc.ABC):
     def __repr__(self) -> str:
         state = "active" if self._active else "inactive"
         return f"<{type(self).__name__} {self.path} {state} precision={self.precision} device={self.device}>"
+
+
+def import_or_unavailable(module: str, hint: str, with_reason: bool = True) -> Any:
+    """Import a backend's heavy dependency lazily; if it is missing, say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BackendUnavailable(f"{hint} ({first_line(e)})" if with_reason else hint) from e

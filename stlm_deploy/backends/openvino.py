@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, DeployError
 from ..spec import normalize_precision
-from .base import Backend, default_threads, first_line
+from .base import Backend, default_threads, first_line, import_or_unavailable
 
 __all__ = ["OpenVinoBackend", "choose_inference_precision"]
 
@@ -55,12 +55,7 @@ def choose_inference_precision(requested: str | None, capabilities: Iterable[str
 
 
 def _import_openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError as e:
-        raise BackendUnavailable("openvino backend needs OpenVINO: pip install 'stlm-deploy[openvino]' "
-                                 f"({first_line(e)})") from e
-    return ov
+    return import_or_unavailable("openvino", "openvino backend needs OpenVINO: pip install 'stlm-deploy[openvino]'")
 
 
 class OpenVinoBackend(Backend):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, DeployError
 from ..fsutil import atomic_output, atomic_write_json, sha256_file
-from .base import Backend, default_threads, dim_or_dynamic, first_line
+from .base import Backend, default_threads, dim_or_dynamic, first_line, import_or_unavailable
 
 __all__ = ["OrtBackend", "PROVIDERS", "ORT_DISTRIBUTIONS", "find_ort_conflict", "check_ort_installation",
            "resolve_providers", "ort_available_providers"]
@@ -94,12 +94,8 @@ def resolve_providers(providers: Sequence[str] | str) -> list[str]:
 
 
 def _import_ort() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise BackendUnavailable("ort backend needs onnxruntime: pip install 'stlm-deploy[cpu]' "
-                                 f"(or [gpu] for CUDA) ({first_line(e)})") from e
-    return ort
+    return import_or_unavailable("onnxruntime", "ort backend needs onnxruntime: pip install 'stlm-deploy[cpu]' "
+                                                "(or [gpu] for CUDA)")
 
 
 def ort_available_providers() -> list[str]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, DeployError
 from ..spec import display_path, normalize_precision
-from .base import Backend, first_line
+from .base import Backend, first_line, import_or_unavailable
 
 __all__ = ["TensorRTBackend", "check_plan_compatibility", "check_plan_source", "PlanMismatch",
            "TRT_EXTRA_MESSAGE", "import_tensorrt", "import_cudart", "parse_version"]
@@ -140,11 +140,7 @@ def check_plan_source(sidecar: dict[str, Any], onnx_sha256s: Iterable[str], *, w
 # ---------------------------------------------------------------------------------- lazy imports
 def import_tensorrt() -> Any:
     """``import tensorrt`` or BackendUnavailable with the install hint."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailable(TRT_EXTRA_MESSAGE) from e
-    return trt
+    return import_or_unavailable("tensorrt", TRT_EXTRA_MESSAGE, with_reason=False)
 
 
 def import_cudart() -> Any:
