@@ -118,10 +118,10 @@ class LabelledSet:
     source: str
 
 
-def load_labelled(root: str, fmt: str, category: str | None, img_size: int) -> LabelledSet:
+def load_labelled(root: str, fmt: str, category: str | None, img_size: int, resize: str = "area") -> LabelledSet:
     from stlm_train.data import build_dataset
 
-    ds = build_dataset(root, fmt, category=category, split="test", img_size=img_size)
+    ds = build_dataset(root, fmt, category=category, split="test", img_size=img_size, resize=resize)
     samples = [ds[i] for i in range(len(ds))]
     return LabelledSet(np.stack([s.image for s in samples]), np.array([s.label for s in samples]),
                        np.stack([s.mask for s in samples]), f"{fmt}:{root}")
@@ -189,7 +189,7 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
     if parity_images is None:
         from stlm_export.calib import calibration_images
 
-        calib = calibration_images(None, spec.img_size, max_images=8)
+        calib = calibration_images(None, spec.img_size, max_images=8, policy=spec.preprocessing.resize)
         parity_images, parity_source = calib.images, calib.source
     report: dict[str, Any] = {"engine": str(engine_dir), "img_size": spec.img_size, "batches": list(batches),
                               "runs": runs, "warmup": warmup, "parity_images": parity_source,

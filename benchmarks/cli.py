@@ -58,12 +58,12 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
         ref = None if no_reference else (reference or _recorded_source(spec, engine_dir))
         if ref is not None and not Path(ref).is_file():
             raise click.ClickException(f"--reference: no such checkpoint file {ref}")
-        labelled = bench.load_labelled(data, fmt, category, spec.img_size) if data else None
+        labelled = bench.load_labelled(data, fmt, category, spec.img_size, spec.preprocessing.resize) if data else None
         parity_images = source = None
         if calib_data:
             from stlm_export.calib import calibration_images
 
-            cs = calibration_images(calib_data, spec.img_size, max_images=16)
+            cs = calibration_images(calib_data, spec.img_size, max_images=16, policy=spec.preprocessing.resize)
             parity_images, source = cs.images, cs.source
         report = bench.run_bench(str(engine_dir), ref, variants, batches, runs, warmup, threads, labelled,
                                  parity_images, source or "")

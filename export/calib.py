@@ -6,8 +6,8 @@ real sample ``../shared/data/mvtec_bottle_xs`` next to the repository (``$STLM_S
 overrides; its ``test/`` images: good and defective), and only then deterministic generated images
 (smooth random colour fields with a few blobs, named ``generated:smooth-fields(seed=0)``).
 
-Images are resized exactly like the runtime does it (OpenCV ``INTER_LINEAR``, half-pixel centres =
-PyTorch bilinear ``align_corners=False``), so the graph sees ``img_size`` x ``img_size`` uint8 RGB.
+Images are resized by the runtime's own function and the engine's resize policy
+(``stlm_deploy.preprocess.resize_image``), so the graph sees what it sees in deployment.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image
 
 __all__ = ["IMAGE_EXTENSIONS", "CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
            "calibration_images", "DEFAULT_MAX_IMAGES"]
@@ -51,8 +53,8 @@ def _spread(paths: list[Path], n: int) -> list[Path]:
     return [paths[i] for i in dict.fromkeys(idx.tolist())]
 
 
-def load_images(paths: list[Path], img_size: int) -> np.ndarray:
-    """Read, convert to RGB and resize (bilinear, half-pixel centres) to (N, S, S, 3) uint8."""
+def load_images(paths: list[Path], img_size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Read, convert to RGB and resize (the engine's resize ``policy``) to (N, S, S, 3) uint8."""
     import cv2
 
     out = np.empty((len(paths), img_size, img_size, 3), np.uint8)
@@ -61,9 +63,7 @@ def load_images(paths: list[Path], img_size: int) -> np.ndarray:
         if img is None:
             raise ValueError(f"{p}: not a readable image")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        if img.shape[:2] != (img_size, img_size):
-            img = cv2.resize(img, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
-        out[i] = img
+        out[i] = resize_image(img, img_size, policy)
     return out
 
 
@@ -94,7 +94,7 @@ def generated_images(n: int, img_size: int, seed: int = 0) -> np.ndarray:
 
 
 def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
-                       max_images: int = DEFAULT_MAX_IMAGES) -> CalibSet:
+                       max_images: int = DEFAULT_MAX_IMAGES, policy: str = DEFAULT_RESIZE) -> CalibSet:
     """The parity/calibration batch: ``calib_data``, else the bundled sample, else generated images."""
     if max_images < 1:
         raise ValueError(f"--parity-images: must be >= 1, got {max_images}")
@@ -106,10 +106,10 @@ def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
         if not paths:
             raise ValueError(f"--calib-data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found below it")
         chosen = _spread(paths, max_images)
-        return CalibSet(load_images(chosen, img_size), f"calib-data:{root}", [str(p) for p in chosen])
+        return CalibSet(load_images(chosen, img_size, policy), f"calib-data:{root}", [str(p) for p in chosen])
     sample = sample_data_root()
     if sample is not None:
         chosen = _spread(find_images(sample / "test"), max_images)
-        return CalibSet(load_images(chosen, img_size), f"sample:{sample}", [str(p) for p in chosen])
+        return CalibSet(load_images(chosen, img_size, policy), f"sample:{sample}", [str(p) for p in chosen])
     n = max_images
     return CalibSet(generated_images(n, img_size), "generated:smooth-fields(seed=0)", [])

@@ -312,7 +312,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     graph_inputs: np.ndarray | None = None
     if opts.verify:
         try:
-            calib = calibration_images(opts.calib_data, s, opts.parity_images)
+            calib = calibration_images(opts.calib_data, s, opts.parity_images, cfg.resize)
         except ValueError as e:
             raise ExportError(str(e)) from None
         ref = reference_outputs(stlm, calib.images, with_tlm=opts.with_tlm)
@@ -347,7 +347,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     spec: dict[str, Any] = {
         "format": "stlm-engine", "format_version": 1, "model_family": "stlm", "name": name, "img_size": s,
         "input": inp, "outputs": outs,
-        "preprocessing": {"resize": "bilinear", "mean": [float(v) for v in cfg.pixel_mean],
+        "preprocessing": {"resize": cfg.resize, "mean": [float(v) for v in cfg.pixel_mean],
                           "std": [float(v) for v in cfg.pixel_std]},
         "top_k": int(cfg.top_k),
         "thresholds": _thresholds(obj, kind, trained_size, s, opts.with_tlm),

@@ -395,7 +395,8 @@ class Detector:
         preds: list[Prediction] = []
         step = self._chunk(len(imgs))
         for i in range(0, len(imgs), step):
-            batch, sizes = prepare_batch(imgs[i:i + step], self.spec.img_size, bgr=bgr)
+            batch, sizes = prepare_batch(imgs[i:i + step], self.spec.img_size, bgr=bgr,
+                                         policy=self.spec.preprocessing.resize)
             preds.extend(self._postprocess(self._run(batch), sizes))
         return preds[0] if single else preds
 

@@ -2,8 +2,14 @@
 
 The exported graph takes ``img_size`` x ``img_size`` RGB uint8 images; everything size-dependent
 (any input size in, map at the original size out) happens here so one engine serves all cameras.
-``cv2.resize(..., INTER_LINEAR)`` uses half-pixel centres, i.e. it matches PyTorch's bilinear
-``align_corners=False`` (without antialias) up to uint8 rounding, which is what training used.
+The resize into the graph follows the engine's ``preprocessing.resize`` policy, the same function
+that training, evaluation and export calibration call (``stlm_train`` imports it from here):
+
+* ``area`` (engines from this version on): ``cv2.INTER_AREA`` when shrinking (antialiased pixel-area
+  averaging; a 900 px photo keeps its fine texture statistics at 256 px instead of aliasing, which
+  made good test images score high when training images passed an extra warp), ``INTER_LINEAR`` when
+  enlarging;
+* ``bilinear`` (older engines and checkpoints): ``INTER_LINEAR`` (half-pixel centres) both ways.
 """
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["describe", "validate_image", "split_images", "to_rgb", "resize_image", "prepare_batch",
-           "normalize_nchw", "make_input", "resize_map"]
+           "normalize_nchw", "make_input", "resize_map", "RESIZE_POLICIES", "DEFAULT_RESIZE", "interpolation_for"]
+
+#: Resize policies an engine or checkpoint may name; the first is what new ones are written with.
+RESIZE_POLICIES: tuple[str, ...] = ("area", "bilinear")
+DEFAULT_RESIZE = RESIZE_POLICIES[0]
 
 _EXPECTED = "expected uint8 RGB array of shape (H, W, 3) or (N, H, W, 3)"
 
@@ -56,20 +66,30 @@ def to_rgb(image: np.ndarray, bgr: bool) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if bgr else image
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (half-pixel centres) resize of one (H, W, 3) uint8 image to (size, size, 3)."""
-    if image.shape[0] == size and image.shape[1] == size:
+def interpolation_for(policy: str, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
+    """The OpenCV interpolation flag of ``policy`` for a (h, w) -> (h, w) resize (see module doc)."""
+    if policy not in RESIZE_POLICIES:
+        raise InputError(f"resize policy must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+    shrinking = dst_hw[0] <= src_hw[0] and dst_hw[1] <= src_hw[1]
+    return cv2.INTER_AREA if policy == "area" and shrinking else cv2.INTER_LINEAR
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int], policy: str = "bilinear") -> np.ndarray:
+    """Resize one (H, W, C) image to ``size`` (int: square, or (height, width)) by ``policy``."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if image.shape[0] == h and image.shape[1] == w:
         return np.ascontiguousarray(image)
-    return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=cv2.INTER_LINEAR)
+    flag = interpolation_for(policy, image.shape[:2], (h, w))
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=flag)
 
 
-def prepare_batch(images: Sequence[np.ndarray], img_size: int,
-                  bgr: bool = False) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def prepare_batch(images: Sequence[np.ndarray], img_size: int, bgr: bool = False,
+                  policy: str = "bilinear") -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Stack images of any sizes into a uint8 (N, img_size, img_size, 3) RGB batch + original (H, W)s."""
     sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
     batch = np.empty((len(images), img_size, img_size, 3), np.uint8)
     for i, im in enumerate(images):
-        batch[i] = resize_image(to_rgb(np.ascontiguousarray(im), bgr), img_size)
+        batch[i] = resize_image(to_rgb(np.ascontiguousarray(im), bgr), img_size, policy)
     return batch, sizes
 
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import DeployError, SpecError
 from .fsutil import atomic_write_json, sha256_file
+from .preprocess import RESIZE_POLICIES
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SPEC_FILENAME", "DEFAULT_MEAN", "DEFAULT_STD", "ARTIFACT_KINDS",
@@ -234,7 +235,7 @@ class Preprocessing:
                 raise f.fail(key, "a list of 3 " + ("positive numbers" if positive else "numbers"), v)
             return [float(x) for x in v]
 
-        obj = cls(resize=f.str_("resize", choices=("bilinear",)), mean=triple("mean", False),
+        obj = cls(resize=f.str_("resize", choices=RESIZE_POLICIES), mean=triple("mean", False),
                   std=triple("std", True))
         obj.extra = f.extra()
         return obj

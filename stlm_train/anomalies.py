@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
-from stlm_train.data.io import DataError, PathLike, list_images, read_image_rgb, resize_rgb
+from stlm_train.data.io import DEFAULT_RESIZE, DataError, PathLike, list_images, read_image_rgb, resize_rgb
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "slight", "rotation")
 FILL_COLOUR: tuple[int, int, int] = (114, 114, 114)
@@ -43,7 +43,15 @@ ROTATION_CATEGORIES: tuple[str, ...] = (
     "bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw", "transistor",
 )
 
-PROCEDURAL_KINDS: tuple[str, ...] = ("noise", "stripes", "checker", "marble")
+PROCEDURAL_KINDS: tuple[str, ...] = ("noise", "stripes", "checker", "marble", "voronoi", "raw")
+#: Texture banks: which procedural kinds are drawn, and whether each texture then gets a per-channel
+#: gain/offset colour jitter. "reference" (five kinds incl. Voronoi cells and raw noise, jittered
+#: colours) is the bank of the reference trainer; "v1" is this project's first (saturated colours).
+TEXTURE_BANKS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "reference": (("noise", "stripes", "marble", "voronoi", "raw"), True),
+    "v1": (("noise", "stripes", "checker", "marble"), False),
+}
+DEFAULT_TEXTURE_BANK = "reference"
 
 
 def augmentation_for_category(name: Optional[str]) -> str:
@@ -181,7 +189,8 @@ def procedural_texture(
 ) -> np.ndarray:
     """A random colourful texture (uint8 HxWx3 RGB) used as A when no texture folder is given.
 
-    Kinds: "noise" (smooth colour noise), "stripes", "checker" (rotated), "marble" (Perlin colour).
+    Kinds: "noise" (smooth colour noise), "stripes", "checker" (rotated), "marble" (Perlin colour),
+    "voronoi" (flat-coloured cells), "raw" (per-pixel noise).
     """
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if kind is None:
@@ -209,15 +218,35 @@ def procedural_texture(
         res = int(2 ** rng.integers(1, 5))
         tex = np.stack([perlin_noise_2d((h, w), (res, res), rng) for _ in range(3)], axis=-1)
         tex = 127.5 + 127.5 * tex * float(rng.uniform(0.8, 1.6))
+    elif kind == "voronoi":  # flat-coloured cells around random seeds (cracks, grains, flakes)
+        n = int(rng.integers(4, 65))
+        gh, gw = min(h, 256), min(w, 256)  # cells are computed on at most 256 px, then scaled up
+        seeds = rng.uniform(0, 1, (n, 2)).astype(np.float32) * np.array([gh, gw], np.float32)
+        colours = rng.uniform(0, 255, (n, 3)).astype(np.float32)
+        yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
+        d = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2  # (gh, gw, n)
+        tex = cv2.resize(colours[np.argmin(d, axis=-1)], (w, h), interpolation=cv2.INTER_NEAREST)
+    elif kind == "raw":  # i.i.d. per-pixel colour noise around a random mean
+        tex = rng.uniform(0, 255, 3).astype(np.float32) + rng.normal(0, rng.uniform(20, 80), (h, w, 3))
     else:
         raise ValueError(f"unknown procedural texture '{kind}' (expected one of {PROCEDURAL_KINDS})")
     return np.clip(np.rint(tex), 0, 255).astype(np.uint8)
 
 
-class TextureSource:
-    """Where anomaly textures A come from: an image folder (searched recursively) or procedural."""
+def colour_jitter(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-channel gain U(0.5, 1.5) and offset U(-60, 60): textures of every brightness and tint."""
+    gain = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    offset = rng.uniform(-60, 60, 3).astype(np.float32)
+    return np.clip(np.rint(texture.astype(np.float32) * gain + offset), 0, 255).astype(np.uint8)
 
-    def __init__(self, folder: Optional[PathLike] = None) -> None:
+
+class TextureSource:
+    """Where anomaly textures A come from: an image folder (searched recursively) or a procedural bank."""
+
+    def __init__(self, folder: Optional[PathLike] = None, bank: str = DEFAULT_TEXTURE_BANK) -> None:
+        if bank not in TEXTURE_BANKS:
+            raise ValueError(f"texture bank must be one of {', '.join(TEXTURE_BANKS)}, got {bank!r}")
+        self.kinds, self.jitter = TEXTURE_BANKS[bank]
         self.folder = Path(folder) if folder is not None else None
         self.files: list[Path] = []
         if self.folder is not None:
@@ -241,8 +270,9 @@ class TextureSource:
         if self.files:
             path = self.files[int(rng.integers(0, len(self.files)))]
             return resize_rgb(read_image_rgb(path), size), str(path)
-        kind = PROCEDURAL_KINDS[int(rng.integers(0, len(PROCEDURAL_KINDS)))]
-        return procedural_texture(size, rng, kind), f"procedural:{kind}"
+        kind = self.kinds[int(rng.integers(0, len(self.kinds)))]
+        tex = procedural_texture(size, rng, kind)
+        return (colour_jitter(tex, rng) if self.jitter else tex), f"procedural:{kind}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,6 +307,8 @@ class PseudoAnomalySynthesizer:
         probability: float = 0.5,
         beta_max: float = 0.8,
         seed: int = 0,
+        texture_bank: str = DEFAULT_TEXTURE_BANK,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
         if augmentation not in AUGMENTATIONS:
             raise ValueError(
@@ -290,7 +322,8 @@ class PseudoAnomalySynthesizer:
         self.augmentation = augmentation
         self.probability = float(probability)
         self.beta_max = float(beta_max)
-        self.textures = TextureSource(anomaly_source)
+        self.resize = resize
+        self.textures = TextureSource(anomaly_source, texture_bank)
         self._rng = np.random.default_rng(seed)
         self.last_params: dict[str, Any] = {}
 
@@ -302,7 +335,7 @@ class PseudoAnomalySynthesizer:
                 f"expected a uint8 HxWx3 RGB image, got {image.dtype} array of shape {image.shape}"
             )
         rng = self._rng if rng is None else rng
-        clean = resize_rgb(image, self.img_size)
+        clean = resize_rgb(image, self.img_size, self.resize)
         clean = augment_geometry(clean, self.augmentation, rng)
         h, w = clean.shape[:2]
         params: dict[str, Any] = {"applied": bool(rng.random() < self.probability)}
@@ -367,6 +400,8 @@ __all__ = [
     "FILL_COLOUR",
     "NO_ROTATION_CATEGORIES",
     "PROCEDURAL_KINDS",
+    "TEXTURE_BANKS",
+    "colour_jitter",
     "ROTATION_CATEGORIES",
     "SLIGHT_ROTATION_CATEGORIES",
     "PseudoAnomalyDataset",

@@ -256,7 +256,7 @@ def save_checkpoint(path: str | os.PathLike, model: STLM, **extra: Any) -> Path:
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
-        "preprocessing": {"resize": "bilinear", "mean": list(cfg.pixel_mean), "std": list(cfg.pixel_std),
+        "preprocessing": {"resize": cfg.resize, "mean": list(cfg.pixel_mean), "std": list(cfg.pixel_std),
                           "channel_order": "RGB", "img_size": cfg.img_size},
         "state_dict": model.state_dict(),
         **extra,

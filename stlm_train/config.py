@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from stlm_deploy.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -78,9 +80,14 @@ class STLMConfig:
     top_k: int = 100
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
+    # How images reach img_size (stlm_deploy.preprocess.RESIZE_POLICIES); checkpoints written before the
+    # field existed were trained on "bilinear" and are read as such.
+    resize: str = DEFAULT_RESIZE
 
     def __post_init__(self) -> None:
         validate_img_size(self.img_size)
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
 
     @property
     def feature_size(self) -> int:
@@ -99,7 +106,7 @@ class STLMConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown STLMConfig fields {unknown}")
-        kw = dict(d)
+        kw = {"resize": "bilinear", **d}
         for key, sub in (("student", TinyViTConfig), ("decoder", DecoderConfig), ("fa_head", FAHeadConfig)):
             if key in kw and isinstance(kw[key], dict):
                 kw[key] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[key].items()})

@@ -170,7 +170,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format
     with tempfile.TemporaryDirectory(prefix="stlm-eval-") as tmp:
         root = resolve_eval_data(data, model.cfg.img_size, Path(tmp) / "data")
         fmt = "mvtec" if str(data).lower() in BUILTIN_DATA else format
-        dataset = build_dataset(root, fmt, category, "test", model.cfg.img_size)
+        dataset = build_dataset(root, fmt, category, "test", model.cfg.img_size, model.cfg.resize)
         result = evaluate_model(model, dataset, thresholds, batch_size=batch_size, device=device)
     result = {"checkpoint": str(ckpt), "data_root": str(data), "format": fmt, "category": category, **result}
     if json_path is not None:

@@ -44,7 +44,10 @@ from .config import STLMConfig, get_config
 from .evaluate import BUILTIN_DATA, evaluate_model, format_table, predict_dataset
 from .losses import LossTerms, stlm_loss
 from .modeling.stlm import STLM, Features, fa_input
-from .modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
+from .modeling.teacher import (DEFAULT_TEACHER_RECIPE, TEACHER_SEED_OFFSET, Teacher, build_builtin_teacher,
+                               calibrate_batchnorm)
+from .anomalies import DEFAULT_TEXTURE_BANK
+from stlm_deploy.preprocess import DEFAULT_RESIZE
 
 def _known_categories() -> set[str]:
     from .anomalies import NO_ROTATION_CATEGORIES, ROTATION_CATEGORIES, SLIGHT_ROTATION_CATEGORIES
@@ -61,7 +64,7 @@ HISTORY_KEYS = ("step", *LOSS_KEYS, "seconds")  # one row per step; seconds = tr
 # Options that define a run: a resumed run takes them from last.ckpt, and they must not change.
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
-                   "pixel_quantile")
+                   "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize")
 
 
 class TrainError(ValueError):
@@ -102,6 +105,11 @@ class TrainOptions:
     lr_students: float = 5e-4
     lr_fa_res: float = 0.1
     lr_fa_head: float = 0.01
+    # Recipe knobs (defaults are the measured best; the others reproduce earlier versions for ablations)
+    teacher_seed: int | None = None  # None: seed + TEACHER_SEED_OFFSET (never the students' stream)
+    teacher_recipe: str = DEFAULT_TEACHER_RECIPE
+    texture_bank: str = DEFAULT_TEXTURE_BANK
+    resize: str = DEFAULT_RESIZE
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
@@ -281,6 +289,11 @@ def teacher_spec(opts: TrainOptions) -> str:
     return "builtin" if str(opts.teacher).lower() == "builtin" else str(opts.teacher)
 
 
+def teacher_seed(opts: TrainOptions) -> int:
+    """The built-in teacher's own seed: never the stream that initialises the students."""
+    return int(opts.teacher_seed) if opts.teacher_seed is not None else int(opts.seed) + TEACHER_SEED_OFFSET
+
+
 def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Iterator[torch.Tensor]],
                   device: torch.device, state: dict[str, Any] | None = None,
                   log: Callable[[str], None] = print) -> tuple[Teacher, dict[str, Any]]:
@@ -292,20 +305,21 @@ def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Itera
     spec = teacher_spec(opts)
     t0 = time.perf_counter()
     if spec == "builtin":
-        teacher = build_builtin_teacher(cfg, opts.seed)
+        seed = teacher_seed(opts)
+        teacher = build_builtin_teacher(cfg, seed, opts.teacher_recipe)
+        base = {"kind": "builtin", "seed": seed, "recipe": opts.teacher_recipe}
         if state is not None and "state_dict" in state:
             teacher.load_state_dict(state["state_dict"])
             teacher.to(device)
-            desc = {"kind": "builtin", "seed": opts.seed, "calibration_images": state.get("calibration_images")}
-            log(f"teacher: built-in (seed {opts.seed}), restored from last.ckpt")
+            desc = {**base, "calibration_images": state.get("calibration_images")}
+            log(f"teacher: built-in (seed {seed}), restored from last.ckpt")
         else:
             teacher.to(device)
             n = calibrate_batchnorm(teacher, calib())
             dt = time.perf_counter() - t0
-            desc = {"kind": "builtin", "seed": opts.seed, "calibration_images": n,
-                    "calibration_seconds": round(dt, 2)}
-            log(f"teacher: built-in (seed {opts.seed}), BatchNorm calibrated on {n} clean training images "
-                f"in {dt:.1f} s")
+            desc = {**base, "calibration_images": n, "calibration_seconds": round(dt, 2)}
+            log(f"teacher: built-in (seed {seed}, recipe {opts.teacher_recipe}), BatchNorm calibrated on {n} "
+                f"clean training images in {dt:.1f} s")
     else:
         if not Path(spec).is_file():
             raise CheckpointError(f"{spec}: no such teacher file (use --teacher builtin or a sam_vit_*.pth / "
@@ -521,6 +535,15 @@ def _check_options(opts: TrainOptions) -> None:
         raise TrainError(f"--init-mobile-sam: {opts.init_mobile_sam}: no such file")
     if teacher_spec(opts) != "builtin" and not Path(opts.teacher).is_file():
         raise TrainError(f"--teacher: {opts.teacher}: no such file (use builtin or a sam_vit_*.pth / mobile_sam.pt)")
+    from .anomalies import TEXTURE_BANKS
+    from .modeling.teacher import TEACHER_RECIPES
+    from stlm_deploy.preprocess import RESIZE_POLICIES
+
+    for name, value, choices in (("teacher_recipe", opts.teacher_recipe, TEACHER_RECIPES),
+                                 ("texture_bank", opts.texture_bank, TEXTURE_BANKS),
+                                 ("resize", opts.resize, RESIZE_POLICIES)):
+        if value not in choices:
+            raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     for q in (opts.image_quantile, opts.pixel_quantile):
         if not 0.0 < q <= 1.0:
             raise TrainError(f"threshold quantiles must be in (0, 1], got {q}")
@@ -561,7 +584,7 @@ def train(opts: TrainOptions, explicit: set[str] | None = None,
         opts = merge_resume_options(opts, state["options"], explicit or set())
     stop_kind, stop_value = _stop_rule(opts)
     _check_options(opts)
-    cfg = get_config(opts.config, opts.img_size)
+    cfg = replace(get_config(opts.config, opts.img_size), resize=opts.resize)
     device_type = "cuda" if str(opts.device).lower().startswith("cuda") else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {opts.device}: CUDA is not available on this machine (use --device cpu)")
@@ -590,12 +613,12 @@ def _train(opts, cfg, state, stop_kind, stop_value, info, log, synth_cls, build_
 
     # data: train split minus a deterministic held-out part
     root, fmt = resolve_data(opts, cfg, info)
-    train_ds = build_dataset(root, fmt, opts.category, "train", cfg.img_size)
+    train_ds = build_dataset(root, fmt, opts.category, "train", cfg.img_size, cfg.resize)
     train_idx, held_idx = holdout_split(len(train_ds), opts.holdout)
     category = opts.category or (getattr(train_ds, "root", None) or root).name
     augmentation = resolve_augmentation(opts.augmentation, category)
     synth = synth_cls(cfg.img_size, anomaly_source=opts.anomaly_source, augmentation=augmentation,
-                      probability=0.5, seed=opts.seed)
+                      probability=0.5, seed=opts.seed, texture_bank=opts.texture_bank, resize=cfg.resize)
     say(f"data: {train_ds.name}: {len(train_idx)} training images, {len(held_idx)} held out for thresholds; "
         f"augmentation '{augmentation}', textures {opts.anomaly_source or 'procedural'}")
 
@@ -732,7 +755,8 @@ def _train(opts, cfg, state, stop_kind, stop_value, info, log, synth_cls, build_
         "steps": step, "epochs": round(step / spe, 4), "steps_per_epoch": spe, "seconds": round(seconds, 2),
         "seed": opts.seed, "teacher": teacher_desc, "config": cfg.name, "img_size": cfg.img_size,
         "data": str(opts.data), "format": fmt, "category": category, "augmentation": augmentation,
-        "anomaly_source": opts.anomaly_source, "batch_size": opts.batch_size, "world_size": info.world_size,
+        "anomaly_source": opts.anomaly_source, "texture_bank": opts.texture_bank, "resize": cfg.resize,
+        "batch_size": opts.batch_size, "world_size": info.world_size,
         "amp": bool(opts.amp), "device": str(device), "init_mobile_sam": opts.init_mobile_sam,
         "n_train_images": len(train_idx), "n_held_out": len(held_idx),
         "optimizers": {"students": {"type": "Adam", "lr": opts.lr_students, "betas": [0.5, 0.999]},
@@ -745,7 +769,7 @@ def _train(opts, cfg, state, stop_kind, stop_value, info, log, synth_cls, build_
 
     metrics = None
     if opts.evaluate:
-        test_ds = _test_split(build_dataset, root, fmt, opts.category, cfg.img_size)
+        test_ds = _test_split(build_dataset, root, fmt, opts.category, cfg.img_size, cfg.resize)
         if test_ds is None:
             say("evaluation: the data set has no test split; skipped")
         else:
@@ -763,11 +787,11 @@ def _train(opts, cfg, state, stop_kind, stop_value, info, log, synth_cls, build_
                        model)
 
 
-def _test_split(build_dataset, root, fmt, category, img_size):
+def _test_split(build_dataset, root, fmt, category, img_size, resize):
     from .data import DataError
 
     try:
-        return build_dataset(root, fmt, category, "test", img_size)
+        return build_dataset(root, fmt, category, "test", img_size, resize)
     except DataError:
         return None
 

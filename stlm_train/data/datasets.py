@@ -2,7 +2,7 @@
 
 :func:`build_dataset` turns a folder on disk into an :class:`AnomalyDataset`, whatever the layout, so
 training, evaluation and benchmarks never look at file names themselves. Every sample is a
-:class:`Sample`: ``image`` uint8 HxWx3 RGB resized to ``img_size`` (bilinear), ``mask`` uint8 HxW in
+:class:`Sample`: ``image`` uint8 HxWx3 RGB resized to ``img_size`` (the ``resize`` policy), ``mask`` uint8 HxW in
 {0, 1} (nearest; zeros for good images), ``label`` (0 good, 1 anomalous), ``path`` and ``defect``
 ("good" for normal images). Files are read lazily, one sample at a time. Training splits hold only
 good images: the model is unsupervised and synthesises its own anomalies.
@@ -63,6 +63,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from stlm_train.data.io import (
+    DEFAULT_RESIZE,
     IMAGE_EXTENSIONS,
     DataError,
     PathLike,
@@ -119,9 +120,11 @@ class AnomalyDataset:
         img_size: Optional[int] = 256,
         name: str = "",
         root: Optional[PathLike] = None,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
         self.records: list[Record] = list(records)
         self.img_size = img_size
+        self.resize = resize
         self.name = name
         self.root = Path(root) if root is not None else None
 
@@ -139,7 +142,7 @@ class AnomalyDataset:
         else:
             mask = np.zeros((h, w), dtype=np.uint8)
         if self.img_size is not None:
-            image = resize_rgb(image, self.img_size)
+            image = resize_rgb(image, self.img_size, self.resize)
             mask = resize_mask(mask, self.img_size)
         return Sample(image, mask, int(rec.label), str(rec.image_path), rec.defect)
 
@@ -383,6 +386,7 @@ def build_dataset(
     category: Optional[str] = None,
     split: str = "train",
     img_size: Optional[int] = 256,
+    resize: str = DEFAULT_RESIZE,
 ) -> AnomalyDataset:
     """Index one split of a data set on disk (see the module docstring for the layouts).
 
@@ -397,7 +401,7 @@ def build_dataset(
         raise DataError(f"img_size must be positive, got {img_size}")
     records, base = _BUILDERS[fmt](Path(root), category, split)
     name = f"{fmt}:{category or base.name}:{split}"
-    return AnomalyDataset(records, img_size=img_size, name=name, root=base)
+    return AnomalyDataset(records, img_size=img_size, name=name, root=base, resize=resize)
 
 
 __all__ = [

@@ -16,6 +16,8 @@ from typing import Union
 import cv2
 import numpy as np
 
+from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: File suffixes (lower case) treated as images by :func:`list_images`.
@@ -96,15 +98,13 @@ def read_mask(path: PathLike) -> np.ndarray:
     return (np.nan_to_num(img) > 0).astype(np.uint8)
 
 
-def resize_rgb(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize an HxWx3 image to ``size`` (int -> square, or (height, width)) bilinearly.
+def resize_rgb(img: np.ndarray, size: int | tuple[int, int], policy: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Resize an HxWx3 image to ``size`` (int -> square, or (height, width)) by the resize ``policy``.
 
-    Bilinear matches the deploy-time preprocessing (DESIGN.md), so training sees what inference sees.
+    The runtime's own function (:func:`stlm_deploy.preprocess.resize_image`), so training,
+    evaluation, export calibration and every engine see the same pixels.
     """
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if img.shape[:2] == (h, w):
-        return img
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    return resize_image(img, size, policy)
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

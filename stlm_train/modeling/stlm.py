@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stlm_deploy.preprocess import resize_image
 
 from ..config import STLMConfig
 from .common import Normalize
@@ -102,14 +105,12 @@ class STLM(nn.Module):
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images: expected a uint8 tensor (N, H, W, 3) RGB, got {got}")
         device = next(self.parameters()).device
-        images = images.to(device)
         h, w = images.shape[1:3]
         s = self.cfg.img_size
-        if (h, w) != (s, s):
-            resized = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(s, s), mode="bilinear",
-                                    align_corners=False)
-            images = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        out = self(self.normalize(images))
+        if (h, w) != (s, s):  # the runtime's own resize, so eager and engine see the same pixels
+            small = [resize_image(im, s, self.cfg.resize) for im in images.cpu().numpy()]
+            images = torch.from_numpy(np.stack(small))
+        out = self(self.normalize(images.to(device)))
         if (h, w) != (s, s):
             out = InferenceOutput(upsample(out.anomaly_map[:, None], (h, w)), out.score,
                                   upsample(out.tlm_map[:, None], (h, w)))

@@ -87,7 +87,7 @@ def test_img_size_message_is_exact(engines):
     (lambda d: d.update(top_k=0), "field 'top_k' must be an integer >= 1, got 0"),
     (lambda d: d["thresholds"].update(image="high"), "field 'thresholds.image' must be a number or null, got \"high\""),
     (lambda d: d["preprocessing"].update(std=[1, 0, 1]), "field 'preprocessing.std' must be a list of 3 positive numbers"),
-    (lambda d: d["preprocessing"].update(resize="nearest"), "field 'preprocessing.resize' must be one of 'bilinear'"),
+    (lambda d: d["preprocessing"].update(resize="nearest"), "field 'preprocessing.resize' must be one of 'area', 'bilinear'"),
     (lambda d: d["source"].update(kind="hub"), "field 'source.kind' must be one of 'project', 'official'"),
     (lambda d: d["artifacts"]["model.onnx"].update(sha256="abc"), "field 'artifacts.model.onnx.sha256' must be 64 lowercase hex digits"),
     (lambda d: d["artifacts"]["model.onnx"].update(kind="pt"), "field 'artifacts.model.onnx.kind' must be one of 'onnx', 'openvino', 'tensorrt', 'json'"),

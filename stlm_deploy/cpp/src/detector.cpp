@@ -311,7 +311,10 @@ struct Detector::Impl {
         rgb[i].copyTo(slot);
       } else {
         cv::Mat small;
-        cv::resize(rgb[i], small, cv::Size(s, s), 0, 0, cv::INTER_LINEAR);
+        // stlm_deploy.preprocess.interpolation_for: "area" shrinks with INTER_AREA, else INTER_LINEAR.
+        const bool shrinking = rgb[i].rows >= s && rgb[i].cols >= s;
+        const int flag = spec.resize == "area" && shrinking ? cv::INTER_AREA : cv::INTER_LINEAR;
+        cv::resize(rgb[i], small, cv::Size(s, s), 0, 0, flag);
         small.copyTo(slot);
       }
     }

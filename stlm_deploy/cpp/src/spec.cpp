@@ -258,7 +258,7 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
   }
   {
     Fields pre = f.sub("preprocessing");
-    pre.str("resize", {"bilinear"});
+    s.resize = pre.str("resize", {"area", "bilinear"});
     s.mean = pre.triple("mean", false);
     s.std = pre.triple("std", true);
   }

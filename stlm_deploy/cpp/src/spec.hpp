@@ -48,6 +48,7 @@ struct EngineSpec {
   int img_size = 0;
   InputDesc input;
   std::vector<TensorDesc> outputs;
+  std::string resize = "bilinear";  // preprocessing.resize: "area" | "bilinear" (see preprocess.py)
   std::array<double, 3> mean{};
   std::array<double, 3> std{};
   int top_k = 100;

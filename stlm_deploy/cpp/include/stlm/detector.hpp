@@ -4,8 +4,8 @@
 //   stlm::Prediction p = det.predict(cv::imread("x.png"));      // BGR by default (OpenCV frames)
 //   p.score; p.anomaly_map /* CV_32FC1, image size */; p.is_anomalous /* nullopt: no threshold */
 //
-// The numbers match the Python runtime (stlm_deploy.Detector) within 1e-4: same bilinear resize of the
-// RGB uint8 image to img_size, same graph, same bilinear resize of the map back to the image size,
+// The numbers match the Python runtime (stlm_deploy.Detector) within 1e-4: same resize of the RGB uint8
+// image to img_size (stlm.json preprocessing.resize: area or bilinear), same graph, same bilinear resize of the map back to the image size,
 // same decision (score > thresholds.image). Backends: "openvino" (always built, CPU), "tensorrt" and
 // "ort" (built only where their SDKs were found at configure time; see compiled_backends()).
 // Every error is a stlm::Error whose what() is ONE line naming the file/field/argument at fault.
