@@ -63,7 +63,7 @@ def resolve_variants(spec: str) -> list[str]:
 
 def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train + evaluate one (variant, seed); returns the metrics row."""
-    from stlm_train.train import TrainOptions, train
+    from stlm_train.training import TrainOptions, train
 
     overrides = {k: (seed if v == "SEED" else v) for k, v in VARIANTS[variant].items()}
     opts = TrainOptions(data=args.data, out=str(work / f"{variant}-s{seed}"), category=args.category,

@@ -6,7 +6,7 @@ noisy shared machine slows both alike. Reported: median seconds per step, steps/
 speed-up; also the loss difference at the first step (both compute the same function).
 
 - ours: one teacher call on [N; I_a] (samples without a pasted anomaly sent once), both students
-  through ``STLM.student_features`` (one decoder call for both streams), ``stlm_train.train.Trainer``;
+  through ``STLM.student_features`` (one decoder call for both streams), ``stlm_train.training.Trainer``;
 - official-like: the teacher called separately on I_a and on N, and the shared decoder called once
   per image and per stream (``Batch_Sam`` / ``Batch_SamE.forward`` in the official mob_sam.py).
   The official decoder also runs output upscaling, hypernetwork MLPs and the IoU head, which never
@@ -41,7 +41,7 @@ from stlm_train.config import get_config  # noqa: E402
 from stlm_train.data import build_dataset, make_generated_dataset  # noqa: E402
 from stlm_train.losses import stlm_loss  # noqa: E402
 from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm, fa_input  # noqa: E402
-from stlm_train.train import TrainOptions, Trainer, build_optimizers  # noqa: E402
+from stlm_train.training import TrainOptions, Trainer, build_optimizers  # noqa: E402
 
 
 class OfficialLikeStep:

@@ -360,11 +360,14 @@ def sample_rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 class PseudoAnomalyDataset:
-    """Wraps a data set of normal images into training triples, deterministically per epoch.
+    """Wraps a data set of normal images into training triples, deterministically per (epoch, index).
 
-    ``base[i]`` may be a :class:`stlm_train.data.Sample` (uses ``.image``) or an HxWx3 array.
+    ``base[i]`` may be a :class:`stlm_train.data.Sample` (uses ``.image``) or an HxWx3 array;
+    ``indices`` picks the part of ``base`` used (default: all). A key is an index (drawn for the
+    epoch set by :meth:`set_epoch`) or an ``(epoch, index)`` pair, which is what the trainer's batch
+    sampler yields, so the draw never depends on DataLoader workers, order or resumption.
     Items are dicts ``{"clean", "pseudo", "mask", "index"}`` (uint8 HxWx3, uint8 HxWx3, float32 HxW,
-    int) which torch's default collate batches. Call :meth:`set_epoch` each epoch for fresh draws.
+    int) which torch's default collate batches.
     """
 
     def __init__(
@@ -373,25 +376,27 @@ class PseudoAnomalyDataset:
         synthesizer: PseudoAnomalySynthesizer,
         seed: int = 0,
         transform: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+        indices: Optional[Sequence[int]] = None,
     ) -> None:
         self.base = base
         self.synthesizer = synthesizer
         self.seed = int(seed)
         self.epoch = 0
         self.transform = transform
+        self.indices = list(range(len(base))) if indices is None else [int(i) for i in indices]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.base[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
+        item = self.base[self.indices[index]]
         image = item.image if hasattr(item, "image") else np.asarray(item)
-        rng = sample_rng(self.seed, self.epoch, index)
-        clean, pseudo, mask = self.synthesizer(image, rng)
-        out = {"clean": clean, "pseudo": pseudo, "mask": mask, "index": int(index)}
+        clean, pseudo, mask = self.synthesizer(image, sample_rng(self.seed, epoch, index))
+        out = {"clean": clean, "pseudo": pseudo, "mask": mask, "index": index}
         return self.transform(out) if self.transform is not None else out
 
 

@@ -63,34 +63,21 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
               teacher, anomaly_source, augmentation, device, seed, batch_size, resume, amp, num_workers,
               init_mobile_sam, save_every, holdout, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) on the good images of a data set."""
-    from .train import TrainOptions, train
+    from .training import TrainError, TrainOptions, train
 
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     explicit = {"format" if n == "format_" else n for n in explicit}
-    if data is None and not resume:
-        raise click.UsageError("Missing option '--data' (a data-set root or 'builtin').")
-    stops = [n for n, v in (("--epochs", epochs), ("--steps", steps), ("--time-budget", time_budget)) if v is not None]
-    if len(stops) > 1:
-        raise click.UsageError(f"use only one of --epochs, --steps, --time-budget (got {' and '.join(stops)})")
-    if img_size is not None:
-        try:
-            validate_img_size(img_size)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--img-size'") from None
-    if data is not None and data.lower() not in ("builtin", "generated") and not os.path.isdir(data):
-        raise click.BadParameter(f"data root '{data}' does not exist or is not a folder", param_hint="'--data'")
-    if anomaly_source is not None and not os.path.isdir(anomaly_source):
-        raise click.BadParameter(f"'{anomaly_source}' is not a folder", param_hint="'--anomaly-source'")
-    if teacher.lower() != "builtin" and not os.path.isfile(teacher):
-        raise click.BadParameter(f"'{teacher}': no such file (use builtin or a sam_vit_*.pth / mobile_sam.pt)",
-                                 param_hint="'--teacher'")
     opts = TrainOptions(
         data=data or "", out=out, format=format_, category=category, config=config, img_size=img_size,
         epochs=epochs, steps=steps, time_budget=time_budget, teacher=teacher, anomaly_source=anomaly_source,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, holdout=holdout,
         evaluate=do_eval, progress=not quiet)
+    try:
+        opts.validate()
+    except TrainError as e:  # bad flags: a usage error (exit 2), like click's own checks
+        raise click.UsageError(str(e)) from None
     result = train(opts, explicit=explicit)
     if result.model_path is not None and not quiet:
         click.echo(f"wrote {result.model_path} and {result.metrics_path}")
@@ -112,7 +99,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
 def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, quiet) -> int:
     """Evaluate a checkpoint on a data set's test split: FA map and TLM map metrics."""
     from .evaluate import evaluate_checkpoint, format_table
-    from .train import resolve_device
+    from .training import resolve_device
 
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="'--batch-size'")

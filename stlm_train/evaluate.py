@@ -73,12 +73,12 @@ def predict_dataset(model: STLM, dataset: Any, batch_size: int = 8, indices: Seq
                        np.stack(masks), paths)
 
 
-def _clean(v: Any) -> Any:
+def clean_json(v: Any) -> Any:
     """NaN/inf -> None so the JSON is strict; numpy scalars -> Python."""
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: clean_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [clean_json(x) for x in v]
     if isinstance(v, (np.floating, float)):
         f = float(v)
         return f if math.isfinite(f) else None
@@ -116,7 +116,7 @@ def evaluate_model(model: STLM, dataset: Any, thresholds: dict[str, Any] | None 
         "thresholds": thresholds or None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return _clean(result)
+    return clean_json(result)
 
 
 def format_table(result: dict[str, Any]) -> str:

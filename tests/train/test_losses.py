@@ -11,7 +11,7 @@ from stlm_train import STLM, get_config
 from stlm_train.losses import (LossTerms, cosine_distance_loss, focal_loss, l1_loss, mask_to_feature_size,
                                stlm_loss)
 from stlm_train.modeling import build_builtin_teacher
-from stlm_train.train import TrainGraph, teacher_features
+from stlm_train.training import TrainGraph, teacher_features
 
 
 def _feat(rows: list[list[float]]) -> torch.Tensor:

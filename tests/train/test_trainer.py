@@ -13,7 +13,7 @@ import torch
 
 from stlm_train.checkpoint import read_file
 from stlm_train.data import make_generated_dataset
-from stlm_train.train import (DEFAULT_STEPS, EpochBatchSampler, TrainError, TrainOptions, holdout_split,
+from stlm_train.training import (DEFAULT_STEPS, EpochBatchSampler, TrainError, TrainOptions, holdout_split,
                               summarize_history, train)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ def test_distributed_two_processes_gloo_end_identical(data_root, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
-        from stlm_train.train import TrainOptions, train
+        from stlm_train.training import TrainOptions, train
         out = sys.argv[1]
         r = train(TrainOptions(data={str(data_root)!r}, out=out, config="small", img_size=128, steps=2,
                                progress=False, evaluate=False, save_every=0))

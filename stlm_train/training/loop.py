@@ -1,0 +1,119 @@
+"""One training step (paper section 3, official ``trainSTLM.py``), built for steps per second.
+
+1. teacher features T(I_a) and T(N) from ONE batched teacher call under ``no_grad`` (N and I_a stacked
+   on the batch axis; samples with no pasted anomaly, where I_a == N, are sent once);
+2. both students on I_a through ``STLM.student_features`` (one batched decoder call for both streams);
+3. FA head on ``fa_input`` (gradients flow into the students, as in the official code);
+4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``); Adam on students + shared decoder,
+   SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..losses import LossTerms, stlm_loss
+from ..modeling.stlm import STLM, Features, fa_input
+from .distributed import DistInfo
+from .options import TrainOptions
+
+
+class TrainGraph(nn.Module):
+    """Students + shared decoder + FA head as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: STLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[Features, Features, torch.Tensor]:  # x: (B, 3, S, S)
+        plain, denoising = self.model.student_features(x)
+        return plain, denoising, self.model.fa_head.logits(fa_input(plain, denoising))  # logits (B, 1, h, w)
+
+
+@torch.no_grad()
+def teacher_features(teacher: nn.Module, x_clean: torch.Tensor, x_pseudo: torch.Tensor,
+                     same: torch.Tensor) -> tuple[Features, Features]:
+    """(T(I_a), T(N)) from one teacher call on [N; I_a where it differs from N]."""
+    b = x_clean.shape[0]
+    diff = (~same).nonzero().flatten()
+    t1, t2 = teacher(torch.cat([x_clean, x_pseudo[diff]], dim=0))
+    clean = (t1[:b], t2[:b])
+    pseudo = []
+    for t in (t1, t2):
+        p = t[:b].clone()
+        p[diff] = t[b:]
+        pseudo.append(p)
+    return (pseudo[0], pseudo[1]), clean
+
+
+def build_optimizers(model: STLM, opts: TrainOptions) -> tuple[torch.optim.Adam, torch.optim.SGD]:
+    """The official optimisers: Adam for students + shared decoder, SGD with two groups for the FA head."""
+    student_params = [*model.plain.parameters(), *model.denoising.parameters(), *model.decoder.parameters()]
+    opt_students = torch.optim.Adam(student_params, lr=opts.lr_students, betas=(0.5, 0.999))
+    opt_fa = torch.optim.SGD(
+        [{"params": model.fa_head.res.parameters(), "lr": opts.lr_fa_res},
+         {"params": model.fa_head.head.parameters(), "lr": opts.lr_fa_head}],
+        lr=opts.lr_fa_head, momentum=0.9, weight_decay=1e-4)
+    return opt_students, opt_fa
+
+
+class Trainer:
+    """Owns the optimisers and performs steps; ``model`` is updated in place."""
+
+    def __init__(self, model: STLM, teacher: nn.Module, device: torch.device, opts: TrainOptions,
+                 info: DistInfo = DistInfo()) -> None:
+        self.model, self.teacher, self.device, self.info = model, teacher, device, info
+        self.graph: nn.Module = TrainGraph(model)
+        if info.world_size > 1:
+            # depthwise-conv weights (C, 1, k, k) have ambiguous strides: harmless DDP layout warning
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            ids = [device.index] if device.type == "cuda" else None
+            self.graph = nn.parallel.DistributedDataParallel(self.graph, device_ids=ids)
+        self.opt_students, self.opt_fa = build_optimizers(model, opts)
+        self.amp = bool(opts.amp)
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def step(self, clean: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor) -> LossTerms:
+        """clean/pseudo uint8 (B, S, S, 3), mask float (B, S, S) -> loss terms (after the update)."""
+        clean, pseudo = clean.to(self.device, non_blocking=True), pseudo.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        same = (clean == pseudo).flatten(1).all(dim=1)  # no anomaly pasted: T(I_a) == T(N)
+        norm = self.model.normalize
+        x_clean, x_pseudo = norm(clean), norm(pseudo)
+        self.graph.train()
+        with self._autocast():
+            t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
+            plain, denoising, logits = self.graph(x_pseudo)
+        terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask)
+        self.opt_students.zero_grad(set_to_none=True)
+        self.opt_fa.zero_grad(set_to_none=True)
+        self.scaler.scale(terms.total).backward()
+        self.scaler.step(self.opt_students)
+        self.scaler.step(self.opt_fa)
+        self.scaler.update()
+        return terms
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt_students": self.opt_students.state_dict(), "opt_fa": self.opt_fa.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.opt_students.load_state_dict(sd["opt_students"])
+        self.opt_fa.load_state_dict(sd["opt_fa"])
+        if sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """BatchNorm running statistics drift per rank between DDP broadcasts: take rank 0's."""
+        if self.info.world_size > 1:
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)

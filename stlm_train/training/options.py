@@ -1,0 +1,148 @@
+"""Training options: one dataclass, validated in one place (the CLI and the library share it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from stlm_deploy.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
+
+from ..anomalies import AUGMENTATIONS, DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
+from ..config import CONFIGS, validate_img_size
+from ..data.datasets import FORMATS
+from ..evaluate import BUILTIN_DATA
+from ..modeling.teacher import DEFAULT_TEACHER_RECIPE, TEACHER_RECIPES, TEACHER_SEED_OFFSET
+
+DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the paper: 200 epochs)
+# Options that define a run: a resumed run takes them from last.ckpt, and they must not change.
+IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
+                   "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
+                   "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize")
+
+
+class TrainError(ValueError):
+    """Bad training input (options, stopping rule, resume state); one line."""
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run needs. ``data`` is a folder or ``builtin``/``generated`` (a procedural set)."""
+
+    data: str
+    out: str
+    format: str = "mvtec"
+    category: str | None = None
+    config: str = "paper"
+    img_size: int | None = None  # None: the config's own size
+    epochs: int | None = None  # exactly one of epochs / steps / time_budget (none: DEFAULT_STEPS)
+    steps: int | None = None
+    time_budget: float | None = None  # minutes of training-loop wall clock (all sessions of a run)
+    teacher: str = "builtin"  # "builtin" or a sam_vit_*.pth / mobile_sam.pt path
+    anomaly_source: str | None = None  # texture folder (DTD); None: the procedural texture bank
+    augmentation: str = "auto"  # none | slight | rotation | auto (from the category / folder name)
+    device: str = "cpu"
+    seed: int = 0
+    batch_size: int = 2
+    num_workers: int = 0
+    amp: bool = False
+    init_mobile_sam: str | None = None
+    save_every: int = 100  # steps between last.ckpt saves (0: only at the end)
+    resume: bool = False
+    holdout: float = 0.2  # fraction of train/good kept for thresholds (at least 1 image)
+    calib_images: int = 32  # clean training images used to calibrate the built-in teacher's BN
+    image_quantile: float = 0.995
+    pixel_quantile: float = 0.999
+    evaluate: bool = True  # run the test split at the end when there is one
+    eval_batch_size: int = 8
+    progress: bool = True
+    lr_students: float = 5e-4
+    lr_fa_res: float = 0.1
+    lr_fa_head: float = 0.01
+    # Recipe knobs (defaults are the measured best; the others reproduce earlier versions for ablations)
+    teacher_seed: int | None = None  # None: seed + TEACHER_SEED_OFFSET (never the students' stream)
+    teacher_recipe: str = DEFAULT_TEACHER_RECIPE
+    texture_bank: str = DEFAULT_TEXTURE_BANK
+    resize: str = DEFAULT_RESIZE
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+
+    @property
+    def builtin_teacher(self) -> bool:
+        return str(self.teacher).lower() == "builtin"
+
+    @property
+    def builtin_teacher_seed(self) -> int:
+        """The built-in teacher's own seed: never the stream that initialises the students."""
+        return int(self.teacher_seed) if self.teacher_seed is not None else int(self.seed) + TEACHER_SEED_OFFSET
+
+    def stop_rule(self) -> tuple[str, float]:
+        """("epochs" | "steps" | "time_budget", value); no flag given: DEFAULT_STEPS steps."""
+        given = [(n, v) for n, v in (("epochs", self.epochs), ("steps", self.steps),
+                                     ("time_budget", self.time_budget)) if v is not None]
+        if len(given) > 1:
+            raise TrainError("use only one of --epochs, --steps, --time-budget (got "
+                             + " and ".join("--" + n.replace("_", "-") for n, _ in given) + ")")
+        if not given:
+            return "steps", float(DEFAULT_STEPS)
+        name, v = given[0]
+        if not (v > 0) or (name != "time_budget" and int(v) != v):
+            kind = "number" if name == "time_budget" else "integer"
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive {kind}, got {v}")
+        return name, float(v)
+
+    def validate(self) -> "TrainOptions":
+        """Every check of the options, in one place; raises a one-line :class:`TrainError` naming the flag."""
+        if not self.data and not self.resume:
+            raise TrainError("Missing option '--data' (a data-set root or 'builtin').")
+        if self.data and self.data.lower() not in BUILTIN_DATA and not Path(self.data).is_dir():
+            raise TrainError(f"--data: data root '{self.data}' does not exist or is not a folder")
+        if self.format not in FORMATS:
+            raise TrainError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.config not in CONFIGS:
+            raise TrainError(f"--config must be one of {', '.join(sorted(CONFIGS))}, got {self.config!r}")
+        if self.img_size is not None:
+            try:
+                validate_img_size(self.img_size)
+            except ValueError as e:
+                raise TrainError(f"--img-size: {e}") from None
+        self.stop_rule()
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),
+                                 ("--save-every", self.save_every, 0), ("--calib-images", self.calib_images, 1)):
+            if value < low:
+                raise TrainError(f"{flag} must be at least {low}, got {value}")
+        if not 0.0 < self.holdout < 1.0:
+            raise TrainError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.anomaly_source is not None and not Path(self.anomaly_source).is_dir():
+            raise TrainError(f"--anomaly-source: '{self.anomaly_source}' is not a folder")
+        if self.init_mobile_sam is not None and not Path(self.init_mobile_sam).is_file():
+            raise TrainError(f"--init-mobile-sam: {self.init_mobile_sam}: no such file")
+        if not self.builtin_teacher and not Path(self.teacher).is_file():
+            raise TrainError(f"--teacher: '{self.teacher}': no such file (use builtin or a sam_vit_*.pth / "
+                             "mobile_sam.pt)")
+        if self.augmentation != "auto" and self.augmentation not in AUGMENTATIONS:
+            raise TrainError(f"--augmentation must be auto or one of {', '.join(AUGMENTATIONS)}, "
+                             f"got {self.augmentation!r}")
+        for name, value, choices in (("teacher_recipe", self.teacher_recipe, TEACHER_RECIPES),
+                                     ("texture_bank", self.texture_bank, TEXTURE_BANKS),
+                                     ("resize", self.resize, RESIZE_POLICIES)):
+            if value not in choices:
+                raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for q in (self.image_quantile, self.pixel_quantile):
+            if not 0.0 < q <= 1.0:
+                raise TrainError(f"threshold quantiles must be in (0, 1], got {q}")
+        return self
+
+
+def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: set[str]) -> TrainOptions:
+    """Identity options come from the run; an explicitly given different value is an error."""
+    for k in IDENTITY_FIELDS:
+        if k in explicit and k in stored and getattr(opts, k) != stored[k]:
+            flag = "--" + k.replace("_", "-")
+            raise TrainError(f"--resume: {flag} {getattr(opts, k)!r} differs from the run's {stored[k]!r} "
+                             "(a resumed run keeps its data, model, seed and teacher)")
+    # Runs saved before a recipe knob existed were trained with its old value, not today's default.
+    legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
+              "resize": "bilinear"}
+    return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in IDENTITY_FIELDS
+                            if k in stored or k in legacy})

@@ -1,0 +1,367 @@
+"""One training run, start to finish: data, model, teacher, the step loop, thresholds, checkpoint, eval.
+
+Everything random is seeded: the students' init (``seed``), the built-in teacher (its own seed,
+``seed + 1000``, never the students' stream), the data order (``DistributedSampler`` shuffling with
+``seed`` + epoch) and every synthesised sample (a numpy generator from (seed, epoch, index)). The same
+seed and step count give identical weights, and a run resumed from ``last.ckpt`` ends where an
+uninterrupted one would.
+
+Held-out thresholds: a deterministic part of train/good (``holdout``, at least one image) is never
+trained on; the image threshold is a high quantile of their FA scores and the pixel threshold a high
+quantile of their FA map pixels.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer
+from ..checkpoint import CheckpointError, init_students_from_mobile_sam, load_teacher, save_checkpoint
+from ..config import STLMConfig, get_config
+from ..data import DataError, build_dataset
+from ..evaluate import BUILTIN_DATA, clean_json, evaluate_model, format_table, predict_dataset
+from ..metrics import threshold_from_good
+from ..modeling.stlm import STLM
+from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
+from .distributed import DistInfo, all_ranks_max, barrier, resolve_device, setup_distributed, teardown
+from .loop import Trainer
+from .options import TrainError, TrainOptions, merge_resume_options
+from .sampling import EpochBatchSampler, holdout_split, resolve_augmentation
+from .state import LOSS_KEYS, load_run_state, save_run_state, set_rng_state, summarize_history
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_path: Path | None
+    metrics_path: Path | None
+    steps: int
+    epochs: float
+    seconds: float
+    losses: dict[str, float]
+    thresholds: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    model: STLM = field(repr=False)
+
+
+def train(opts: TrainOptions, explicit: set[str] | None = None, log: Log | None = None) -> TrainResult:
+    """Run (or resume) one training run; rank 0 writes RUN_DIR/{last.ckpt, model.ckpt, metrics.json}.
+
+    ``explicit``: option names the user set on purpose (checked against the run when resuming).
+    """
+    state = load_run_state(opts.out) if opts.resume else None
+    if state is not None:
+        opts = merge_resume_options(opts, state["options"], explicit or set())
+    opts.validate()
+    cfg = replace(get_config(opts.config, opts.img_size), resize=opts.resize)
+    device_type = "cuda" if str(opts.device).lower().startswith("cuda") else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {opts.device}: CUDA is not available on this machine (use --device cpu)")
+    info = setup_distributed(device_type)
+    try:
+        return _Run(opts, cfg, state, info, log).execute()
+    finally:
+        teardown(info)
+
+
+def resolve_data(opts: TrainOptions, cfg: STLMConfig, info: DistInfo) -> tuple[Path, str]:
+    """The data root and format; ``builtin`` generates the procedural set into RUN_DIR/data."""
+    if opts.data.lower() in BUILTIN_DATA:
+        from ..data import make_generated_dataset
+
+        root = Path(opts.out) / "data"
+        if info.main:
+            make_generated_dataset(root, size=cfg.img_size, seed=0)
+        barrier(info)
+        return root, "mvtec"
+    return Path(opts.data), opts.format
+
+
+def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Iterator[torch.Tensor]],
+                  device: torch.device, state: dict[str, Any] | None = None,
+                  log: Log = print) -> tuple[Teacher, dict[str, Any]]:
+    """The frozen teacher (eval mode, on ``device``) and a description for the checkpoint.
+
+    Built-in: ``build_builtin_teacher`` from the teacher's own seed, then its BatchNorm statistics are
+    calibrated on clean training images (or restored from ``state`` when resuming). A path: SAM /
+    MobileSAM file.
+    """
+    t0 = time.perf_counter()
+    if opts.builtin_teacher:
+        seed = opts.builtin_teacher_seed
+        teacher = build_builtin_teacher(cfg, seed, opts.teacher_recipe)
+        base = {"kind": "builtin", "seed": seed, "recipe": opts.teacher_recipe}
+        if state is not None and "state_dict" in state:
+            teacher.load_state_dict(state["state_dict"])
+            teacher.to(device)
+            desc = {**base, "calibration_images": state.get("calibration_images")}
+            log(f"teacher: built-in (seed {seed}), restored from last.ckpt")
+        else:
+            teacher.to(device)
+            n = calibrate_batchnorm(teacher, calib())
+            dt = time.perf_counter() - t0
+            desc = {**base, "calibration_images": n, "calibration_seconds": round(dt, 2)}
+            log(f"teacher: built-in (seed {seed}, recipe {opts.teacher_recipe}), BatchNorm calibrated on {n} "
+                f"clean training images in {dt:.1f} s")
+    else:
+        if not Path(opts.teacher).is_file():
+            raise CheckpointError(f"{opts.teacher}: no such teacher file (use --teacher builtin or a "
+                                  "sam_vit_*.pth / mobile_sam.pt path)")
+        teacher = load_teacher(opts.teacher, cfg).to(device)
+        desc = {"kind": teacher.kind, "path": str(Path(opts.teacher).resolve())}
+        log(f"teacher: {teacher.kind} from {opts.teacher} ({time.perf_counter() - t0:.1f} s)")
+    dim = teacher.decoder.no_mask_embed.weight.shape[1]
+    if dim != cfg.decoder.dim:
+        raise TrainError(f"teacher features have {dim} channels but config '{cfg.name}' students have "
+                         f"{cfg.decoder.dim}; use --config paper with a SAM/MobileSAM teacher")
+    return teacher.eval().requires_grad_(False), desc
+
+
+@torch.no_grad()
+def held_out_thresholds(model: STLM, dataset: Any, indices: Sequence[int], opts: TrainOptions,
+                        device: torch.device) -> dict[str, Any]:
+    """Image/pixel thresholds from held-out good images only (FA map; TLM image threshold too)."""
+    pred = predict_dataset(model, dataset, batch_size=opts.eval_batch_size, indices=indices, device=device)
+    iq, pq = opts.image_quantile, opts.pixel_quantile
+    return {
+        "image": threshold_from_good(pred.fa_scores, iq),
+        "pixel": float(np.quantile(pred.fa_maps, pq)),
+        "method": (f"held-out good: quantile {iq} of FA image scores (+1e-6) and quantile {pq} of FA map pixels "
+                   f"over {len(indices)} train/good images never trained on"),
+        "tlm_image": threshold_from_good(pred.tlm_scores, iq),
+        "tlm_pixel": float(np.quantile(pred.tlm_maps, pq)),
+        "n_images": len(indices),
+        "held_out": [Path(p).name for p in pred.paths],
+    }
+
+
+class _Run:
+    """The state of one run, so the phases below share it without closures."""
+
+    def __init__(self, opts: TrainOptions, cfg: STLMConfig, state: dict[str, Any] | None, info: DistInfo,
+                 log: Log | None) -> None:
+        self.opts, self.cfg, self.state, self.info = opts, cfg, state, info
+        self.device = resolve_device(opts.device, info)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.out = Path(opts.out)
+        quiet = not (info.main and opts.progress)
+        self.say: Log = (lambda s: None) if quiet else (log or (lambda s: print(s, flush=True)))
+        self.step, self.seconds, self.history = 0, 0.0, []
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        opts, cfg, info, say = self.opts, self.cfg, self.info, self.say
+        if info.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        # a teacher file is read first: a bad one fails before any data work
+        early = None if opts.builtin_teacher else build_teacher(opts, cfg, lambda: iter(()), self.device, None, say)
+
+        # data: train split minus a deterministic held-out part
+        self.root, self.fmt = resolve_data(opts, cfg, info)
+        self.train_ds = build_dataset(self.root, self.fmt, opts.category, "train", cfg.img_size, cfg.resize)
+        self.train_idx, self.held_idx = holdout_split(len(self.train_ds), opts.holdout)
+        self.category = opts.category or (getattr(self.train_ds, "root", None) or self.root).name
+        self.augmentation = resolve_augmentation(opts.augmentation, self.category)
+        synth = PseudoAnomalySynthesizer(cfg.img_size, anomaly_source=opts.anomaly_source,
+                                         augmentation=self.augmentation, probability=0.5, seed=opts.seed,
+                                         texture_bank=opts.texture_bank, resize=cfg.resize)
+        self.triples = PseudoAnomalyDataset(self.train_ds, synth, seed=opts.seed, indices=self.train_idx)
+        say(f"data: {self.train_ds.name}: {len(self.train_idx)} training images, {len(self.held_idx)} held out "
+            f"for thresholds; augmentation '{self.augmentation}', textures "
+            f"{opts.anomaly_source or 'procedural (' + opts.texture_bank + ' bank)'}")
+
+        # model (seeded init), optional MobileSAM init, teacher (its own seed)
+        torch.manual_seed(opts.seed)
+        np.random.seed(opts.seed % 2**32)
+        random.seed(opts.seed)
+        self.model = STLM(cfg)
+        if opts.init_mobile_sam and self.state is None:
+            init_students_from_mobile_sam(self.model, opts.init_mobile_sam)
+        self.model.to(self.device)
+        self.teacher, self.teacher_desc = early or build_teacher(
+            opts, cfg, self._calibration_batches, self.device, self.state.get("teacher") if self.state else None, say)
+        self.trainer = Trainer(self.model, self.teacher, self.device, opts, info)
+
+        if self.state is not None:
+            st = self.state
+            if int(st.get("world_size", 1)) != info.world_size:
+                raise TrainError(f"--resume: the run used {st.get('world_size', 1)} processes, now {info.world_size}")
+            self.model.load_state_dict(st["model"])
+            self.trainer.load_state_dict(st["optim"])
+            self.step, self.seconds, self.history = int(st["step"]), float(st["seconds"]), st["history"].tolist()
+            set_rng_state(st["rng"])
+            say(f"resume: step {self.step}, {self.seconds / 60:.1f} min trained so far")
+
+        self.sampler = EpochBatchSampler(len(self.train_idx), opts.batch_size, opts.seed, info.rank,
+                                         info.world_size, self.step)
+        self.spe = self.sampler.steps_per_epoch
+        kind, value = opts.stop_rule()
+        self.target_steps = int(value) * self.spe if kind == "epochs" else int(value) if kind == "steps" else None
+        self.budget_s = value * 60.0 if kind == "time_budget" else None
+        self.stop_text = f"{self.target_steps} steps" if self.target_steps is not None else f"{value:g} min"
+
+    def _calibration_batches(self) -> Iterator[torch.Tensor]:
+        """Clean training images (evenly spread, never held-out ones) for the teacher's BatchNorm."""
+        n = min(self.opts.calib_images, len(self.train_idx))
+        picks = [self.train_idx[int(j)] for j in np.linspace(0, len(self.train_idx) - 1, n).round()]
+        for s in range(0, n, 8):
+            imgs = np.stack([self.train_ds[i].image for i in picks[s:s + 8]])
+            yield self.model.normalize(torch.from_numpy(imgs).to(self.device))
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        if self.target_steps is not None:
+            return self.step >= self.target_steps
+        return all_ranks_max(self.seconds, self.info, self.device) >= self.budget_s
+
+    def save_state(self) -> None:
+        if not self.info.main:
+            return
+        desc = self.teacher_desc
+        tstate = ({"kind": "builtin", "state_dict": self.teacher.state_dict(),
+                   "calibration_images": desc.get("calibration_images")} if desc["kind"] == "builtin" else dict(desc))
+        save_run_state(self.out / "last.ckpt", options=self.opts.identity(), config=self.cfg.to_dict(),
+                       model=self.model.state_dict(), optim=self.trainer.state_dict(), step=self.step,
+                       epoch=self.step / self.spe, seconds=self.seconds, history=self.history, teacher=tstate,
+                       world_size=self.info.world_size)
+
+    def loop(self) -> dict[str, float]:
+        opts, info = self.opts, self.info
+        # Workers are spawned, never forked: a fork of a process that has loaded OpenVINO/TBB or ONNX Runtime
+        # thread pools (e.g. training from a notebook or the test suite) can crash in the atfork handlers.
+        loader = DataLoader(self.triples, batch_sampler=self.sampler, num_workers=opts.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=opts.num_workers > 0,
+                            multiprocessing_context="spawn" if opts.num_workers > 0 else None)
+        imgs_per_step = opts.batch_size * info.world_size
+        self.say(f"training: config '{self.cfg.name}' at {self.cfg.img_size} px, batch {opts.batch_size} x "
+                 f"{info.world_size} process(es), {self.spe} steps/epoch, stop at {self.stop_text}, device "
+                 f"{self.device}" + (", AMP" if opts.amp else ""))
+        bar = _progress(opts, info, self.target_steps, self.budget_s, self.step, self.seconds)
+        ema_rate, terms = None, {}
+        start_step, t_start = self.step, time.perf_counter()
+        try:
+            it = iter(loader)
+            while not self.done():
+                t0 = time.perf_counter()
+                batch = next(it)
+                terms = self.trainer.step(batch["clean"], batch["pseudo"], batch["mask"]).as_floats()
+                if not all(math.isfinite(v) for v in terms.values()):
+                    raise TrainError(f"loss became non-finite at step {self.step + 1}: {terms} "
+                                     "(try without --amp or a different seed)")
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.seconds += dt
+                self.history.append([self.step, *(terms[k] for k in LOSS_KEYS), self.seconds])
+                rate = imgs_per_step / max(dt, 1e-9)
+                ema_rate = rate if ema_rate is None else 0.8 * ema_rate + 0.2 * rate
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {terms['total']:.3f} (Lp {terms['plain']:.3f} Lde "
+                                        f"{terms['denoising']:.3f} foc {terms['focal']:.4f} l1 {terms['l1']:.3f}) "
+                                        f"{ema_rate:.2f} img/s ep {self.step / self.spe:.1f}", refresh=False)
+                    bar.update(1 if self.budget_s is None else min(dt, max(0.0, self.budget_s - bar.n)))
+                if opts.save_every and self.step % opts.save_every == 0 and not self.done():
+                    self.save_state()
+            del it
+        except KeyboardInterrupt:
+            self.save_state()
+            if bar is not None:
+                bar.close()
+            self.say(f"interrupted at step {self.step}: state saved to {self.out / 'last.ckpt'} "
+                     "(continue with --resume)")
+            raise
+        if bar is not None:
+            bar.close()
+        loop_s = time.perf_counter() - t_start
+        self.trainer.sync_buffers()
+        self.save_state()
+        barrier(info)
+        ran = self.step - start_step
+        self.say(f"trained {ran} steps in {loop_s:.1f} s ({loop_s / max(ran, 1):.3f} s/step, "
+                 f"{ran * imgs_per_step / max(loop_s, 1e-9):.2f} img/s); total {self.step} steps, "
+                 f"{self.step / self.spe:.2f} epochs")
+        return terms
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def train_info(self) -> dict[str, Any]:
+        opts, cfg = self.opts, self.cfg
+        return {
+            "steps": self.step, "epochs": round(self.step / self.spe, 4), "steps_per_epoch": self.spe,
+            "seconds": round(self.seconds, 2), "seed": opts.seed, "teacher": self.teacher_desc, "config": cfg.name,
+            "img_size": cfg.img_size, "data": str(opts.data), "format": self.fmt, "category": self.category,
+            "augmentation": self.augmentation, "anomaly_source": opts.anomaly_source,
+            "texture_bank": opts.texture_bank, "resize": cfg.resize, "batch_size": opts.batch_size,
+            "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
+            "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),
+            "n_held_out": len(self.held_idx),
+            "optimizers": {"students": {"type": "Adam", "lr": opts.lr_students, "betas": [0.5, 0.999]},
+                           "fa": {"type": "SGD", "lr_res": opts.lr_fa_res, "lr_head": opts.lr_fa_head,
+                                  "momentum": 0.9, "weight_decay": 1e-4}},
+            "losses": summarize_history(self.history),
+        }
+
+    def finish(self, terms: dict[str, float]) -> TrainResult:
+        """Thresholds on held-out good images, the final checkpoint, the test split (rank 0 only)."""
+        opts, cfg, say, model = self.opts, self.cfg, self.say, self.model
+        epochs = self.step / self.spe
+        if not self.info.main:
+            return TrainResult(self.out, None, None, self.step, epochs, self.seconds, terms, None, None, model.eval())
+        thresholds = held_out_thresholds(model, self.train_ds, self.held_idx, opts, self.device)
+        say(f"thresholds: image {thresholds['image']:.5f}, pixel {thresholds['pixel']:.5f} "
+            f"({len(self.held_idx)} held-out good image(s))")
+        info = self.train_info()
+        model_path = save_checkpoint(self.out / "model.ckpt", model.eval(), thresholds=thresholds, train=info)
+        say(f"saved {model_path}")
+        metrics = None
+        if opts.evaluate:
+            try:
+                test_ds = build_dataset(self.root, self.fmt, opts.category, "test", cfg.img_size, cfg.resize)
+            except DataError:
+                test_ds = None
+            if test_ds is None:
+                say("evaluation: the data set has no test split; skipped")
+            else:
+                metrics = evaluate_model(model, test_ds, thresholds, batch_size=opts.eval_batch_size,
+                                         device=self.device)
+                say(format_table(metrics))
+        from stlm_deploy.fsutil import atomic_write_json
+
+        metrics_path = atomic_write_json(self.out / "metrics.json", clean_json(
+            {"checkpoint": str(model_path), "train": {k: v for k, v in info.items() if k != "losses"},
+             "losses": {k: v for k, v in info["losses"].items() if k != "curve"},
+             "thresholds": thresholds, "eval": metrics}))
+        return TrainResult(self.out, model_path, metrics_path, self.step, epochs, self.seconds, terms, thresholds,
+                           metrics, model)
+
+    def execute(self) -> TrainResult:
+        self.setup()
+        terms = self.loop()
+        return self.finish(terms)
+
+
+def _progress(opts: TrainOptions, info: DistInfo, target_steps: int | None, budget_s: float | None,
+              step: int, seconds: float):
+    if not (opts.progress and info.main):
+        return None
+    from tqdm import tqdm
+
+    if budget_s is not None:
+        return tqdm(total=round(budget_s, 1), initial=round(min(seconds, budget_s), 1), unit="s", desc="train",
+                    dynamic_ncols=True, mininterval=1.0,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
+                               "[{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=target_steps, initial=step, unit="step", desc="train", dynamic_ncols=True, mininterval=1.0)
