@@ -36,8 +36,10 @@ CHANGES: dict[str, dict[str, Any]] = {
     "teacher-recipe": {"teacher_recipe": "reference"},
     "area-resize": {"resize": "area"},
     "texture-bank": {"texture_bank": "reference"},
+    "augment-before-resize": {"augment_before_resize": True},
 }
-V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1"}
+V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
+                      "augment_before_resize": False}
 VARIANTS: dict[str, dict[str, Any]] = {
     "v0": dict(V0),
     **{f"v0+{name}": {**V0, **change} for name, change in CHANGES.items()},

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stlm_deploy.errors import InputError
+from stlm_deploy.images import read_image_rgb
 from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image
 
 __all__ = ["IMAGE_EXTENSIONS", "CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
@@ -54,16 +56,13 @@ def _spread(paths: list[Path], n: int) -> list[Path]:
 
 
 def load_images(paths: list[Path], img_size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
-    """Read, convert to RGB and resize (the engine's resize ``policy``) to (N, S, S, 3) uint8."""
-    import cv2
-
+    """Read with the runtime's one reader and resize by the engine's ``policy`` to (N, S, S, 3) uint8."""
     out = np.empty((len(paths), img_size, img_size, 3), np.uint8)
     for i, p in enumerate(paths):
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)  # BGR uint8, grey images expanded to 3 channels
-        if img is None:
-            raise ValueError(f"{p}: not a readable image")
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        out[i] = resize_image(img, img_size, policy)
+        try:
+            out[i] = resize_image(read_image_rgb(p), img_size, policy)
+        except InputError as e:
+            raise ValueError(str(e)) from None
     return out
 
 

@@ -17,7 +17,8 @@ DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the pap
 # Options that define a run: a resumed run takes them from last.ckpt, and they must not change.
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
-                   "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize")
+                   "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
+                   "augment_before_resize")
 
 
 class TrainError(ValueError):
@@ -63,6 +64,7 @@ class TrainOptions:
     teacher_recipe: str = DEFAULT_TEACHER_RECIPE
     texture_bank: str = DEFAULT_TEXTURE_BANK
     resize: str = DEFAULT_RESIZE
+    augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
@@ -143,6 +145,6 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
                              "(a resumed run keeps its data, model, seed and teacher)")
     # Runs saved before a recipe knob existed were trained with its old value, not today's default.
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
-              "resize": "bilinear"}
+              "resize": "bilinear", "augment_before_resize": False}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in IDENTITY_FIELDS
                             if k in stored or k in legacy})

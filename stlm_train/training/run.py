@@ -175,10 +175,13 @@ class _Run:
         self.train_idx, self.held_idx = holdout_split(len(self.train_ds), opts.holdout)
         self.category = opts.category or (getattr(self.train_ds, "root", None) or self.root).name
         self.augmentation = resolve_augmentation(opts.augmentation, self.category)
+        full_res = opts.augment_before_resize and self.augmentation != "none"
         synth = PseudoAnomalySynthesizer(cfg.img_size, anomaly_source=opts.anomaly_source,
                                          augmentation=self.augmentation, probability=0.5, seed=opts.seed,
-                                         texture_bank=opts.texture_bank, resize=cfg.resize)
-        self.triples = PseudoAnomalyDataset(self.train_ds, synth, seed=opts.seed, indices=self.train_idx)
+                                         texture_bank=opts.texture_bank, resize=cfg.resize,
+                                         augment_before_resize=full_res)
+        source = build_dataset(self.root, self.fmt, opts.category, "train", None) if full_res else self.train_ds
+        self.triples = PseudoAnomalyDataset(source, synth, seed=opts.seed, indices=self.train_idx)
         say(f"data: {self.train_ds.name}: {len(self.train_idx)} training images, {len(self.held_idx)} held out "
             f"for thresholds; augmentation '{self.augmentation}', textures "
             f"{opts.anomaly_source or 'procedural (' + opts.texture_bank + ' bank)'}")
@@ -304,7 +307,8 @@ class _Run:
             "seconds": round(self.seconds, 2), "seed": opts.seed, "teacher": self.teacher_desc, "config": cfg.name,
             "img_size": cfg.img_size, "data": str(opts.data), "format": self.fmt, "category": self.category,
             "augmentation": self.augmentation, "anomaly_source": opts.anomaly_source,
-            "texture_bank": opts.texture_bank, "resize": cfg.resize, "batch_size": opts.batch_size,
+            "texture_bank": opts.texture_bank, "resize": cfg.resize,
+            "augment_before_resize": opts.augment_before_resize, "batch_size": opts.batch_size,
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
             "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),
             "n_held_out": len(self.held_idx),

@@ -51,3 +51,62 @@ def test_calibrated_builtin_teacher_features_depend_on_the_image():
     bn = teacher.encoder.patch_embed.seq[0].bn
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     assert np.isfinite(d_builtin)
+
+
+def test_trainer_teacher_shares_no_tensor_with_the_students_init(tmp_path):
+    """Teacher independence: built as a run builds it, no teacher tensor equals a student's initial one
+    (with the students' own seed, 109 of 217 encoder tensors did and the FA map learned nothing)."""
+    from stlm_train.modeling import STLM
+    from stlm_train.training import TrainOptions, build_teacher
+
+    cfg = get_config("small")
+    opts = TrainOptions(data="builtin", out=str(tmp_path), config="small", seed=5)
+    torch.manual_seed(opts.seed)
+    student = STLM(cfg)
+    teacher, desc = build_teacher(opts, cfg, lambda: iter([_images(2, cfg.img_size, 0)]), torch.device("cpu"),
+                                  log=lambda s: None)
+    assert desc["seed"] == 5 + 1000 and desc["recipe"] == "reference"
+    student_tensors = [t for t in student.plain.state_dict().values() if t.is_floating_point() and t.numel() > 8]
+    shared = [k for k, t in teacher.encoder.state_dict().items()
+              if t.is_floating_point() and any(t.shape == s.shape and torch.equal(t, s) for s in student_tensors)]
+    assert shared == []
+    # the coupled set-up of the first trainer (teacher seeded like the students) is what this guards against
+    coupled = build_builtin_teacher(cfg, seed=5, recipe="v1")
+    same = [k for k, t in coupled.encoder.state_dict().items()
+            if t.is_floating_point() and t.numel() > 8 and any(t.shape == s.shape and torch.equal(t, s)
+                                                               for s in student_tensors)]
+    assert len(same) > 10
+
+
+def test_builtin_teacher_reference_recipe_draws_every_free_parameter():
+    cfg = get_config("small")
+    t = build_builtin_teacher(cfg, seed=1)
+    torch.manual_seed(1)
+    official = build_tinyvit_teacher(cfg)  # the same init before the recipe
+    zero = {n for n, m in official.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.bias is not None and not m.bias.any()}
+    linear_biases = [m.bias for n, m in t.named_modules() if n in zero]
+    assert len(linear_biases) > 5 and all(b.abs().max() > 0 for b in linear_biases)
+    std = torch.cat([b.flatten() for b in linear_biases]).std()
+    assert 0.01 < float(std) < 0.04  # N(0, 0.02)
+    att = torch.cat([m.attention_biases.flatten() for m in t.modules() if hasattr(m, "attention_biases")])
+    assert 0.35 < float(att.std()) < 0.65  # N(0, 0.5)
+    norms = [m for m in t.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
+    w = torch.cat([m.weight.flatten() for m in norms])
+    assert float(w.min()) >= 0.5 and float(w.max()) <= 1.5
+    # the global RNG is untouched: building a teacher never shifts what the students draw next
+    torch.manual_seed(3)
+    a = torch.rand(4)
+    torch.manual_seed(3)
+    build_builtin_teacher(cfg, seed=9)
+    assert torch.equal(a, torch.rand(4))
+
+
+def test_calibrate_batchnorm_runs_only_batchnorm_in_train_mode():
+    cfg = get_config("small")
+    teacher = build_builtin_teacher(cfg, seed=0)
+    modes = []
+    hook = teacher.encoder.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    calibrate_batchnorm(teacher, [_images(2, cfg.img_size, 0)])
+    hook.remove()
+    assert modes == [False] and not teacher.training

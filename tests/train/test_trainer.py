@@ -185,3 +185,31 @@ def test_distributed_two_processes_gloo_end_identical(data_root, tmp_path):
     assert ckpt["train"]["world_size"] == 2 and ckpt["train"]["steps"] == 2
     assert max_diff(ckpt["state_dict"], r0) == 0.0
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".ckpt") == ["last.ckpt", "model.ckpt"]
+
+
+def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_path):
+    """A last.ckpt written before teacher_seed/teacher_recipe/texture_bank/resize existed was trained with
+    the first recipe; resuming it must not silently switch to today's defaults mid-run."""
+    from stlm_train.training import merge_resume_options
+
+    old = {k: v for k, v in TrainOptions(data="builtin", out=str(tmp_path), seed=4).identity().items()
+           if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize")}
+    merged = merge_resume_options(TrainOptions(data="", out=str(tmp_path), resume=True), old, set())
+    assert (merged.teacher_seed, merged.teacher_recipe, merged.texture_bank, merged.resize) == (4, "v1", "v1", "bilinear")
+    assert merged.builtin_teacher_seed == 4
+    fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
+    assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("teacher_recipe", "fancy", "teacher_recipe must be one of reference, v1"),
+    ("texture_bank", "dtd", "texture_bank must be one of reference, v1"),
+    ("resize", "nearest", "resize must be one of area, bilinear"),
+    ("holdout", 1.0, "--holdout must be in (0, 1)"),
+    ("batch_size", 0, "--batch-size must be at least 1"),
+])
+def test_options_are_validated_in_one_place(tmp_path, field, value, needle):
+    opts = TrainOptions(data="builtin", out=str(tmp_path), **{field: value})
+    with pytest.raises(TrainError) as e:
+        opts.validate()
+    assert needle in str(e.value)
