@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     r = Runner()
     print(f"demo: data {data} ({'bundled real MVTec sample' if sample else 'built-in generated set'}), "
           f"config {args.config} at {args.img_size} px, built-in weightless teacher")
-    r("1/5 train (brief)", "stlm_train.cli", "train", "--data", data, "--out", str(run), "--config", args.config,
+    r("1/5 train (brief)", "stlm_train.cli", "train", "--overwrite", "--data", data, "--out", str(run), "--config", args.config,
       "--img-size", str(args.img_size), "--time-budget", str(args.time_budget), "--seed", "0")
     ckpt = run / "model.ckpt"
     eval_data = data if sample else str(run / "data")

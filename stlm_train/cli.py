@@ -47,6 +47,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Images per step per process.")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last.ckpt.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (without it, or --resume, "
+              "a folder that holds a run is refused).")
 @click.option("--amp", is_flag=True, help="Mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--init-mobile-sam", default=None, metavar="PATH",
@@ -60,7 +62,7 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @click.pass_context
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, epochs, steps, time_budget,
-              teacher, anomaly_source, augmentation, device, seed, batch_size, resume, amp, num_workers,
+              teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
               init_mobile_sam, save_every, holdout, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) on the good images of a data set."""
     from .training import TrainError, TrainOptions, train
@@ -72,7 +74,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         data=data or "", out=out, format=format_, category=category, config=config, img_size=img_size,
         epochs=epochs, steps=steps, time_budget=time_budget, teacher=teacher, anomaly_source=anomaly_source,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
-        init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, holdout=holdout,
+        init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
         evaluate=do_eval, progress=not quiet)
     try:
         opts.validate()

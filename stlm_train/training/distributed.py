@@ -62,6 +62,15 @@ def all_ranks_max(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t)
 
 
+def all_ranks_all(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True only if ``flag`` is true on every rank (one all-reduce; every rank gets the same answer)."""
+    if info.world_size <= 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

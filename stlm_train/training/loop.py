@@ -18,8 +18,15 @@ from torch import nn
 
 from ..losses import LossTerms, stlm_loss
 from ..modeling.stlm import STLM, Features, fa_input
-from .distributed import DistInfo
-from .options import TrainOptions
+from .distributed import DistInfo, all_ranks_all
+from .options import TrainError, TrainOptions
+
+#: Consecutive steps GradScaler may skip for a non-finite fp16 loss before the run is stopped.
+MAX_SKIPPED_STEPS = 20
+
+
+class NonFiniteLoss(TrainError):
+    """The loss is NaN/inf on at least one rank; raised on every rank before any weight changes."""
 
 
 class TrainGraph(nn.Module):
@@ -77,6 +84,7 @@ class Trainer:
         self.amp = bool(opts.amp)
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
+        self.skipped_in_a_row = 0
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
@@ -93,6 +101,14 @@ class Trainer:
             t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
             plain, denoising, logits = self.graph(x_pseudo)
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask)
+        # Every rank agrees before anything changes: without a GradScaler a NaN/inf loss stops the run
+        # with the weights untouched; with one (CUDA AMP) it is an fp16 overflow the scaler skips.
+        finite = all_ranks_all(bool(torch.isfinite(terms.total.detach())), self.info, self.device)
+        if not finite and not self.scaler.is_enabled():
+            raise NonFiniteLoss(f"loss is {terms.as_floats()}")
+        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row > MAX_SKIPPED_STEPS:
+            raise NonFiniteLoss(f"loss non-finite for {self.skipped_in_a_row} steps in a row under AMP")
         self.opt_students.zero_grad(set_to_none=True)
         self.opt_fa.zero_grad(set_to_none=True)
         self.scaler.scale(terms.total).backward()

@@ -49,6 +49,7 @@ class TrainOptions:
     init_mobile_sam: str | None = None
     save_every: int = 100  # steps between last.ckpt saves (0: only at the end)
     resume: bool = False
+    overwrite: bool = False  # replace a run already in ``out`` (without it, and without resume: an error)
     holdout: float = 0.2  # fraction of train/good kept for thresholds (at least 1 image)
     calib_images: int = 32  # clean training images used to calibrate the built-in teacher's BN
     image_quantile: float = 0.995
@@ -97,6 +98,10 @@ class TrainOptions:
         """Every check of the options, in one place; raises a one-line :class:`TrainError` naming the flag."""
         if not self.data and not self.resume:
             raise TrainError("Missing option '--data' (a data-set root or 'builtin').")
+        held = [n for n in ("last.ckpt", "model.ckpt") if (Path(self.out) / n).exists()]
+        if held and not self.resume and not self.overwrite:
+            raise TrainError(f"--out {self.out}: already holds a run ({', '.join(held)}); use --resume to continue "
+                             "it or --overwrite to replace it")
         if self.data and self.data.lower() not in BUILTIN_DATA and not Path(self.data).is_dir():
             raise TrainError(f"--data: data root '{self.data}' does not exist or is not a folder")
         if self.format not in FORMATS:

@@ -12,7 +12,6 @@ quantile of their FA map pixels.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +32,7 @@ from ..metrics import threshold_from_good
 from ..modeling.stlm import STLM
 from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
 from .distributed import DistInfo, all_ranks_max, barrier, resolve_device, setup_distributed, teardown
-from .loop import Trainer
+from .loop import NonFiniteLoss, Trainer
 from .options import TrainError, TrainOptions, merge_resume_options
 from .sampling import EpochBatchSampler, holdout_split, resolve_augmentation
 from .state import LOSS_KEYS, load_run_state, save_run_state, set_rng_state, summarize_history
@@ -232,6 +231,11 @@ class _Run:
         return all_ranks_max(self.seconds, self.info, self.device) >= self.budget_s
 
     def save_state(self) -> None:
+        """last.ckpt, only from finite weights (every rank checks the same DDP-synchronised weights)."""
+        bad = next((n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainError(f"weights became non-finite at step {self.step} ({bad}); nothing saved, "
+                             f"{self.out / 'last.ckpt'} keeps the last good state")
         if not self.info.main:
             return
         desc = self.teacher_desc
@@ -256,19 +260,24 @@ class _Run:
         bar = _progress(opts, info, self.target_steps, self.budget_s, self.step, self.seconds)
         ema_rate, terms = None, {}
         start_step, t_start = self.step, time.perf_counter()
+        consistent = True  # weights, optimiser state, step counter and history describe the same step
         try:
             it = iter(loader)
             while not self.done():
                 t0 = time.perf_counter()
                 batch = next(it)
-                terms = self.trainer.step(batch["clean"], batch["pseudo"], batch["mask"]).as_floats()
-                if not all(math.isfinite(v) for v in terms.values()):
-                    raise TrainError(f"loss became non-finite at step {self.step + 1}: {terms} "
-                                     "(try without --amp or a different seed)")
+                consistent = False
+                try:
+                    terms = self.trainer.step(batch["clean"], batch["pseudo"], batch["mask"]).as_floats()
+                except NonFiniteLoss as e:
+                    raise TrainError(f"{e} at step {self.step + 1}; stopped before the update, "
+                                     f"{self.out / 'last.ckpt'} keeps the last saved state (try without --amp, "
+                                     "a lower learning rate or another seed)") from None
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.seconds += dt
                 self.history.append([self.step, *(terms[k] for k in LOSS_KEYS), self.seconds])
+                consistent = True
                 rate = imgs_per_step / max(dt, 1e-9)
                 ema_rate = rate if ema_rate is None else 0.8 * ema_rate + 0.2 * rate
                 if bar is not None:
@@ -280,11 +289,15 @@ class _Run:
                     self.save_state()
             del it
         except KeyboardInterrupt:
-            self.save_state()
             if bar is not None:
                 bar.close()
-            self.say(f"interrupted at step {self.step}: state saved to {self.out / 'last.ckpt'} "
-                     "(continue with --resume)")
+            if consistent:
+                self.save_state()
+                self.say(f"interrupted at step {self.step}: state saved to {self.out / 'last.ckpt'} "
+                         "(continue with --resume)")
+            else:  # mid-update: saving now would mix two steps
+                self.say(f"interrupted during step {self.step + 1}: nothing saved, {self.out / 'last.ckpt'} "
+                         "keeps the last saved state (continue with --resume)")
             raise
         if bar is not None:
             bar.close()

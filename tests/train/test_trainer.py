@@ -213,3 +213,33 @@ def test_options_are_validated_in_one_place(tmp_path, field, value, needle):
     with pytest.raises(TrainError) as e:
         opts.validate()
     assert needle in str(e.value)
+
+
+def test_a_folder_that_holds_a_run_is_refused_without_resume_or_overwrite(data_root, tmp_path):
+    train(opts(data_root, tmp_path / "r", steps=1))
+    with pytest.raises(TrainError, match=r"already holds a run \(last.ckpt, model.ckpt\); use --resume"):
+        train(opts(data_root, tmp_path / "r", steps=1))
+    before = (tmp_path / "r" / "model.ckpt").stat().st_mtime_ns
+    train(opts(data_root, tmp_path / "r", steps=1, overwrite=True))
+    assert (tmp_path / "r" / "model.ckpt").stat().st_mtime_ns != before
+
+
+def test_non_finite_loss_stops_the_run_before_the_update_and_keeps_last_ckpt(data_root, tmp_path, monkeypatch):
+    """Fault injection: the loss turns NaN at the 3rd step; last.ckpt (saved at step 2) must survive
+    untouched and the error names the step."""
+    import stlm_train.training.loop as loop
+
+    real, calls = loop.stlm_loss, []
+
+    def nan_at_third(*a, **k):
+        terms = real(*a, **k)
+        calls.append(1)
+        return terms._replace(total=terms.total * float("nan")) if len(calls) == 3 else terms
+
+    monkeypatch.setattr(loop, "stlm_loss", nan_at_third)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainError, match=r"loss is .* at step 3; stopped before the update"):
+        train(opts(data_root, out, steps=5, save_every=2))
+    state = torch.load(out / "last.ckpt", weights_only=False)
+    assert state["step"] == 2 and not (out / "model.ckpt").exists()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -226,6 +226,32 @@ std::string png_bytes(const cv::Mat& image) {
   return std::string(buf.begin(), buf.end());
 }
 
+// The rules of stlm_deploy/images.py (the one reader): EXIF orientation applied (IMREAD_ANYDEPTH |
+// IMREAD_ANYCOLOR), 16-bit scaled by 255/65535, float in [0, 1] times 255, grey replicated, alpha dropped.
+cv::Mat to_bgr8(const cv::Mat& decoded) {
+  if (decoded.empty()) return {};
+  cv::Mat img = decoded;
+  if (img.depth() == CV_16U) {
+    cv::Mat f;
+    img.convertTo(f, CV_32F);
+    f.convertTo(img, CV_8U, 255.0 / 65535.0);
+  } else if (img.depth() == CV_32F || img.depth() == CV_64F) {
+    double lo = 0, hi = 0;
+    cv::minMaxLoc(img.reshape(1), &lo, &hi);
+    img.convertTo(img, CV_8U, hi <= 1.0 ? 255.0 : 1.0);
+  } else if (img.depth() != CV_8U) {
+    img.convertTo(img, CV_8U);
+  }
+  if (img.channels() == 1 || img.channels() == 2) {
+    cv::Mat grey;
+    cv::extractChannel(img, grey, 0);
+    cv::cvtColor(grey, img, cv::COLOR_GRAY2BGR);
+  } else if (img.channels() == 4) {
+    cv::cvtColor(img, img, cv::COLOR_BGRA2BGR);
+  }
+  return img;
+}
+
 cv::Mat read_image(const std::string& path, std::string& problem) {
   std::ifstream f(path, std::ios::binary);
   if (!f) {
@@ -236,7 +262,7 @@ cv::Mat read_image(const std::string& path, std::string& problem) {
   cv::Mat img;
   if (!data.empty()) {
     try {
-      img = cv::imdecode(data, cv::IMREAD_COLOR);
+      img = to_bgr8(cv::imdecode(data, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR));
     } catch (const cv::Exception&) {
       img.release();
     }
