@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
+from stlm_deploy.files import IMAGE_EXTENSIONS
+
+__all__ = ["CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
            "calibration_images", "DEFAULT_MAX_IMAGES"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_IMAGES = 8
 
 

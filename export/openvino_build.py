@@ -1,4 +1,4 @@
-"""OpenVINO IR (``openvino/model.xml`` + ``.bin``) from the verified fp32 ONNX graph, and its gate runner.
+"""OpenVINO IR (``openvino/model.xml`` + ``.bin``) from the verified fp32 ONNX graph.
 
 The IR is written with ``save_model(compress_to_fp16=True)``: weights are stored as fp16 (half the
 size) and decompressed by the CPU plugin, so the IR is gated with the fp16/bf16 tolerance. The
@@ -6,21 +6,19 @@ inference precision is a compile option, not a property of the file: bf16 where 
 ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16/AMX), f32 otherwise; the precision the
 compiled model actually uses is read back and recorded. If bf16 inference fails the gate but f32
 inference passes, the IR is published with ``inference_precision: f32`` and the bf16 numbers are
-kept in parity.json (the runtime can still be asked for bf16 explicitly).
+kept in parity.json (the runtime can still be asked for bf16 explicitly). The gate runs the IR
+through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which owns the one map
+between our precision names and OpenVINO's.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from stlm_deploy.backends.openvino import choose_inference_precision
 
-__all__ = ["OpenVinoIR", "build_openvino", "cpu_capabilities", "preferred_precision", "OpenVinoRunner"]
-
-_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-_FROM_OV = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
+__all__ = ["OpenVinoIR", "build_openvino", "cpu_capabilities", "preferred_precision"]
 
 
 @dataclass
@@ -53,25 +51,5 @@ def cpu_capabilities(device: str = "CPU") -> list[str]:
 
 def preferred_precision(capabilities: list[str]) -> str:
     """bf16 where the CPU has native BF16 support, fp32 otherwise (fp16 inference is not a CPU thing)."""
-    return "bf16" if "BF16" in {c.upper() for c in capabilities} else "fp32"
-
-
-class OpenVinoRunner:
-    """Compiled IR on CPU with an explicit ``INFERENCE_PRECISION_HINT``; ``run(x) -> {name: array}``."""
-
-    def __init__(self, xml: str | os.PathLike, precision: str, device: str = "CPU", threads: int | None = None) -> None:
-        import openvino as ov
-
-        core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(core.read_model(str(xml)), device, config)
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin really uses
-        used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint).lower()
-        self.precision = _FROM_OV.get(used, used)
-        self.request = self.compiled.create_infer_request()
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        res = self.request.infer({0: x})
-        return {port.get_any_name(): np.array(v) for port, v in res.items()}
+    hint, _ = choose_inference_precision("bf16", capabilities)
+    return "bf16" if hint == "bf16" else "fp32"

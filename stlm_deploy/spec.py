@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
 from .errors import DeployError, SpecError
-from .fsutil import atomic_write_json, sha256_file
+from .files import atomic_write_json, sha256_file
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SPEC_FILENAME", "DEFAULT_MEAN", "DEFAULT_STD", "ARTIFACT_KINDS",
@@ -360,9 +360,13 @@ class EngineSpec:
         return spec
 
     def add_artifact(self, engine_dir: str | os.PathLike, relpath: str, kind: str,
-                     precision: str | None = None) -> Artifact:
-        """Checksum ``engine_dir/relpath`` and list it under ``artifacts`` (export calls this last)."""
+                     precision: str | None = None, **extra: Any) -> Artifact:
+        """Checksum ``engine_dir/relpath`` (a finished file) and list it under ``artifacts``.
+
+        ``extra`` keys are recorded next to the checksum (e.g. OpenVINO's ``inference_precision``).
+        """
         art = artifact_entry(engine_dir, relpath, kind, precision)
+        art.extra.update(extra)
         self.artifacts[PurePosixPath(relpath).as_posix()] = art
         return art
 

@@ -16,10 +16,9 @@ from typing import Union
 import cv2
 import numpy as np
 
-PathLike = Union[str, "os.PathLike[str]"]
+from stlm_deploy.files import IMAGE_EXTENSIONS  # the one list, shared with export and the runtime
 
-#: File suffixes (lower case) treated as images by :func:`list_images`.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 class DataError(ValueError):

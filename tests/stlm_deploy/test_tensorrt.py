@@ -19,7 +19,7 @@ from stlm_deploy.backends import module_importable
 from stlm_deploy.backends.tensorrt import (TRT_EXTRA_MESSAGE, PlanMismatch, TensorRTBackend,
                                            check_plan_compatibility, check_plan_source, parse_version)
 from stlm_deploy.errors import BackendUnavailable, DeployError
-from stlm_deploy.fsutil import sha256_file
+from stlm_deploy.files import sha256_file
 from stlm_deploy.spec import load_spec, write_spec
 
 from .conftest import IMG, TOP_K, reference, sample_image
