@@ -177,12 +177,6 @@ class Planner {
   std::string where_;
 };
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 std::string describe(const cv::Mat& m) {
   static const char* depths[] = {"uint8", "int8", "uint16", "int16", "int32", "float32", "float64", "float16"};
   const int d = m.depth();
