@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 resolves to the local CPU wheel on these machines; the cpu extra is onnxruntime
-# (never together with onnxruntime-gpu), dev brings pytest, openvino, onnxslim, polygraphy, matplotlib.
+# (never together with onnxruntime-gpu), dev = the train, export and bench extras + pytest, scikit-learn.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,cpu]'

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from stlm_deploy.console import CommandError, OneLineCommand, missing_modules
+from stlm_deploy.console import CommandError, OneLineCommand, missing_modules, require_extra
 
 
 def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str) -> tuple[int, ...]:
@@ -48,6 +48,10 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
          json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
     """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
+    if plot_path:
+        require_extra("stlm-bench --plot", "bench", ["matplotlib"])
+    if data:
+        require_extra("stlm-bench --data", "bench", ["scipy"])  # the accuracy metrics
     import logging
 
     from stlm_deploy.errors import DeployError

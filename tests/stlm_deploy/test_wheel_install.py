@@ -114,3 +114,11 @@ def test_commands_without_their_extra_exit_2_naming_it(runtime_venv, small_ckpt,
     assert not (tmp_path / "run").exists() and not (tmp_path / "engines").exists()  # no work was started
     help_ = _run([str(runtime_venv / command), "--help"], timeout=60, env=_clean_env(), cwd=tmp_path)
     assert help_.returncode == 0 and "--help" in help_.stdout
+
+
+def test_bench_plot_without_its_extra_exits_2_before_benchmarking(runtime_venv, full_engine, tmp_path):
+    p = _run([str(runtime_venv / "stlm-bench"), "--engine", str(full_engine.engine_dir), "--plot",
+              str(tmp_path / "b.png")], timeout=120, env=_clean_env(), cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == ("Error: stlm-bench --plot needs the 'bench' extra (matplotlib not installed): "
+                                "pip install 'stlm-deploy[bench]'")

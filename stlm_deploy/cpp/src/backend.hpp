@@ -22,6 +22,9 @@ struct InputView {
   std::vector<int64_t> shape;
 };
 
+// "uint8 (1, 256, 256, 3)": how inference errors name the input they failed on.
+std::string input_str(const InputView& input);
+
 // An output copied to host memory, converted to float32.
 struct HostOutput {
   std::vector<int64_t> shape;

@@ -26,6 +26,10 @@ const char* dtype_name(DType t) {
   }
 }
 
+std::string input_str(const InputView& input) {
+  return std::string(dtype_name(input.dtype)) + " " + shape_str(input.shape, "(", ")");
+}
+
 }  // namespace detail
 
 namespace {

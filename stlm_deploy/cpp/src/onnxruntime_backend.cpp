@@ -105,10 +105,8 @@ class OrtBackend final : public Backend {
         result[output_names[i]] = std::move(h);
       }
     } catch (const Ort::Exception& e) {
-      std::string shape;
-      for (auto d : in.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-      throw Error(where_ + ": ONNX Runtime inference failed on input " + dtype_name(in.dtype) + " (" + shape + ") (" +
-                  first_line(e.what()) + ")");
+      throw Error(where_ + ": ONNX Runtime inference failed on input " + input_str(in) + " (" + first_line(e.what()) +
+                  ")");
     }
     return result;
   }

@@ -151,10 +151,8 @@ class OpenVinoBackend final : public Backend {
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {
-      std::string shape;
-      for (auto d : in.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-      throw Error(where_ + ": OpenVINO inference failed on input " + dtype_name(in.dtype) + " (" + shape + ") (" +
-                  first_line(e.what()) + ")");
+      throw Error(where_ + ": OpenVINO inference failed on input " + input_str(in) + " (" + first_line(e.what()) +
+                  ")");
     }
     return out;
   }
