@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,7 +38,12 @@ def _run(cmd: list[str], timeout: int, **kw) -> subprocess.CompletedProcess:
 def runtime_venv(tmp_path_factory) -> Path:
     """A fresh venv with only ``stlm-deploy[cpu]`` from a freshly built wheel; returns its bin/."""
     root = tmp_path_factory.mktemp("wheel")
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(root / "dist"), str(REPO)],
+    # Build from a copy of the sources: setuptools builds in-tree, and a stale build/ folder in the
+    # checkout would leak removed modules into the wheel (and a test must not write into the repo).
+    src = root / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "runs",
+                                                             ".pytest_cache", "__pycache__", "engines"))
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(root / "dist"), str(src)],
                  timeout=300)
     if built.returncode != 0 and _NO_REGISTRY.search(built.stderr):
         pytest.skip("pip cannot reach the package registry to build the wheel: " + built.stderr.strip()[-200:])
