@@ -44,7 +44,7 @@ from stlm_deploy.backends import Backend
 if TYPE_CHECKING:  # torch is imported where the reference runs: benchmarks use the rules without it
     from stlm_train import STLM
 
-__all__ = ["Tolerance", "TOLERANCES", "ParityRecord", "ParityGateError", "tolerance_for", "reference_outputs",
+__all__ = ["Tolerance", "TOLERANCES", "ParityRecord", "ParityGateError", "Gate", "tolerance_for", "reference_outputs",
            "spearman", "compare", "backend_outputs", "ort_outputs", "normalize_images", "write_polygraphy_files",
            "POLYGRAPHY_RUNNER", "POLYGRAPHY_TOLERANCE", "polygraphy_command", "feed_batches", "run_batched"]
 
@@ -304,3 +304,27 @@ def write_polygraphy_files(engine_dir: str | os.PathLike, input_name: str, input
         save_json(feeds, str(in_path), description="stlm parity inputs")
         results.save(str(out_path))
     return in_path, out_path
+
+
+class Gate:
+    """One export's gate: compares backend outputs with the reference, keeps the records for parity.json."""
+
+    def __init__(self, ref: Mapping[str, np.ndarray], image_source: str,
+                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None]) -> None:
+        self.ref, self.image_source, self.tolerances, self.say = ref, image_source, tolerances, say
+        self.records: list[ParityRecord] = []
+
+    def check(self, artifact: str, backend: str, precision: str, got: Mapping[str, np.ndarray],
+              details: dict[str, Any] | None = None) -> ParityRecord:
+        """Compare only (not recorded): used by probes and fallbacks."""
+        return compare(self.ref, got, artifact=artifact, backend=backend, precision=precision,
+                       tolerance=tolerance_for(precision, self.tolerances), image_source=self.image_source,
+                       details=details)
+
+    def require(self, rec: ParityRecord) -> ParityRecord:
+        """Record ``rec``; a failure aborts the export (the temp directory is discarded)."""
+        self.records.append(rec)
+        self.say("parity " + rec.line())
+        if not rec.passed:
+            raise ParityGateError(f"parity gate failed, nothing published: {rec.line()}")
+        return rec

@@ -16,9 +16,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stlm_deploy.backends.openvino import choose_inference_precision
+import numpy as np
 
-__all__ = ["OpenVinoIR", "build_openvino", "cpu_capabilities", "preferred_precision"]
+from stlm_deploy.backends.openvino import OpenVinoBackend, choose_inference_precision
+from stlm_deploy.spec import EngineSpec
+
+from .gate import Gate, ParityRecord, backend_outputs
+
+__all__ = ["OpenVinoIR", "build_openvino", "build_gated_openvino", "cpu_capabilities", "preferred_precision"]
 
 
 @dataclass
@@ -53,3 +58,38 @@ def preferred_precision(capabilities: list[str]) -> str:
     """bf16 where the CPU has native BF16 support, fp32 otherwise (fp16 inference is not a CPU thing)."""
     hint, _ = choose_inference_precision("bf16", capabilities)
     return "bf16" if hint == "bf16" else "fp32"
+
+
+def build_gated_openvino(tmp: Path, batch: int | str, graph_inputs: np.ndarray | None, gate: Gate,
+                         notes: list[str], spec: EngineSpec) -> None:
+    """``tmp/openvino`` from ``tmp/model.onnx``, gated at bf16 (if the CPU has it) with an f32 fallback.
+
+    ``graph_inputs`` None: not verified. The IR files are listed in ``spec`` with the inference
+    precision the gate passed at.
+    """
+    ir = build_openvino(tmp / "model.onnx", tmp / "openvino")
+    caps = cpu_capabilities()
+    used = preferred_precision(caps)
+    if graph_inputs is not None:
+        tried: list[ParityRecord] = []
+        for prec in dict.fromkeys([used, "fp32"]):
+            backend = OpenVinoBackend(ir.xml, precision=prec)
+            got = backend_outputs(backend, graph_inputs, batch)
+            # fp16-compressed weights: the fp16 tolerance applies even to f32 inference
+            ran = backend.inference_precision or prec
+            tol_class = "fp16" if ran == "fp32" else ran
+            rec = gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
+                             details={"inference_precision": ran, "weights": ir.weights_precision,
+                                      "requested_precision": prec, "cpu_capabilities": caps})
+            tried.append(rec)
+            if rec.passed:
+                break
+        final = tried[-1]
+        used = final.details["inference_precision"]
+        if len(tried) > 1:
+            final.details["fallback_from"] = tried[0].to_dict()
+            notes.append(f"openvino: {tried[0].details['inference_precision']} inference failed the gate "
+                         f"({'; '.join(tried[0].failures)}); published for f32 inference")
+        gate.require(final)
+    spec.add_artifact(tmp, "openvino/model.xml", "openvino", ir.weights_precision, inference_precision=used)
+    spec.add_artifact(tmp, "openvino/model.bin", "openvino", ir.weights_precision)

@@ -42,11 +42,12 @@ from .calib import DEFAULT_MAX_IMAGES, CalibSet, calibration_images
 from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_onnx, save_onnx, set_metadata,
                           torch_param_count)
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
-from .gate import (POLYGRAPHY_RUNNER, ParityGateError, ParityRecord, Tolerance, backend_outputs, compare,
-                   normalize_images, ort_outputs, polygraphy_command, reference_outputs, tolerance_for,
-                   write_polygraphy_files)
+from .gate import (POLYGRAPHY_RUNNER, Gate, ParityGateError, Tolerance, normalize_images, ort_outputs,
+                   polygraphy_command, reference_outputs, write_polygraphy_files)
+from .openvino_build import build_gated_openvino
 from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
-                             builder_settings, tensorrt_available, tensorrt_version)
+                             TensorRTUnavailable, build_gated_tensorrt, builder_settings, tensorrt_available,
+                             tensorrt_version)
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "TARGETS", "export_engine", "parse_batch",
            "resolve_targets", "default_name", "check_img_size", "ParityGateError", "spec_metadata"]
@@ -286,7 +287,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
         ref = reference_outputs(stlm, calib.images, with_tlm=opts.with_tlm)
         graph_inputs = calib.images if opts.fuse_pre else normalize_images(stlm, calib.images)
         say(f"parity images: {len(calib)} from {calib.source}")
-    gate = _Gate(ref, calib.source if calib else "", opts.tolerances, say)
+    gate = Gate(ref, calib.source if calib else "", opts.tolerances, say)
 
     def probe(model: Any) -> tuple[bool, str]:
         rec = gate.check("model.onnx (simplified)", "onnxruntime-cpu", "fp32", ort_outputs(model, graph_inputs, batch))
@@ -342,10 +343,13 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                                  "kept_fp32_by_op": conv.histogram()}))
 
         if "openvino" in targets:
-            _openvino_stage(tmp, opts.verify, batch, graph_inputs, gate, notes, spec)
+            build_gated_openvino(tmp, batch, graph_inputs, gate, notes, spec)
 
         if "tensorrt" in targets:
-            _tensorrt_stage(tmp, settings, batch, graph_inputs, gate, spec)
+            try:
+                build_gated_tensorrt(tmp, settings, batch, graph_inputs, gate, spec)
+            except TensorRTUnavailable as e:
+                raise ExportError(f"--target tensorrt: {e}") from None
 
         summary: dict[str, Any] = {"verified": False, "passed": None, "summary": {}}
         if opts.verify:
@@ -375,86 +379,3 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     say(f"published {out} ({len(spec.artifacts)} artifacts, {time.perf_counter() - t0:.1f} s)")
     return ExportResult(engine_dir=out, spec=spec.to_dict(), parity=[r.to_dict() for r in gate.records], graph=graph,
                         fp16_policy=fp16_policy, targets=targets, notes=notes, seconds=time.perf_counter() - t0)
-
-
-class _Gate:
-    """Compares backend outputs with the reference and keeps the records that go into parity.json."""
-
-    def __init__(self, ref: Mapping[str, np.ndarray], image_source: str,
-                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None]) -> None:
-        self.ref, self.image_source, self.tolerances, self.say = ref, image_source, tolerances, say
-        self.records: list[ParityRecord] = []
-
-    def check(self, artifact: str, backend: str, precision: str, got: Mapping[str, np.ndarray],
-              details: dict[str, Any] | None = None) -> ParityRecord:
-        """Compare only (not recorded): used by probes and fallbacks."""
-        return compare(self.ref, got, artifact=artifact, backend=backend, precision=precision,
-                       tolerance=tolerance_for(precision, self.tolerances), image_source=self.image_source,
-                       details=details)
-
-    def require(self, rec: ParityRecord) -> ParityRecord:
-        """Record ``rec``; a failure aborts the export (the temp directory is discarded)."""
-        self.records.append(rec)
-        self.say("parity " + rec.line())
-        if not rec.passed:
-            raise ParityGateError(f"parity gate failed, nothing published: {rec.line()}")
-        return rec
-
-
-def _openvino_stage(tmp: Path, verify: bool, batch: int | str, graph_inputs: np.ndarray | None, gate: _Gate,
-                    notes: list[str], spec: EngineSpec) -> None:
-    """IR with fp16 weights; gated at bf16 (if the CPU has it) with an f32-inference fallback."""
-    from stlm_deploy.backends.openvino import OpenVinoBackend
-
-    from .openvino_build import build_openvino, cpu_capabilities, preferred_precision
-
-    ir = build_openvino(tmp / "model.onnx", tmp / "openvino")
-    caps = cpu_capabilities()
-    used = preferred_precision(caps)
-    if verify:
-        assert graph_inputs is not None
-        tried: list[ParityRecord] = []
-        for prec in dict.fromkeys([used, "fp32"]):
-            backend = OpenVinoBackend(ir.xml, precision=prec)
-            got = backend_outputs(backend, graph_inputs, batch)
-            # fp16-compressed weights: the fp16 tolerance applies even to f32 inference
-            ran = backend.inference_precision or prec
-            tol_class = "fp16" if ran == "fp32" else ran
-            rec = gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
-                             details={"inference_precision": ran, "weights": ir.weights_precision,
-                                      "requested_precision": prec, "cpu_capabilities": caps})
-            tried.append(rec)
-            if rec.passed:
-                break
-        final = tried[-1]
-        used = final.details["inference_precision"]
-        if len(tried) > 1:
-            final.details["fallback_from"] = tried[0].to_dict()
-            notes.append(f"openvino: {tried[0].details['inference_precision']} inference failed the gate "
-                         f"({'; '.join(tried[0].failures)}); published for f32 inference")
-        gate.require(final)
-    spec.add_artifact(tmp, "openvino/model.xml", "openvino", ir.weights_precision, inference_precision=used)
-    spec.add_artifact(tmp, "openvino/model.bin", "openvino", ir.weights_precision)
-
-
-def _tensorrt_stage(tmp: Path, settings: Any, batch: int | str, graph_inputs: np.ndarray | None, gate: _Gate,
-                    spec: EngineSpec) -> None:
-    """Build the plan (TensorRT + GPU) and gate it through the runtime's TensorRT backend."""
-    from .tensorrt_build import TensorRTUnavailable, build_engine
-
-    try:
-        sidecar = build_engine(settings, tmp, log=gate.say)
-    except TensorRTUnavailable as e:
-        raise ExportError(f"--target tensorrt: {e}") from None
-    spec.tools["tensorrt"] = sidecar["tensorrt_version"]
-    if graph_inputs is not None:
-        from stlm_deploy.backends.tensorrt import TensorRTBackend
-
-        onnx_shas = [sha256_file(tmp / f) for f in ("model.onnx", "model.fp16.onnx") if (tmp / f).is_file()]
-        backend = TensorRTBackend(tmp / settings.plan_file, onnx_sha256s=onnx_shas)
-        got = backend_outputs(backend, graph_inputs, batch, dynamic_chunk=min(4, settings.max_shape[0]))
-        gate.require(gate.check(settings.plan_file, "tensorrt", settings.precision, got,
-                                details={"tensorrt_version": sidecar["tensorrt_version"],
-                                         "gpu_name": sidecar["gpu_name"]}))
-    spec.add_artifact(tmp, settings.plan_file, "tensorrt", settings.precision)
-    spec.add_artifact(tmp, settings.plan_file + ".json", "json")

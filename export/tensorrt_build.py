@@ -30,8 +30,12 @@ from typing import Any, Iterable
 
 from stlm_deploy.backends import tensorrt_available
 from stlm_deploy.errors import BackendUnavailable
+from stlm_deploy.spec import EngineSpec
 
-__all__ = ["BuildSettings", "builder_settings", "build_engine", "tensorrt_available", "tensorrt_version",
+from .gate import Gate, backend_outputs
+
+__all__ = ["BuildSettings", "builder_settings", "build_engine", "build_gated_tensorrt", "tensorrt_available",
+           "tensorrt_version",
            "TRT_INSTALL_HINT", "FP32_LAYER_TYPES", "DEFAULT_WORKSPACE_MB", "DEFAULT_MAX_BATCH", "DEFAULT_OPT_BATCH",
            "TensorRTUnavailable"]
 
@@ -295,3 +299,26 @@ def build_engine(settings: BuildSettings, engine_dir: str | os.PathLike, *, onnx
         log(f"TensorRT {trt.__version__} plan for {gpu_name} (cc {cc}): {plan.stat().st_size:,} bytes, "
             f"{pinned} layers pinned fp32")
     return json.loads(json.dumps(sidecar))
+
+
+def build_gated_tensorrt(tmp: Path, settings: BuildSettings, batch: int | str, graph_inputs: Any,
+                         gate: Gate, spec: EngineSpec) -> None:
+    """Build the plan (TensorRT + GPU) and gate it through the runtime's TensorRT backend.
+
+    ``graph_inputs`` None: not verified. Raises TensorRTUnavailable without TensorRT or a GPU.
+    """
+    from stlm_deploy.files import sha256_file
+
+    sidecar = build_engine(settings, tmp, log=gate.say)
+    spec.tools["tensorrt"] = sidecar["tensorrt_version"]
+    if graph_inputs is not None:
+        from stlm_deploy.backends.tensorrt import TensorRTBackend
+
+        onnx_shas = [sha256_file(tmp / f) for f in ("model.onnx", "model.fp16.onnx") if (tmp / f).is_file()]
+        backend = TensorRTBackend(tmp / settings.plan_file, onnx_sha256s=onnx_shas)
+        got = backend_outputs(backend, graph_inputs, batch, dynamic_chunk=min(4, settings.max_shape[0]))
+        gate.require(gate.check(settings.plan_file, "tensorrt", settings.precision, got,
+                                details={"tensorrt_version": sidecar["tensorrt_version"],
+                                         "gpu_name": sidecar["gpu_name"]}))
+    spec.add_artifact(tmp, settings.plan_file, "tensorrt", settings.precision)
+    spec.add_artifact(tmp, settings.plan_file + ".json", "json")
