@@ -43,6 +43,9 @@ struct BackendConfig {
   std::vector<std::string> onnx_sha256s;  // TensorRT: the engine's ONNX checksums (stale-plan check)
 };
 
+// Throws stlm::Error "<where>: <what> not found" unless config.path is a regular file.
+void require_artifact(const BackendConfig& config, const char* what);
+
 class Backend {
  public:
   virtual ~Backend() = default;

@@ -30,6 +30,11 @@ std::string input_str(const InputView& input) {
   return std::string(dtype_name(input.dtype)) + " " + shape_str(input.shape, "(", ")");
 }
 
+void require_artifact(const BackendConfig& config, const char* what) {
+  std::error_code ec;
+  if (!fs::is_regular_file(config.path, ec)) throw Error(config.where + ": " + what + " not found");
+}
+
 }  // namespace detail
 
 namespace {

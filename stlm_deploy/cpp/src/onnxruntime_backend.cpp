@@ -43,8 +43,7 @@ class OrtBackend final : public Backend {
  public:
   explicit OrtBackend(const BackendConfig& cfg) : where_(cfg.where) {
     name = "ort";
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(cfg.path, ec)) throw Error(where_ + ": ONNX model not found");
+    require_artifact(cfg, "ONNX model");
     try {
       Ort::SessionOptions so;
       so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);

@@ -49,8 +49,7 @@ class OpenVinoBackend final : public Backend {
  public:
   explicit OpenVinoBackend(const BackendConfig& cfg) : where_(cfg.where) {
     name = "openvino";
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(cfg.path, ec)) throw Error(where_ + ": OpenVINO model not found");
+    require_artifact(cfg, "OpenVINO model");
     const std::string dev = cfg.device.empty() ? "CPU" : cfg.device;
     std::vector<std::string> caps;
     try {
