@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 resolves to the local CPU wheel on these machines; the cpu extra is onnxruntime
-# (never together with onnxruntime-gpu), dev brings pytest, openvino, onnxslim, polygraphy, matplotlib.
+# (never together with onnxruntime-gpu), dev = the train, export and bench extras + pytest, scikit-learn.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,cpu]'
@@ -25,11 +25,11 @@ sysdeps:
 # Two pytest processes: the training tests fork (DataLoader workers, torchrun) and must not share a
 # process with OpenVINO/ONNX Runtime thread pools, which are not fork-safe (heap corruption seen here).
 test: $(STAMP) sysdeps
-	$(BIN)/python -m pytest -q tests/model tests/train
-	$(BIN)/python -m pytest -q tests/export tests/deploy tests/bench tests/cpp
+	$(BIN)/python -m pytest -q tests/stlm_train
+	$(BIN)/python -m pytest -q tests/export tests/stlm_deploy tests/benchmarks tests/cpp
 
 demo: $(STAMP)
-	$(BIN)/python -m stlm_bench.demo
+	$(BIN)/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stlm_deploy.fsutil import atomic_write_json, atomic_write_text
+from stlm_deploy.files import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

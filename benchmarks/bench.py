@@ -102,7 +102,7 @@ def parse_variants(text: str, engine_dir: Path) -> list[Variant]:
 
 # ----------------------------------------------------------------------------------------- metrics
 def parity(ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
-    from stlm_export.verify import spearman
+    from stlm_export.gate import spearman
 
     d = np.abs(maps.astype(np.float64) - ref_maps)
     rho, _ = spearman(ref_scores, scores, score_tol=0.0)  # same rule as the export gate
@@ -340,7 +340,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{Path(report['engine']).name} at {report['img_size']} px — {report['environment']['cpu']}", fontsize=9)
     fig.tight_layout()
-    from stlm_deploy.fsutil import atomic_output
+    from stlm_deploy.files import atomic_output
 
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -1,12 +1,18 @@
-"""stlm-bench: thin click layer over ``stlm_bench.bench``."""
+"""stlm-bench: thin click layer over ``stlm_bench.bench``.
+
+Errors are one line (:func:`stlm_deploy.console.run_command`). Where torch is not installed (a
+runtime-only install plus the ``bench`` extra) the engines are still benchmarked and the output says
+that the PyTorch eager reference was skipped.
+"""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
+
+from stlm_deploy.console import CommandError, OneLineCommand, missing_modules, require_extra
 
 
 def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str) -> tuple[int, ...]:
@@ -19,7 +25,7 @@ def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="stlm-bench", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", required=True, help="Engine directory (or a file inside it).")
 @click.option("--reference", "reference", default=None,
               help="Checkpoint for the PyTorch eager reference (default: the source recorded in stlm.json, if present).")
@@ -42,10 +48,14 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
          json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
     """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
+    if plot_path:
+        require_extra("stlm-bench --plot", "bench", ["matplotlib"])
+    if data:
+        require_extra("stlm-bench --data", "bench", ["scipy"])  # the accuracy metrics
     import logging
 
     from stlm_deploy.errors import DeployError
-    from stlm_deploy.fsutil import atomic_write_text
+    from stlm_deploy.files import atomic_write_text
     from stlm_deploy.spec import load_spec, resolve_engine
 
     from . import bench
@@ -57,7 +67,12 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
         variants = bench.parse_variants(backends, engine_dir)
         ref = None if no_reference else (reference or _recorded_source(spec, engine_dir))
         if ref is not None and not Path(ref).is_file():
-            raise click.ClickException(f"--reference: no such checkpoint file {ref}")
+            raise CommandError(f"--reference: no such checkpoint file {ref}")
+        if ref is not None and missing_modules(["torch"]):
+            click.echo("stlm-bench: PyTorch eager reference skipped: torch is not installed "
+                       "(pip install 'stlm-deploy[train]' to compare with it); benchmarking the engines only",
+                       err=True)
+            ref = None
         labelled = bench.load_labelled(data, fmt, category, spec.img_size, spec.preprocessing.resize) if data else None
         parity_images = source = None
         if calib_data:
@@ -70,7 +85,7 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
     except click.ClickException:
         raise
     except (DeployError, ValueError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0]) from None
+        raise CommandError(str(e)) from None
     text = bench.markdown(report)
     click.echo(text)
     if json_path:
@@ -80,7 +95,7 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
     if plot_path:
         bench.plot(report, plot_path)
     if not any(r["error"] is None for r in report["results"]):
-        raise click.ClickException("no backend could run this engine here (see the table)")
+        raise CommandError("no backend could run this engine here (see the table)")
 
 
 def _recorded_source(spec, engine_dir: Path) -> str | None:

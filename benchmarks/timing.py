@@ -90,6 +90,6 @@ def environment(threads: int | None = None) -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    from stlm_deploy.fsutil import atomic_write_text
+    from stlm_deploy.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

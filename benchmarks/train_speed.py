@@ -12,8 +12,8 @@ speed-up; also the loss difference at the first step (both compute the same func
   The official decoder also runs output upscaling, hypernetwork MLPs and the IoU head, which never
   reach the loss; they are not built here, so this baseline is, if anything, faster than the original.
 
-    python benchmarks/train_speed.py --config small --steps 10
-    python benchmarks/train_speed.py --config paper --img-size 256 --steps 4
+    python -m stlm_bench.train_speed --config small --steps 10
+    python -m stlm_bench.train_speed --config paper --img-size 256 --steps 4
 
 Writes a table to stdout and merges the result into benchmarks/results/train_speed.json.
 """
@@ -32,16 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from stlm_train.anomalies import PseudoAnomalySynthesizer, sample_rng
+from stlm_train.config import get_config
+from stlm_train.data import build_dataset, make_generated_dataset
+from stlm_train.losses import stlm_loss
+from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm, fa_input
+from stlm_train.training import TrainOptions, Trainer, build_optimizers
 
-from stlm_train.anomalies import PseudoAnomalySynthesizer, sample_rng  # noqa: E402
-from stlm_train.config import get_config  # noqa: E402
-from stlm_train.data import build_dataset, make_generated_dataset  # noqa: E402
-from stlm_train.losses import stlm_loss  # noqa: E402
-from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm, fa_input  # noqa: E402
-from stlm_train.training import TrainOptions, Trainer, build_optimizers  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class OfficialLikeStep:
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "train_speed.json"))
+    ap.add_argument("--json", default=str(RESULTS / "train_speed.json"))
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         print("Error: --steps and --batch-size must be at least 1", file=sys.stderr)
@@ -181,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             all_res = {}
     all_res[f"{res['config']}@{res['img_size']}/b{res['batch_size']}"] = res
-    from stlm_deploy.fsutil import atomic_write_json
+    from stlm_deploy.files import atomic_write_json
 
     atomic_write_json(path, all_res)
     print(f"wrote {path}")

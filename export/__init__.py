@@ -6,24 +6,31 @@ Public API (the ``stlm-export`` CLI is a thin layer over :func:`export_engine`):
     result = export_engine(ExportOptions(ckpt="runs/bottle/model.ckpt", fp16=True))
     result.engine_dir, result.parity, result.graph
 
-Heavy libraries (onnxruntime, openvino, tensorrt, polygraphy, onnxconverter_common) are imported
-inside the functions that need them.
+Names are imported on first use, so the CLI can say which extra is missing before torch is
+imported; heavy libraries (onnxruntime, openvino, tensorrt, polygraphy, onnxconverter_common)
+are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-from .calib import CalibSet, calibration_images
-from .deploy_model import DeployModel
-from .onnx_export import DEFAULT_OPSET, GraphReport, OnnxExport, export_onnx, graph_report, read_metadata
-from .pipeline import ExportError, ExportOptions, ExportResult, ParityGateError, export_engine, resolve_targets
-from .precision import FP32_OP_TYPES, Fp16Result, convert_fp16, fp32_nodes
-from .tensorrt_build import BuildSettings, build_engine, builder_settings
-from .verify import TOLERANCES, ParityRecord, Tolerance, compare, reference_outputs
+import importlib
+from typing import Any
 
-__all__ = [
-    "DeployModel", "export_onnx", "graph_report", "read_metadata", "GraphReport", "OnnxExport", "DEFAULT_OPSET",
-    "convert_fp16", "fp32_nodes", "Fp16Result", "FP32_OP_TYPES",
-    "compare", "reference_outputs", "ParityRecord", "Tolerance", "TOLERANCES",
-    "builder_settings", "build_engine", "BuildSettings",
-    "calibration_images", "CalibSet",
-    "export_engine", "ExportOptions", "ExportResult", "ExportError", "ParityGateError", "resolve_targets",
-]
+_EXPORTS = {
+    "DeployModel": "deploy_model",
+    "export_onnx": "onnx_export", "graph_report": "onnx_export", "read_metadata": "onnx_export",
+    "GraphReport": "onnx_export", "OnnxExport": "onnx_export", "DEFAULT_OPSET": "onnx_export",
+    "convert_fp16": "precision", "fp32_nodes": "precision", "Fp16Result": "precision", "FP32_OP_TYPES": "precision",
+    "compare": "gate", "reference_outputs": "gate", "ParityRecord": "gate", "Tolerance": "gate",
+    "TOLERANCES": "gate",
+    "builder_settings": "tensorrt_build", "build_engine": "tensorrt_build", "BuildSettings": "tensorrt_build",
+    "calibration_images": "calib", "CalibSet": "calib",
+    "export_engine": "pipeline", "ExportOptions": "pipeline", "ExportResult": "pipeline", "ExportError": "pipeline",
+    "ParityGateError": "pipeline", "resolve_targets": "pipeline",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

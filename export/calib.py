@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from stlm_deploy.errors import InputError
+from stlm_deploy.files import IMAGE_EXTENSIONS
 from stlm_deploy.images import read_image_rgb
 from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image
 
-__all__ = ["IMAGE_EXTENSIONS", "CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
+__all__ = ["CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
            "calibration_images", "DEFAULT_MAX_IMAGES"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_IMAGES = 8
 
 

@@ -1,18 +1,19 @@
 """``stlm-export``: parse flags, call :func:`stlm_export.pipeline.export_engine`, print one-line errors.
 
 Every user error (missing checkpoint, bad flag value, failed parity gate, missing TensorRT) ends as
-exactly one ``Error: ...`` line on stderr and a non-zero exit status, never a traceback:
-exit 2 for bad flags (click's usage errors), 1 for everything else, 3 for a failed parity gate.
+exactly one ``Error: ...`` line on stderr and a non-zero exit status, never a traceback
+(:func:`stlm_deploy.console.run_command`): exit 2 for bad flags (click's usage errors) and for a
+missing ``export`` extra (checked before anything is loaded), 1 for everything else, 3 for a failed
+parity gate.
 """
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 import click
 
+from stlm_deploy.console import CommandError, OneLineCommand, require_extra
+
 from .calib import DEFAULT_MAX_IMAGES
-from .onnx_export import DEFAULT_OPSET
+from .opset import DEFAULT_OPSET
 from .tensorrt_build import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB
 
 __all__ = ["main"]
@@ -20,35 +21,11 @@ __all__ = ["main"]
 EXIT_ERROR, EXIT_USAGE, EXIT_PARITY = 1, 2, 3
 
 
-class _OneLineErrors(click.Command):
-    """click prints usage + hint + error for bad flags; the toolkit contract is one ``Error:`` line."""
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        try:
-            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                                standalone_mode=False, **extra)
-        except click.exceptions.Exit as e:
-            code = e.exit_code
-        except click.exceptions.Abort:
-            click.echo("Error: aborted", err=True)
-            code = EXIT_ERROR
-        except click.UsageError as e:
-            click.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
-            code = EXIT_USAGE
-        except click.ClickException as e:
-            click.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
-            code = e.exit_code
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
 def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Project checkpoint (model.ckpt) or an official STLM state dict.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), default=None,
@@ -85,6 +62,9 @@ def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, bat
          no_fuse_pre: bool, with_tlm: bool, no_simplify: bool, max_batch: int, opt_batch: int, workspace_mb: int,
          timing_cache: str | None, version_compatible: bool, hardware_compatible: bool) -> None:
     """Export an STLM checkpoint to a verified engine directory (ONNX, fp16 ONNX, OpenVINO, TensorRT)."""
+    require_extra("stlm-export", "export")
+    if not no_verify:  # the parity gate runs every artifact through the runtime's ONNX Runtime backend
+        require_extra("stlm-export", "cpu", alternatives="[export,cpu]' (or '[export,gpu]' on a CUDA machine)")
     from stlm_train.checkpoint import CheckpointError
 
     from .pipeline import ExportError, ExportOptions, ParityGateError, export_engine
@@ -98,20 +78,12 @@ def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, bat
     try:
         result = export_engine(opts, log=_echo)
     except ParityGateError as e:
-        raise _Fail(str(e), EXIT_PARITY) from None
+        raise CommandError(str(e), EXIT_PARITY) from None
     except (ExportError, CheckpointError) as e:
-        raise _Fail(str(e), EXIT_ERROR) from None
+        raise CommandError(str(e), EXIT_ERROR) from None
     except (ValueError, OSError, RuntimeError) as e:
-        raise _Fail(f"{type(e).__name__}: {e}", EXIT_ERROR) from None
+        raise CommandError(f"{type(e).__name__}: {e}", EXIT_ERROR) from None
     click.echo(str(result.engine_dir))
-
-
-class _Fail(click.ClickException):
-    """A one-line failure with its own exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(" ".join(str(message).split()))
-        self.exit_code = code
 
 
 if __name__ == "__main__":  # python -m stlm_export.cli

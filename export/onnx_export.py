@@ -25,26 +25,16 @@ import torch
 from stlm_train import STLM
 
 from .deploy_model import DeployModel
+from .opset import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, check_opset
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "GraphReport", "OnnxExport", "check_opset", "trace_onnx",
            "simplify_onnx", "graph_report", "set_metadata", "read_metadata", "save_onnx", "export_onnx",
            "torch_param_count", "METADATA_SPEC_KEY"]
 
-DEFAULT_OPSET = 17  # LayerNormalization needs 17; TensorRT 10, OpenVINO and ORT all read it
-MIN_OPSET = 17
-MAX_OPSET = 20  # the TorchScript exporter's newest opset (torch.onnx._constants)
 METADATA_SPEC_KEY = "stlm.json"
 
 # Probe: model -> (passed, one-line detail); decides whether the simplified graph is kept.
 Probe = Callable[[onnx.ModelProto], "tuple[bool, str]"]
-
-
-def check_opset(opset: Any) -> int:
-    """Validate ``--opset`` (17..20) with a one-line error naming the flag."""
-    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"--opset: must be an integer from {MIN_OPSET} to {MAX_OPSET} (the TorchScript exporter's "
-                         f"range; LayerNormalization needs 17), got {opset!r}")
-    return opset
 
 
 @dataclass

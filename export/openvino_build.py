@@ -1,4 +1,4 @@
-"""OpenVINO IR (``openvino/model.xml`` + ``.bin``) from the verified fp32 ONNX graph, and its gate runner.
+"""OpenVINO IR (``openvino/model.xml`` + ``.bin``) from the verified fp32 ONNX graph.
 
 The IR is written with ``save_model(compress_to_fp16=True)``: weights are stored as fp16 (half the
 size) and decompressed by the CPU plugin, so the IR is gated with the fp16/bf16 tolerance. The
@@ -6,21 +6,24 @@ inference precision is a compile option, not a property of the file: bf16 where 
 ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16/AMX), f32 otherwise; the precision the
 compiled model actually uses is read back and recorded. If bf16 inference fails the gate but f32
 inference passes, the IR is published with ``inference_precision: f32`` and the bf16 numbers are
-kept in parity.json (the runtime can still be asked for bf16 explicitly).
+kept in parity.json (the runtime can still be asked for bf16 explicitly). The gate runs the IR
+through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which owns the one map
+between our precision names and OpenVINO's.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-__all__ = ["OpenVinoIR", "build_openvino", "cpu_capabilities", "preferred_precision", "OpenVinoRunner"]
+from stlm_deploy.backends.openvino import OpenVinoBackend, choose_inference_precision
+from stlm_deploy.spec import EngineSpec
 
-_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-_FROM_OV = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
+from .gate import Gate, ParityRecord, backend_outputs
+
+__all__ = ["OpenVinoIR", "build_openvino", "build_gated_openvino", "cpu_capabilities", "preferred_precision"]
 
 
 @dataclass
@@ -53,25 +56,40 @@ def cpu_capabilities(device: str = "CPU") -> list[str]:
 
 def preferred_precision(capabilities: list[str]) -> str:
     """bf16 where the CPU has native BF16 support, fp32 otherwise (fp16 inference is not a CPU thing)."""
-    return "bf16" if "BF16" in {c.upper() for c in capabilities} else "fp32"
+    hint, _ = choose_inference_precision("bf16", capabilities)
+    return "bf16" if hint == "bf16" else "fp32"
 
 
-class OpenVinoRunner:
-    """Compiled IR on CPU with an explicit ``INFERENCE_PRECISION_HINT``; ``run(x) -> {name: array}``."""
+def build_gated_openvino(tmp: Path, batch: int | str, graph_inputs: np.ndarray | None, gate: Gate,
+                         notes: list[str], spec: EngineSpec) -> None:
+    """``tmp/openvino`` from ``tmp/model.onnx``, gated at bf16 (if the CPU has it) with an f32 fallback.
 
-    def __init__(self, xml: str | os.PathLike, precision: str, device: str = "CPU", threads: int | None = None) -> None:
-        import openvino as ov
-
-        core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(core.read_model(str(xml)), device, config)
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin really uses
-        used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint).lower()
-        self.precision = _FROM_OV.get(used, used)
-        self.request = self.compiled.create_infer_request()
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        res = self.request.infer({0: x})
-        return {port.get_any_name(): np.array(v) for port, v in res.items()}
+    ``graph_inputs`` None: not verified. The IR files are listed in ``spec`` with the inference
+    precision the gate passed at.
+    """
+    ir = build_openvino(tmp / "model.onnx", tmp / "openvino")
+    caps = cpu_capabilities()
+    used = preferred_precision(caps)
+    if graph_inputs is not None:
+        tried: list[ParityRecord] = []
+        for prec in dict.fromkeys([used, "fp32"]):
+            backend = OpenVinoBackend(ir.xml, precision=prec)
+            got = backend_outputs(backend, graph_inputs, batch)
+            # fp16-compressed weights: the fp16 tolerance applies even to f32 inference
+            ran = backend.inference_precision or prec
+            tol_class = "fp16" if ran == "fp32" else ran
+            rec = gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
+                             details={"inference_precision": ran, "weights": ir.weights_precision,
+                                      "requested_precision": prec, "cpu_capabilities": caps})
+            tried.append(rec)
+            if rec.passed:
+                break
+        final = tried[-1]
+        used = final.details["inference_precision"]
+        if len(tried) > 1:
+            final.details["fallback_from"] = tried[0].to_dict()
+            notes.append(f"openvino: {tried[0].details['inference_precision']} inference failed the gate "
+                         f"({'; '.join(tried[0].failures)}); published for f32 inference")
+        gate.require(final)
+    spec.add_artifact(tmp, "openvino/model.xml", "openvino", ir.weights_precision, inference_precision=used)
+    spec.add_artifact(tmp, "openvino/model.bin", "openvino", ir.weights_precision)

@@ -12,8 +12,10 @@ Order of work (each step gated before the next one runs):
 7. ``parity.json``, Polygraphy ``inputs.json``/``outputs.json``, ``stlm.json`` with every artifact's
    sha256.
 
+Every gate runs the artifact through the runtime's backends (``stlm_deploy.backends``), and
+``stlm.json`` is built with ``stlm_deploy.spec.EngineSpec`` (the format's one builder and reader).
 Everything is written into a temporary sibling directory that replaces ``engines/<name>`` only
-after the last step succeeded (``stlm_deploy.fsutil.atomic_directory``): a failed gate, an error
+after the last step succeeded (``stlm_deploy.files.atomic_directory``): a failed gate, an error
 or an interrupt leaves no partial directory and never touches an existing engine.
 
 The ONNX files embed the engine description in ``metadata_props``: scalar ``stlm.*`` keys plus the
@@ -28,23 +30,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from stlm_deploy.fsutil import atomic_directory, atomic_write_json, sha256_file
+from stlm_deploy.files import atomic_directory, atomic_write_json, sha256_file
+from stlm_deploy.spec import EngineSpec, Preprocessing, Source, Thresholds, write_spec
 
 from .calib import DEFAULT_MAX_IMAGES, CalibSet, calibration_images
 from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_onnx, save_onnx, set_metadata,
                           torch_param_count)
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
+from .gate import (POLYGRAPHY_RUNNER, Gate, ParityGateError, Tolerance, normalize_images, ort_outputs,
+                   polygraphy_command, reference_outputs, write_polygraphy_files)
+from .openvino_build import build_gated_openvino
 from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
-                             builder_settings, tensorrt_available, tensorrt_version)
-from .verify import (POLYGRAPHY_RUNNER, ParityGateError, ParityRecord, Tolerance, compare, normalize_images,
-                     ort_outputs, polygraphy_command, reference_outputs, run_batched, tolerance_for,
-                     write_polygraphy_files)
+                             TensorRTUnavailable, build_gated_tensorrt, builder_settings, tensorrt_available,
+                             tensorrt_version)
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "TARGETS", "export_engine", "parse_batch",
            "resolve_targets", "default_name", "check_img_size", "ParityGateError", "spec_metadata"]
@@ -207,10 +210,11 @@ def _tool_versions(extra: Mapping[str, str | None] = ()) -> dict[str, str]:
     return tools
 
 
-def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, with_tlm: bool) -> dict[str, Any]:
+def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, with_tlm: bool) -> Thresholds:
+    """The checkpoint's thresholds as stlm.json records them (TLM ones only for a --with-tlm graph)."""
     th = obj.get("thresholds") if kind == "project" and isinstance(obj, Mapping) else None
     if not isinstance(th, Mapping):
-        return {"image": None, "pixel": None, "method": "none"}
+        return Thresholds()
 
     def num(v: Any) -> float | None:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
@@ -218,31 +222,13 @@ def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, wi
     method = str(th.get("method") or "checkpoint")
     if trained_size is not None and trained_size != img_size:
         method += f" (chosen at img_size {trained_size}; engine exported at {img_size})"
-    out: dict[str, Any] = {"image": num(th.get("image")), "pixel": num(th.get("pixel")), "method": method}
-    if with_tlm:
-        for k in ("tlm_image", "tlm_pixel"):
-            if num(th.get(k)) is not None:
-                out[k] = num(th.get(k))
-    return out
+    tlm = {k: num(th.get(k)) for k in ("tlm_image", "tlm_pixel") if with_tlm and num(th.get(k)) is not None}
+    return Thresholds(image=num(th.get("image")), pixel=num(th.get("pixel")), method=method, extra=tlm)
 
 
-def _io_spec(img_size: int, batch: int | str, fuse_pre: bool, with_tlm: bool) -> tuple[dict, list[dict]]:
-    n, s = (-1 if batch == "dynamic" else int(batch)), img_size
-    if fuse_pre:
-        inp = {"name": "image", "dtype": "uint8", "shape": [n, s, s, 3], "layout": "NHWC", "channel_order": "RGB",
-               "fused_preprocessing": True}
-    else:
-        inp = {"name": "image", "dtype": "float32", "shape": [n, 3, s, s], "layout": "NCHW", "channel_order": "RGB",
-               "fused_preprocessing": False}
-    outs = [{"name": "anomaly_map", "dtype": "float32", "shape": [n, s, s]},
-            {"name": "score", "dtype": "float32", "shape": [n]}]
-    if with_tlm:
-        outs.append({"name": "tlm_map", "dtype": "float32", "shape": [n, s, s]})
-    return inp, outs
-
-
-def spec_metadata(spec: Mapping[str, Any], precision: str) -> dict[str, str]:
+def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
     """``metadata_props`` of one ONNX file: scalar mirrors + the spec (minus artifacts/parity) as JSON."""
+    spec = engine.to_dict()
     embedded = {k: v for k, v in spec.items() if k not in ("artifacts", "parity")}
     props: dict[str, str] = {}
     for key in ("format", "format_version", "model_family", "name", "img_size", "top_k", "opset", "batch", "created"):
@@ -262,22 +248,10 @@ def spec_metadata(spec: Mapping[str, Any], precision: str) -> dict[str, str]:
     return props
 
 
-def _write_spec(engine_dir: Path, spec: dict[str, Any]) -> None:
-    """stlm.json through stlm_deploy.spec: validated by the same code the runtime reads it with."""
-    from stlm_deploy.spec import EngineSpec, write_spec
-
-    write_spec(engine_dir, EngineSpec.from_dict(spec, where="stlm.json (export)"))
-
-
-def _artifact(engine_dir: Path, rel: str, kind: str, precision: str | None, **extra: Any) -> dict[str, Any]:
-    path = engine_dir / rel
-    return {"sha256": sha256_file(path), "kind": kind, "precision": precision, "bytes": path.stat().st_size, **extra}
-
-
 # ---------------------------------------------------------------------------------------- the export
 def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
-    from stlm_train.checkpoint import checkpoint_kind, load_model, load_official_stlm, read_file
+    from stlm_train.checkpoint import checkpoint_kind, model_from_checkpoint, read_file
 
     say = log or (lambda msg: log_.info(msg))
     t0 = time.perf_counter()
@@ -292,14 +266,9 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
 
     obj = read_file(ckpt)
     kind = checkpoint_kind(obj)
-    if kind == "official":
-        stlm = load_official_stlm(obj, img_size=img_size or 1024, config=None)
-        trained_size = None
-    else:
-        stlm = load_model(ckpt, img_size=img_size)
-        cfg = obj.get("config") if isinstance(obj, Mapping) else None
-        trained_size = cfg.get("img_size") if isinstance(cfg, Mapping) else None
-    stlm = stlm.cpu().eval()
+    stlm = model_from_checkpoint(obj, ckpt, img_size).cpu().eval()  # errors name the file
+    saved_cfg = obj.get("config") if kind == "project" else None
+    trained_size = saved_cfg.get("img_size") if isinstance(saved_cfg, Mapping) else None
     cfg = stlm.cfg
     s = cfg.img_size
     ckpt_sha = sha256_file(ckpt)
@@ -318,7 +287,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
         ref = reference_outputs(stlm, calib.images, with_tlm=opts.with_tlm)
         graph_inputs = calib.images if opts.fuse_pre else normalize_images(stlm, calib.images)
         say(f"parity images: {len(calib)} from {calib.source}")
-    gate = _Gate(ref, calib.source if calib else "", opts.tolerances, say)
+    gate = Gate(ref, calib.source if calib else "", opts.tolerances, say)
 
     def probe(model: Any) -> tuple[bool, str]:
         rec = gate.check("model.onnx (simplified)", "onnxruntime-cpu", "fp32", ort_outputs(model, graph_inputs, batch))
@@ -343,29 +312,18 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                 timing_cache, opts.version_compatible, opts.hardware_compatible, opts.fuse_pre,
                                 fp32_layer_names=fp32_names if trt_major < 11 else ())
 
-    inp, outs = _io_spec(s, batch, opts.fuse_pre, opts.with_tlm)
-    spec: dict[str, Any] = {
-        "format": "stlm-engine", "format_version": 1, "model_family": "stlm", "name": name, "img_size": s,
-        "input": inp, "outputs": outs,
-        "preprocessing": {"resize": cfg.resize, "mean": [float(v) for v in cfg.pixel_mean],
-                          "std": [float(v) for v in cfg.pixel_std]},
-        "top_k": int(cfg.top_k),
-        "thresholds": _thresholds(obj, kind, trained_size, s, opts.with_tlm),
-        "source": {"checkpoint": str(ckpt), "sha256": ckpt_sha, "kind": kind},
-        "artifacts": {},
-        "opset": int(opts.opset), "batch": batch,
-        "tools": _tool_versions({"tensorrt": trt_ver if "tensorrt" in targets else None}),
-        "parity": {},
-        "trtexec": settings.trtexec,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    spec = EngineSpec.create(
+        name, s, opset=opts.opset, fused_preprocessing=opts.fuse_pre, batch=batch, with_tlm=opts.with_tlm,
+        preprocessing=Preprocessing(resize=cfg.resize, mean=[float(v) for v in cfg.pixel_mean], std=[float(v) for v in cfg.pixel_std]),
+        top_k=int(cfg.top_k), thresholds=_thresholds(obj, kind, trained_size, s, opts.with_tlm),
+        source=Source(checkpoint=str(ckpt), sha256=ckpt_sha, kind=kind),
+        tools=_tool_versions({"tensorrt": trt_ver if "tensorrt" in targets else None}), trtexec=settings.trtexec)
     fp16_policy: dict[str, Any] | None = None
 
     with atomic_directory(out) as tmp:
-        artifacts: dict[str, dict[str, Any]] = {}
         set_metadata(exp.model, spec_metadata(spec, "fp32"))
         save_onnx(exp.model, tmp / "model.onnx")
-        artifacts["model.onnx"] = {"kind": "onnx", "precision": "fp32"}
+        spec.add_artifact(tmp, "model.onnx", "onnx", "fp32")
         if opts.verify:
             gate.require(gate.check("model.onnx", "onnxruntime-cpu", "fp32",
                                     ort_outputs(tmp / "model.onnx", graph_inputs, batch)))
@@ -374,7 +332,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
             conv = convert_fp16(exp.model)
             set_metadata(conv.model, spec_metadata(spec, "fp16"))
             save_onnx(conv.model, tmp / "model.fp16.onnx")
-            artifacts["model.fp16.onnx"] = {"kind": "onnx", "precision": "fp16"}
+            spec.add_artifact(tmp, "model.fp16.onnx", "onnx", "fp16")
             fp16_policy = conv.summary()
             say(f"model.fp16.onnx: {conv.count} nodes kept fp32: "
                 + ", ".join(f"{k} {v}" for k, v in conv.histogram().items()))
@@ -385,10 +343,13 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                                  "kept_fp32_by_op": conv.histogram()}))
 
         if "openvino" in targets:
-            artifacts.update(_openvino_stage(tmp, opts.verify, batch, graph_inputs, gate, notes))
+            build_gated_openvino(tmp, batch, graph_inputs, gate, notes, spec)
 
         if "tensorrt" in targets:
-            artifacts.update(_tensorrt_stage(tmp, settings, batch, graph_inputs, gate, spec))
+            try:
+                build_gated_tensorrt(tmp, settings, batch, graph_inputs, gate, spec)
+            except TensorRTUnavailable as e:
+                raise ExportError(f"--target tensorrt: {e}") from None
 
         summary: dict[str, Any] = {"verified": False, "passed": None, "summary": {}}
         if opts.verify:
@@ -397,8 +358,6 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
             n_poly = 2 if batch == "dynamic" else int(batch)
             take = np.minimum(np.arange(n_poly), len(calib) - 1)
             write_polygraphy_files(tmp, "image", graph_inputs[take], {k: v[take] for k, v in ref.items()})
-            artifacts["inputs.json"] = {"kind": "json", "precision": None}
-            artifacts["outputs.json"] = {"kind": "json", "precision": None}
             parity = {"format": "stlm-parity", "format_version": 1, "reference": "pytorch STLM.predict (cpu, fp32)",
                       "n_images": len(calib), "image_source": calib.source, "images": calib.paths,
                       "passed": all(r.passed for r in gate.records),
@@ -407,100 +366,16 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                       "polygraphy": {"inputs": "inputs.json", "outputs": "outputs.json", "runner": POLYGRAPHY_RUNNER,
                                      "n_images": n_poly, "command": polygraphy_command()}}
             atomic_write_json(tmp / "parity.json", parity)
-            artifacts["parity.json"] = {"kind": "json", "precision": None}
+            for rel in ("inputs.json", "outputs.json", "parity.json"):
+                spec.add_artifact(tmp, rel, "json")
             summary = {"verified": True, "passed": parity["passed"], "n_images": len(calib),
                        "image_source": calib.source, "report": "parity.json",
                        "summary": {r.artifact: {"backend": r.backend, "precision": r.precision,
                                                 "max_abs_map": r.max_abs_map, "max_abs_score": r.max_abs_score,
                                                 "spearman": r.spearman, "pass": r.passed}
                                    for r in gate.records}}
-        spec["parity"] = summary
-        spec["artifacts"] = {rel: _artifact(tmp, rel, a.pop("kind"), a.pop("precision"), **a)
-                             for rel, a in artifacts.items()}
-        _write_spec(tmp, spec)
-    say(f"published {out} ({len(spec['artifacts'])} artifacts, {time.perf_counter() - t0:.1f} s)")
-    return ExportResult(engine_dir=out, spec=spec, parity=[r.to_dict() for r in gate.records], graph=graph,
+        spec.parity = summary
+        write_spec(tmp, spec)
+    say(f"published {out} ({len(spec.artifacts)} artifacts, {time.perf_counter() - t0:.1f} s)")
+    return ExportResult(engine_dir=out, spec=spec.to_dict(), parity=[r.to_dict() for r in gate.records], graph=graph,
                         fp16_policy=fp16_policy, targets=targets, notes=notes, seconds=time.perf_counter() - t0)
-
-
-class _Gate:
-    """Compares backend outputs with the reference and keeps the records that go into parity.json."""
-
-    def __init__(self, ref: Mapping[str, np.ndarray], image_source: str,
-                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None]) -> None:
-        self.ref, self.image_source, self.tolerances, self.say = ref, image_source, tolerances, say
-        self.records: list[ParityRecord] = []
-
-    def check(self, artifact: str, backend: str, precision: str, got: Mapping[str, np.ndarray],
-              details: dict[str, Any] | None = None) -> ParityRecord:
-        """Compare only (not recorded): used by probes and fallbacks."""
-        return compare(self.ref, got, artifact=artifact, backend=backend, precision=precision,
-                       tolerance=tolerance_for(precision, self.tolerances), image_source=self.image_source,
-                       details=details)
-
-    def require(self, rec: ParityRecord) -> ParityRecord:
-        """Record ``rec``; a failure aborts the export (the temp directory is discarded)."""
-        self.records.append(rec)
-        self.say("parity " + rec.line())
-        if not rec.passed:
-            raise ParityGateError(f"parity gate failed, nothing published: {rec.line()}")
-        return rec
-
-
-def _openvino_stage(tmp: Path, verify: bool, batch: int | str, graph_inputs: np.ndarray | None, gate: _Gate,
-                    notes: list[str]) -> dict[str, dict[str, Any]]:
-    """IR with fp16 weights; gated at bf16 (if the CPU has it) with an f32-inference fallback."""
-    from .openvino_build import OpenVinoRunner, build_openvino, cpu_capabilities, preferred_precision
-
-    ir = build_openvino(tmp / "model.onnx", tmp / "openvino")
-    caps = cpu_capabilities()
-    used = preferred_precision(caps)
-    if verify:
-        assert graph_inputs is not None
-        tried: list[ParityRecord] = []
-        for prec in dict.fromkeys([used, "fp32"]):
-            runner = OpenVinoRunner(ir.xml, prec)
-            got = run_batched(runner.run, graph_inputs, batch)
-            # fp16-compressed weights: the fp16 tolerance applies even to f32 inference
-            tol_class = "fp16" if runner.precision == "fp32" else runner.precision
-            rec = gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
-                             details={"inference_precision": runner.precision, "weights": ir.weights_precision,
-                                      "requested_precision": prec, "cpu_capabilities": caps})
-            tried.append(rec)
-            if rec.passed:
-                break
-        final = tried[-1]
-        used = final.details["inference_precision"]
-        if len(tried) > 1:
-            final.details["fallback_from"] = tried[0].to_dict()
-            notes.append(f"openvino: {tried[0].details['inference_precision']} inference failed the gate "
-                         f"({'; '.join(tried[0].failures)}); published for f32 inference")
-        gate.require(final)
-    return {"openvino/model.xml": {"kind": "openvino", "precision": ir.weights_precision,
-                                   "inference_precision": used},
-            "openvino/model.bin": {"kind": "openvino", "precision": ir.weights_precision}}
-
-
-def _tensorrt_stage(tmp: Path, settings: Any, batch: int | str, graph_inputs: np.ndarray | None, gate: _Gate,
-                    spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Build the plan (TensorRT + GPU) and gate it through the runtime's TensorRT backend."""
-    from .tensorrt_build import TensorRTUnavailable, build_engine
-
-    try:
-        sidecar = build_engine(settings, tmp, log=gate.say)
-    except TensorRTUnavailable as e:
-        raise ExportError(f"--target tensorrt: {e}") from None
-    spec["tools"]["tensorrt"] = sidecar["tensorrt_version"]
-    if graph_inputs is not None:
-        from stlm_deploy.backends.tensorrt import TensorRTBackend
-
-        onnx_shas = [sha256_file(tmp / f) for f in ("model.onnx", "model.fp16.onnx") if (tmp / f).is_file()]
-        backend = TensorRTBackend(tmp / settings.plan_file, onnx_sha256s=onnx_shas)
-        with backend:
-            got = run_batched(lambda x: backend.infer({"image": x}), graph_inputs, batch,
-                              dynamic_chunk=min(4, settings.max_shape[0]))
-        gate.require(gate.check(settings.plan_file, "tensorrt", settings.precision, got,
-                                details={"tensorrt_version": sidecar["tensorrt_version"],
-                                         "gpu_name": sidecar["gpu_name"]}))
-    return {settings.plan_file: {"kind": "tensorrt", "precision": settings.precision},
-            settings.plan_file + ".json": {"kind": "json", "precision": None}}

@@ -28,7 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["BuildSettings", "builder_settings", "build_engine", "tensorrt_available", "tensorrt_version",
+from stlm_deploy.backends import tensorrt_available
+from stlm_deploy.errors import BackendUnavailable
+from stlm_deploy.spec import EngineSpec
+
+from .gate import Gate, backend_outputs
+
+__all__ = ["BuildSettings", "builder_settings", "build_engine", "build_gated_tensorrt", "tensorrt_available",
+           "tensorrt_version",
            "TRT_INSTALL_HINT", "FP32_LAYER_TYPES", "DEFAULT_WORKSPACE_MB", "DEFAULT_MAX_BATCH", "DEFAULT_OPT_BATCH",
            "TensorRTUnavailable"]
 
@@ -182,45 +189,28 @@ def tensorrt_version() -> str | None:
     return str(trt.__version__)
 
 
-def tensorrt_available() -> bool:
-    """Whether ``import tensorrt`` works here (a GPU is checked only when building)."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install is "not available"
-        return False
-    return True
-
-
 def _import_trt() -> Any:
+    """The runtime's TensorRT import (one availability check for build and run)."""
+    from stlm_deploy.backends.tensorrt import import_tensorrt
+
     try:
-        import tensorrt as trt
-    except ImportError as e:
+        return import_tensorrt()
+    except BackendUnavailable as e:
         raise TensorRTUnavailable(TRT_INSTALL_HINT) from e
-    return trt
 
 
 def _gpu_info() -> tuple[str, str]:
-    """(GPU name, compute capability 'M.m') of device 0 via cuda-python, else torch.cuda."""
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # type: ignore[no-redef]
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-            return name.split("\0", 1)[0].strip(), f"{props.major}.{props.minor}"
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import torch
+    """(GPU name, compute capability 'M.m') of device 0 through the runtime's cuda-python import."""
+    from stlm_deploy.backends.tensorrt import import_cudart
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    except Exception:  # noqa: BLE001
-        pass
-    raise TensorRTUnavailable("TensorRT build needs an NVIDIA GPU (none visible through cuda-python or torch.cuda)")
+    try:
+        err, props = import_cudart().cudaGetDeviceProperties(0)
+    except Exception as e:  # noqa: BLE001 - no driver, no device, no cuda-python
+        raise TensorRTUnavailable(f"TensorRT build needs an NVIDIA GPU ({e})") from e
+    if int(err) != 0:
+        raise TensorRTUnavailable(f"TensorRT build needs an NVIDIA GPU (cudaGetDeviceProperties: error {int(err)})")
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return name.split("\0", 1)[0].strip(), f"{props.major}.{props.minor}"
 
 
 def _matches(layer_name: str, names: set[str]) -> bool:
@@ -236,7 +226,7 @@ def _matches(layer_name: str, names: set[str]) -> bool:
 def build_engine(settings: BuildSettings, engine_dir: str | os.PathLike, *, onnx_sha256: str | None = None,
                  log: Any = None) -> dict[str, Any]:
     """Build ``engine_dir/model.plan`` (raw bytes) + ``model.plan.json``; returns the sidecar dict."""
-    from stlm_deploy.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+    from stlm_deploy.files import atomic_write_bytes, atomic_write_json, sha256_file
 
     trt = _import_trt()
     engine_dir = Path(engine_dir)
@@ -309,3 +299,26 @@ def build_engine(settings: BuildSettings, engine_dir: str | os.PathLike, *, onnx
         log(f"TensorRT {trt.__version__} plan for {gpu_name} (cc {cc}): {plan.stat().st_size:,} bytes, "
             f"{pinned} layers pinned fp32")
     return json.loads(json.dumps(sidecar))
+
+
+def build_gated_tensorrt(tmp: Path, settings: BuildSettings, batch: int | str, graph_inputs: Any,
+                         gate: Gate, spec: EngineSpec) -> None:
+    """Build the plan (TensorRT + GPU) and gate it through the runtime's TensorRT backend.
+
+    ``graph_inputs`` None: not verified. Raises TensorRTUnavailable without TensorRT or a GPU.
+    """
+    from stlm_deploy.files import sha256_file
+
+    sidecar = build_engine(settings, tmp, log=gate.say)
+    spec.tools["tensorrt"] = sidecar["tensorrt_version"]
+    if graph_inputs is not None:
+        from stlm_deploy.backends.tensorrt import TensorRTBackend
+
+        onnx_shas = [sha256_file(tmp / f) for f in ("model.onnx", "model.fp16.onnx") if (tmp / f).is_file()]
+        backend = TensorRTBackend(tmp / settings.plan_file, onnx_sha256s=onnx_shas)
+        got = backend_outputs(backend, graph_inputs, batch, dynamic_chunk=min(4, settings.max_shape[0]))
+        gate.require(gate.check(settings.plan_file, "tensorrt", settings.precision, got,
+                                details={"tensorrt_version": sidecar["tensorrt_version"],
+                                         "gpu_name": sidecar["gpu_name"]}))
+    spec.add_artifact(tmp, settings.plan_file, "tensorrt", settings.precision)
+    spec.add_artifact(tmp, settings.plan_file + ".json", "json")

@@ -9,7 +9,8 @@ accepts (padding fixed-batch engines) and maps every result back to its original
 ``backend="auto"`` tries, in order: TensorRT (plan present, tensorrt importable, a GPU the plan was
 built for) > ONNX Runtime with CUDA (onnxruntime-gpu that really starts on a GPU) > OpenVINO (IR or
 ONNX, CPU) > ONNX Runtime on CPU. Candidates that cannot run here are skipped with a note; the pick
-is logged (logger ``stlm_deploy``) and kept in ``selected_by`` / ``selection_notes`` / ``info()``.
+is logged (logger ``stlm_deploy``) and kept in ``selected_by`` / ``selection_notes`` / ``info()``; the
+planner that makes these choices is :mod:`stlm_deploy.selection`.
 Integrity errors (bad checksum, invalid spec, graph/spec mismatch) are never skipped.
 """
 from __future__ import annotations
@@ -18,25 +19,21 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import Backend, backend_class, module_importable
+from .backends import Backend, backend_class
 from .errors import BackendUnavailable, DeployError, SpecError
 from .preprocess import make_input, prepare_batch, resize_map, split_images
+from .selection import (BACKEND_CHOICES, Planner, accepted_options, artifact_hint, auto_candidates,
+                        explicit_candidates)
 from .spec import EngineSpec, display_path, load_spec, normalize_precision, resolve_engine, verify_artifacts
 
 __all__ = ["Detector", "Prediction"]
 
 log = logging.getLogger("stlm_deploy")
-
-BACKEND_CHOICES = ("auto", "ort", "openvino", "tensorrt")
-_CONVENTIONAL_ONNX = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
-                      "bf16": "model.bf16.onnx"}
-_SUFFIX_BACKEND = {".onnx": "ort", ".xml": "openvino", ".plan": "tensorrt", ".engine": "tensorrt"}
-
 
 @dataclass
 class Prediction:
@@ -56,121 +53,6 @@ class Prediction:
     @property
     def tlm_map(self) -> np.ndarray | None:
         return self.extra_maps.get("tlm_map")
-
-
-@dataclass
-class _Candidate:
-    backend: str
-    artifact: str  # relative to the engine directory
-    verify: list[str]
-    options: dict[str, Any]
-    label: str
-
-
-def _listed(spec: EngineSpec, kind: str, precision: str | None, default: str | None = "fp32") -> list[str]:
-    """Listed artifacts of ``kind`` whose precision (None read as ``default``) matches ``precision``."""
-    return [k for k, a in spec.artifacts.items()
-            if a.kind == kind and (precision is None or (a.precision or default) == precision)]
-
-
-def _pick(names: list[str], preferred: str | None) -> str:
-    return preferred if preferred in names else names[0]
-
-
-def _onnx_shas(spec: EngineSpec) -> list[str]:
-    return [a.sha256 for a in spec.artifacts.values() if a.kind == "onnx"]
-
-
-class _Planner:
-    """Maps (backend, precision, artifact hint) to concrete candidates for one engine directory."""
-
-    def __init__(self, engine_dir: Path, spec: EngineSpec, precision: str | None) -> None:
-        self.dir, self.spec, self.precision = engine_dir, spec, precision
-        self.where = display_path(engine_dir)
-
-    def exists(self, rel: str) -> bool:
-        return (self.dir / rel).is_file()
-
-    def _with_sidecars(self, rel: str) -> list[str]:
-        """The artifact plus the files it cannot run without (IR weights, plan sidecar)."""
-        p = PurePosixPath(rel)
-        extra: list[str] = []
-        if p.suffix == ".xml":
-            extra = [p.with_suffix(".bin").as_posix()]
-        elif p.suffix in (".plan", ".engine"):
-            extra = [rel + ".json"]
-        return [rel] + [e for e in extra if e in self.spec.artifacts or (not self.spec.artifacts and self.exists(e))]
-
-    def onnx(self, hint: str | None = None) -> str:
-        prec = self.precision or "fp32"
-        if hint:
-            return hint
-        names = _listed(self.spec, "onnx", prec)
-        if names:
-            return _pick(names, _CONVENTIONAL_ONNX.get(prec))
-        conventional = _CONVENTIONAL_ONNX.get(prec)
-        if conventional and conventional not in self.spec.artifacts and self.exists(conventional):
-            return conventional  # unlisted: verification (if on) reports it clearly
-        have = ", ".join(f"{k} {a.precision or 'fp32'}" for k, a in self.spec.artifacts.items() if a.kind == "onnx")
-        raise BackendUnavailable(f"{self.where}: no ONNX artifact with precision {prec} (have: {have or 'none'}); "
-                                 f"re-export with that precision or choose another")
-
-    def openvino(self, hint: str | None = None) -> str:
-        if hint:
-            return hint
-        if self.precision == "int8":
-            names = [n for n in _listed(self.spec, "openvino", "int8", None) if n.endswith(".xml")]
-            if names:
-                return names[0]
-            raise BackendUnavailable(f"{self.where}: no int8 OpenVINO IR in this engine")
-        names = [n for n in _listed(self.spec, "openvino", None) if n.endswith(".xml")
-                 and self.spec.artifacts[n].precision != "int8"]
-        if names:
-            return _pick(names, "openvino/model.xml")
-        if not self.spec.artifacts and self.exists("openvino/model.xml"):
-            return "openvino/model.xml"
-        saved, self.precision = self.precision, None  # the IR hint is a compile option: read fp32 ONNX
-        try:
-            return self.onnx()
-        finally:
-            self.precision = saved
-
-    def tensorrt(self, hint: str | None = None) -> str:
-        if hint:
-            return hint
-        names = [n for n in _listed(self.spec, "tensorrt", self.precision, None)]
-        if names:
-            return _pick(names, "model.plan")
-        if not self.spec.artifacts and self.exists("model.plan"):
-            return "model.plan"
-        what = f" {self.precision}" if self.precision else ""
-        have = ", ".join(f"{k} {a.precision}" for k, a in self.spec.artifacts.items() if a.kind == "tensorrt")
-        raise BackendUnavailable(f"{self.where}: no{what} TensorRT plan in this engine (have: {have or 'none'}); "
-                                 "export one with --target tensorrt")
-
-    def candidate(self, backend: str, hint: str | None = None, providers: Sequence[str] = ("cpu",)) -> _Candidate:
-        art = {"ort": self.onnx, "openvino": self.openvino, "tensorrt": self.tensorrt}[backend](hint)
-        entry = self.spec.artifacts.get(art)
-        art_prec = entry.precision if entry else None
-        opts: dict[str, Any] = {}
-        label = backend
-        if backend == "ort":
-            opts = {"providers": list(providers), "precision": art_prec or self.precision or "fp32"}
-            label = "ort[" + ",".join(providers) + "]"
-        elif backend == "openvino":
-            opts = {"precision": self.precision, "artifact_precision": art_prec}
-        elif backend == "tensorrt":
-            opts = {"precision": self.precision, "artifact_precision": art_prec,
-                    "onnx_sha256s": _onnx_shas(self.spec)}
-        return _Candidate(backend, art, self._with_sidecars(art), opts, label)
-
-
-def _accepted(cls: type, options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return dict(options), []
-    ok = {k: v for k, v in options.items() if k in params}
-    return ok, [k for k in options if k not in params]
 
 
 class Detector:
@@ -213,26 +95,26 @@ class Detector:
         precision = normalize_precision(precision)
         engine_dir, hint_path = resolve_engine(engine)
         spec = load_spec(engine_dir)
-        planner = _Planner(engine_dir, spec, precision)
-        hint = cls._hint(engine_dir, spec, hint_path, backend, precision)
+        planner = Planner(engine_dir, spec, precision)
+        hint = artifact_hint(engine_dir, spec, hint_path, backend, precision)
         if threads is not None:
             backend_options["threads"] = threads
         if backend == "auto" and "providers" in backend_options:
             raise DeployError("providers: only valid with backend='ort' (auto chooses CUDA or CPU itself)")
         notes: list[str] = []
         if backend != "auto":
-            cands = cls._explicit(planner, backend, hint, backend_options)
+            cands = explicit_candidates(planner, backend, hint, backend_options)
         else:
-            cands = cls._auto(planner, hint, notes)
+            cands = auto_candidates(planner, hint, notes)
         last_error: DeployError | None = None
         for cand in cands:
             klass = backend_class(cand.backend)
             options = {**cand.options, **backend_options} if backend != "auto" else \
-                {**cand.options, **_accepted(klass, backend_options)[0]}
+                {**cand.options, **accepted_options(klass, backend_options)[0]}
             if backend != "auto":
                 if "threads" in options and "threads" not in inspect.signature(klass.__init__).parameters:
                     options.pop("threads")  # generic CPU option; meaningless for GPU backends
-                _, unknown = _accepted(klass, options)
+                _, unknown = accepted_options(klass, options)
                 if unknown:
                     raise DeployError(f"{cand.backend} backend: unknown option(s) {', '.join(sorted(unknown))}")
             if verify:
@@ -262,68 +144,6 @@ class Detector:
             raise last_error
         detail = " | ".join(notes) if notes else (str(last_error) if last_error else "no candidates")
         raise DeployError(f"{display_path(engine_dir)}: no backend can run this engine here ({detail})")
-
-    @staticmethod
-    def _hint(engine_dir: Path, spec: EngineSpec, hint_path: Path | None, backend: str,
-              precision: str | None) -> str | None:
-        """The artifact the user pointed at (as a relative path), checked against backend/precision."""
-        if hint_path is None:
-            return None
-        rel = hint_path.resolve().relative_to(engine_dir.resolve()).as_posix()
-        suffix = PurePosixPath(rel).suffix
-        fits = {"ort": (".onnx",), "openvino": (".xml", ".onnx"), "tensorrt": (".plan", ".engine")}
-        if suffix not in _SUFFIX_BACKEND:
-            raise DeployError(f"{display_path(hint_path)}: not a runnable artifact (expected .onnx, .xml or .plan, "
-                              "or the engine directory)")
-        if backend != "auto" and suffix not in fits[backend]:
-            raise DeployError(f"{display_path(hint_path)}: backend '{backend}' cannot run this file; use backend "
-                              f"'{_SUFFIX_BACKEND[suffix]}' or pass the engine directory")
-        entry = spec.artifacts.get(rel)
-        if precision and entry and entry.precision and entry.precision != precision and suffix != ".xml":
-            raise DeployError(f"{display_path(hint_path)}: is {entry.precision}, but precision {precision} was "
-                              "requested")
-        return rel
-
-    @staticmethod
-    def _explicit(planner: _Planner, backend: str, hint: str | None, options: dict[str, Any]) -> list[_Candidate]:
-        providers = options.pop("providers", ("cpu",))
-        if backend == "ort":
-            return [planner.candidate("ort", hint, providers)]
-        return [planner.candidate(backend, hint)]
-
-    @staticmethod
-    def _auto(planner: _Planner, hint: str | None, notes: list[str]) -> list[_Candidate]:
-        hint_backend = _SUFFIX_BACKEND[PurePosixPath(hint).suffix] if hint else None
-        if hint_backend in ("tensorrt", "openvino"):  # the file names its backend: let it say why it can't run
-            return [planner.candidate(hint_backend, hint)]
-        cands: list[_Candidate] = []
-
-        def add(backend: str, why_not: str | None, **kw: Any) -> None:
-            if hint_backend and hint_backend != backend:
-                return
-            if why_not:
-                notes.append(f"{kw.get('label', backend)}: {why_not}")
-                return
-            try:
-                cands.append(planner.candidate(backend, hint, **{k: v for k, v in kw.items() if k != "label"}))
-            except BackendUnavailable as e:
-                notes.append(f"{kw.get('label', backend)}: {e}")
-
-        add("tensorrt", None if module_importable("tensorrt") else "tensorrt not installed")
-        ort_ok = module_importable("onnxruntime")
-        cuda_ok = False
-        if ort_ok:
-            from .backends.ort import ort_available_providers
-
-            cuda_ok = "CUDAExecutionProvider" in ort_available_providers()
-        add("ort", None if cuda_ok else ("onnxruntime has no CUDAExecutionProvider" if ort_ok else
-                                         "onnxruntime not installed"), providers=("cuda",), label="ort[cuda]")
-        add("openvino", None if module_importable("openvino") else "openvino not installed")
-        add("ort", None if ort_ok else "onnxruntime not installed", providers=("cpu",), label="ort[cpu]")
-        if not cands:
-            raise DeployError(f"{planner.where}: no backend can run this engine here ({' | '.join(notes)}); "
-                              "install one: pip install 'stlm-deploy[cpu]' (onnxruntime) or '[openvino]'")
-        return cands
 
     def _check_graph(self) -> None:
         """The loaded graph must be the one stlm.json describes (names, batch, outputs)."""

@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
 from .errors import DeployError, SpecError
-from .fsutil import atomic_write_json, sha256_file
-from .preprocess import RESIZE_POLICIES
+from .files import atomic_write_json, sha256_file
+from .preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SPEC_FILENAME", "DEFAULT_MEAN", "DEFAULT_STD", "ARTIFACT_KINDS",
@@ -221,7 +221,7 @@ class InputSpec:
 class Preprocessing:
     """What happens before the graph: resize to img_size, and (unfused engines) ``(x - mean) / std``."""
 
-    resize: str = "bilinear"
+    resize: str = DEFAULT_RESIZE
     mean: list[float] = field(default_factory=lambda: list(DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(DEFAULT_STD))
     extra: dict[str, Any] = field(default_factory=dict)
@@ -361,9 +361,13 @@ class EngineSpec:
         return spec
 
     def add_artifact(self, engine_dir: str | os.PathLike, relpath: str, kind: str,
-                     precision: str | None = None) -> Artifact:
-        """Checksum ``engine_dir/relpath`` and list it under ``artifacts`` (export calls this last)."""
+                     precision: str | None = None, **extra: Any) -> Artifact:
+        """Checksum ``engine_dir/relpath`` (a finished file) and list it under ``artifacts``.
+
+        ``extra`` keys are recorded next to the checksum (e.g. OpenVINO's ``inference_precision``).
+        """
         art = artifact_entry(engine_dir, relpath, kind, precision)
+        art.extra.update(extra)
         self.artifacts[PurePosixPath(relpath).as_posix()] = art
         return art
 

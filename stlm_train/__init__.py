@@ -1,8 +1,23 @@
-"""stlm_train: the PyTorch side of STLM — model, checkpoints, training and evaluation."""
-from .checkpoint import CheckpointError, load_model, load_official_stlm, save_checkpoint
-from .config import CONFIGS, STLMConfig, get_config
-from .modeling import STLM, InferenceOutput
+"""stlm_train: the PyTorch side of STLM — model, checkpoints, training and evaluation.
+
+The names below are imported on first use, so ``stlm-train --help`` and the missing-extra message
+work where torch is not installed (``pip install 'stlm-deploy[train]'`` brings it).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"CheckpointError": "checkpoint", "load_model": "checkpoint", "load_official_stlm": "checkpoint",
+            "save_checkpoint": "checkpoint", "CONFIGS": "config", "STLMConfig": "config", "get_config": "config",
+            "STLM": "modeling", "InferenceOutput": "modeling"}
 
 __all__ = ["STLM", "STLMConfig", "InferenceOutput", "CONFIGS", "get_config", "load_model", "load_official_stlm",
            "save_checkpoint", "CheckpointError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

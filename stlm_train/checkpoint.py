@@ -170,13 +170,14 @@ def load_converted(module: nn.Module, sd: Mapping[str, torch.Tensor], keymap: Ke
 
 
 def load_official_stlm(path_or_sd: str | os.PathLike | Mapping[str, Any], img_size: int = 1024,
-                       config: STLMConfig | None = None) -> STLM:
+                       config: STLMConfig | None = None, source: str | os.PathLike | None = None) -> STLM:
     """Official STLM checkpoint (encoderT/encoderS/model.*/segmentation_net) -> STLM in eval mode.
 
     The weights do not depend on the input size, so any multiple of 64 works (official code: 1024).
+    ``source`` names the file an already-loaded state dict came from, for the error messages.
     """
     if isinstance(path_or_sd, Mapping):
-        return _load_official_obj(path_or_sd, "<state dict>", img_size, config)
+        return _load_official_obj(path_or_sd, source if source is not None else "<state dict>", img_size, config)
     return _load_official_obj(read_file(path_or_sd), path_or_sd, img_size, config)
 
 
@@ -250,7 +251,7 @@ def init_students_from_mobile_sam(model: STLM, path: str | os.PathLike) -> STLM:
 
 def save_checkpoint(path: str | os.PathLike, model: STLM, **extra: Any) -> Path:
     """Project checkpoint: weights + config + preprocessing + whatever the trainer adds (thresholds...)."""
-    from stlm_deploy.fsutil import atomic_output
+    from stlm_deploy.files import atomic_output
 
     cfg = model.cfg
     payload = {
@@ -276,10 +277,18 @@ def checkpoint_kind(obj: Any) -> str:
 
 def load_model(path: str | os.PathLike, img_size: int | None = None, device: str | torch.device = "cpu") -> STLM:
     """Any STLM checkpoint (project or official layout) -> STLM in eval mode on ``device``."""
-    obj = read_file(path)
+    return model_from_checkpoint(read_file(path), path, img_size).to(device)
+
+
+def model_from_checkpoint(obj: Any, path: str | os.PathLike, img_size: int | None = None) -> STLM:
+    """An already-read checkpoint (:func:`read_file`) -> STLM in eval mode; errors name ``path``.
+
+    For callers that also need the checkpoint's other entries (thresholds, config) without
+    reading the file twice.
+    """
     kind = checkpoint_kind(obj)
     if kind == "official":
-        return _load_official_obj(obj, path, img_size or 1024).to(device)
+        return _load_official_obj(obj, path, img_size or 1024)
     if kind != "project":
         raise CheckpointError(f"{path}: not an STLM checkpoint: expected a project checkpoint (format "
                               f"'{FORMAT}') or an official state dict with 'twostream' and 'segmentation_net'")
@@ -298,7 +307,7 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, device: str
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: missing 'state_dict'")
     load_converted(model, sd, None, path)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _load_official_obj(obj: Mapping[str, Any], path: Any, img_size: int, config: STLMConfig | None = None) -> STLM:

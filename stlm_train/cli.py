@@ -2,7 +2,8 @@
 
 ``stlm-train`` / ``stlm-eval`` (console scripts) or ``python -m stlm_train.cli train|eval``.
 Every failure is one ``Error: ...`` line on stderr and a non-zero exit code, never a traceback
-(set STLM_DEBUG=1 to see one).
+(set STLM_DEBUG=1 to see one): :func:`stlm_deploy.console.run_command`, shared by all five commands.
+Without the ``train`` extra (torch, scipy, tqdm) both commands exit 2 naming it, before any work.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 import click
+
+from stlm_deploy.console import require_extra, run_command
 
 from .config import CONFIGS, validate_img_size
 
@@ -65,6 +68,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
               teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
               init_mobile_sam, save_every, holdout, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) on the good images of a data set."""
+    require_extra("stlm-train", "train")
     from .training import TrainError, TrainOptions, train
 
     explicit = {name for name in ctx.params
@@ -100,6 +104,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
 @click.option("--quiet", is_flag=True, help="Print nothing but errors (use with --json).")
 def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, quiet) -> int:
     """Evaluate a checkpoint on a data set's test split: FA map and TLM map metrics."""
+    require_extra("stlm-eval", "train")
     from .evaluate import evaluate_checkpoint, format_table
     from .training import resolve_device
 
@@ -124,42 +129,9 @@ def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, dev
     return 0
 
 
-def _one_line_text(msg: str) -> str:
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    return " ".join(lines) if len(lines) <= 3 else lines[0]
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError):
-        msg = f"missing entry {msg}"
-    return _one_line_text(msg)
-
-
 def _run(cmd: click.Command, argv: Sequence[str] | None, prog: str) -> int:
     """Run a click command with one-line errors and an integer exit code (never sys.exit here)."""
-    from .checkpoint import CheckpointError
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rv = cmd.main(args=args, prog_name=prog, standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except click.exceptions.Abort:
-        click.echo("Error: aborted", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"Error: {_one_line_text(e.format_message())}", err=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
-        if os.environ.get("STLM_DEBUG"):
-            raise
-        known = (CheckpointError, ValueError, OSError, RuntimeError, json.JSONDecodeError)
-        prefix = "" if isinstance(e, known) else f"{type(e).__name__}: "
-        click.echo(f"Error: {prefix}{_one_line(e)}", err=True)
-        return 1
+    return run_command(cmd, argv, prog, known=(ValueError, OSError, RuntimeError, json.JSONDecodeError))
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

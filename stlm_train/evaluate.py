@@ -174,7 +174,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format
         result = evaluate_model(model, dataset, thresholds, batch_size=batch_size, device=device)
     result = {"checkpoint": str(ckpt), "data_root": str(data), "format": fmt, "category": category, **result}
     if json_path is not None:
-        from stlm_deploy.fsutil import atomic_write_json
+        from stlm_deploy.files import atomic_write_json
 
         atomic_write_json(json_path, result)
     return result

@@ -5,14 +5,6 @@ from pathlib import Path
 
 import pytest
 
-try:  # after `pip install -e .` setup.cfg maps stlm_export -> export/
-    import stlm_export  # noqa: F401
-except ImportError:  # PYTHONPATH=<repo> only: `export` is the package
-    import importlib
-    import sys
-
-    sys.modules.setdefault("stlm_export", importlib.import_module("export"))
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +33,7 @@ def small_stlm():
     import torch
 
     from stlm_train import STLM, get_config
-    from tests.model.helpers import randomize
+    from tests.stlm_train.helpers import randomize
 
     torch.manual_seed(0)
     return randomize(STLM(get_config("small")), 1).eval()

@@ -13,7 +13,8 @@ from typing import Any
 from ..errors import DeployError
 from .base import Backend
 
-__all__ = ["Backend", "BACKEND_NAMES", "backend_class", "create_backend", "available_backends", "module_importable"]
+__all__ = ["Backend", "BACKEND_NAMES", "backend_class", "create_backend", "available_backends", "module_importable",
+           "tensorrt_available"]
 
 BACKEND_NAMES = ("tensorrt", "ort", "openvino")  # also the "auto" preference order (ORT-CUDA before OpenVINO)
 _CLASSES = {"ort": ("ort", "OrtBackend"), "openvino": ("openvino", "OpenVinoBackend"),
@@ -26,6 +27,14 @@ def module_importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def tensorrt_available() -> bool:
+    """TensorRT and cuda-python are installed: the one check used by export, benchmarks and the runtime.
+
+    Found, not imported: importing them initialises CUDA. A GPU is checked when a plan is built or loaded.
+    """
+    return module_importable("tensorrt") and (module_importable("cuda.bindings") or module_importable("cuda.cudart"))
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -47,7 +56,7 @@ def available_backends() -> dict[str, str]:
     Cheap except for onnxruntime, which is imported to list its execution providers.
     """
     out: dict[str, str] = {}
-    if module_importable("tensorrt") and (module_importable("cuda.bindings") or module_importable("cuda.cudart")):
+    if tensorrt_available():
         out["tensorrt"] = "tensorrt + cuda-python installed (needs an NVIDIA GPU and a matching plan)"
     if module_importable("onnxruntime"):
         from .ort import find_ort_conflict, ort_available_providers, _installed_distribution_names

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailable, DeployError
-from ..fsutil import atomic_output, atomic_write_json, sha256_file
+from ..files import atomic_output, atomic_write_json, sha256_file
 from .base import Backend, default_threads, dim_or_dynamic, first_line, import_or_unavailable
 
 __all__ = ["OrtBackend", "PROVIDERS", "ORT_DISTRIBUTIONS", "find_ort_conflict", "check_ort_installation",

@@ -16,12 +16,10 @@ import numpy as np
 
 from stlm_deploy import images as _images
 from stlm_deploy.errors import InputError
+from stlm_deploy.files import IMAGE_EXTENSIONS  # the one list, shared with export and the runtime
 from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: File suffixes (lower case) treated as images by :func:`list_images`.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class DataError(ValueError):

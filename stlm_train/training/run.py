@@ -355,7 +355,7 @@ class _Run:
                 metrics = evaluate_model(model, test_ds, thresholds, batch_size=opts.eval_batch_size,
                                          device=self.device)
                 say(format_table(metrics))
-        from stlm_deploy.fsutil import atomic_write_json
+        from stlm_deploy.files import atomic_write_json
 
         metrics_path = atomic_write_json(self.out / "metrics.json", clean_json(
             {"checkpoint": str(model_path), "train": {k: v for k, v in info.items() if k != "losses"},

@@ -56,7 +56,7 @@ def load_run_state(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def save_run_state(path: Path, **payload: Any) -> None:
     """Write last.ckpt atomically (temp file + rename): a kill mid-save keeps the previous state."""
-    from stlm_deploy.fsutil import atomic_output
+    from stlm_deploy.files import atomic_output
 
     history = payload.pop("history")
     payload.update(format=STATE_FORMAT, version=STATE_VERSION, rng=rng_state(),

@@ -84,3 +84,18 @@ def test_success_prints_the_engine_dir(small_ckpt, tmp_path):
     assert r.stdout.strip() == str(out)
     spec = json.loads((out / "stlm.json").read_text())
     assert spec["name"] == "demo" and spec["input"]["dtype"] == "float32" and spec["input"]["layout"] == "NCHW"
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    """An official state dict with a key group missing: the error names the file, not '<state dict>'."""
+    import torch
+
+    from tests.stlm_train.test_checkpoint import official_layout
+
+    sd = official_layout()
+    sd["segmentation_net"] = {k: v for k, v in sd["segmentation_net"].items() if not k.startswith("head.0.aspp")}
+    ckpt = tmp_path / "missing_key.pt"
+    torch.save(sd, ckpt)
+    line = _one_error_line(_run(["--ckpt", str(ckpt), "--img-size", "256"]))
+    assert line.startswith(f"Error: {ckpt}: missing keys segmentation_net.head.0.aspp"), line
+    assert "<state dict>" not in line

@@ -9,7 +9,7 @@ from torch import nn
 
 from stlm_export.deploy_model import DeployModel
 from stlm_export.onnx_export import MAX_OPSET, check_opset, export_onnx, graph_report, trace_onnx
-from stlm_export.verify import normalize_images, ort_outputs, reference_outputs
+from stlm_export.gate import normalize_images, ort_outputs, reference_outputs
 from stlm_train.modeling.tiny_vit import Attention
 
 TP = onnx.TensorProto

@@ -14,13 +14,13 @@ import onnx
 import pytest
 import torch
 
-from stlm_deploy.fsutil import sha256_file
+from stlm_deploy.files import sha256_file
 from stlm_export.onnx_export import read_metadata
 from stlm_export.pipeline import ExportError, ExportOptions, ParityGateError, default_name, export_engine
-from stlm_export.verify import POLYGRAPHY_TOLERANCE, Tolerance
+from stlm_export.gate import POLYGRAPHY_TOLERANCE, Tolerance
 from stlm_train import STLM, get_config
 from stlm_train.checkpoint import official_state_dict
-from tests.model.helpers import randomize
+from tests.stlm_train.helpers import randomize
 
 from tests.conftest import THRESHOLDS
 
@@ -195,7 +195,7 @@ def test_out_must_be_an_engine_directory(small_ckpt, tmp_path):
 
 def test_official_state_dict_paper_config_at_256(tmp_path):
     """An official-layout file (all 1,105 keys) exported at 256 px: fp32 parity on real images."""
-    from tests.model.test_checkpoint import official_layout
+    from tests.stlm_train.test_checkpoint import official_layout
 
     model = randomize(STLM(get_config("paper", 256)), 7).eval()
     sd = official_layout(3)

@@ -22,6 +22,9 @@ struct InputView {
   std::vector<int64_t> shape;
 };
 
+// "uint8 (1, 256, 256, 3)": how inference errors name the input they failed on.
+std::string input_str(const InputView& input);
+
 // An output copied to host memory, converted to float32.
 struct HostOutput {
   std::vector<int64_t> shape;
@@ -39,6 +42,9 @@ struct BackendConfig {
   std::filesystem::path sidecar;      // TensorRT: <plan>.json
   std::vector<std::string> onnx_sha256s;  // TensorRT: the engine's ONNX checksums (stale-plan check)
 };
+
+// Throws stlm::Error "<where>: <what> not found" unless config.path is a regular file.
+void require_artifact(const BackendConfig& config, const char* what);
 
 class Backend {
  public:

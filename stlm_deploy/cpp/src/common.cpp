@@ -34,6 +34,12 @@ std::string one_line(const std::string& text) {
   return out;
 }
 
+std::string shape_str(const std::vector<int64_t>& s, const char* open, const char* close) {
+  std::string out = open;
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + close;
+}
+
 std::string first_line(const std::string& text, size_t limit) {
   std::istringstream in(text);
   std::string line;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "stlm/detector.hpp"
 
@@ -25,6 +26,10 @@ std::string sha256_file(const fs::path& path);
 
 // Whole file as bytes/text; throws stlm::Error "<path>: cannot read (...)".
 std::string read_file(const fs::path& path);
+
+// A shape as "[-1, 256, 256, 3]" (-1 = dynamic), for error messages about graphs and stlm.json;
+// open/close "(" ")" give numpy's tuple style used for input arrays.
+std::string shape_str(const std::vector<int64_t>& shape, const char* open = "[", const char* close = "]");
 
 // CPUs this process may use (sched_getaffinity), at least 1: the default thread count.
 int default_threads();

@@ -26,6 +26,15 @@ const char* dtype_name(DType t) {
   }
 }
 
+std::string input_str(const InputView& input) {
+  return std::string(dtype_name(input.dtype)) + " " + shape_str(input.shape, "(", ")");
+}
+
+void require_artifact(const BackendConfig& config, const char* what) {
+  std::error_code ec;
+  if (!fs::is_regular_file(config.path, ec)) throw Error(config.where + ": " + what + " not found");
+}
+
 }  // namespace detail
 
 namespace {
@@ -176,12 +185,6 @@ class Planner {
   std::string precision_;
   std::string where_;
 };
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 std::string describe(const cv::Mat& m) {
   static const char* depths[] = {"uint8", "int8", "uint16", "int16", "int32", "float32", "float64", "float16"};

@@ -43,8 +43,7 @@ class OrtBackend final : public Backend {
  public:
   explicit OrtBackend(const BackendConfig& cfg) : where_(cfg.where) {
     name = "ort";
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(cfg.path, ec)) throw Error(where_ + ": ONNX model not found");
+    require_artifact(cfg, "ONNX model");
     try {
       Ort::SessionOptions so;
       so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
@@ -105,10 +104,8 @@ class OrtBackend final : public Backend {
         result[output_names[i]] = std::move(h);
       }
     } catch (const Ort::Exception& e) {
-      std::string shape;
-      for (auto d : in.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-      throw Error(where_ + ": ONNX Runtime inference failed on input " + dtype_name(in.dtype) + " (" + shape + ") (" +
-                  first_line(e.what()) + ")");
+      throw Error(where_ + ": ONNX Runtime inference failed on input " + input_str(in) + " (" + first_line(e.what()) +
+                  ")");
     }
     return result;
   }

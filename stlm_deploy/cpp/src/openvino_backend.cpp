@@ -49,8 +49,7 @@ class OpenVinoBackend final : public Backend {
  public:
   explicit OpenVinoBackend(const BackendConfig& cfg) : where_(cfg.where) {
     name = "openvino";
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(cfg.path, ec)) throw Error(where_ + ": OpenVINO model not found");
+    require_artifact(cfg, "OpenVINO model");
     const std::string dev = cfg.device.empty() ? "CPU" : cfg.device;
     std::vector<std::string> caps;
     try {
@@ -151,10 +150,8 @@ class OpenVinoBackend final : public Backend {
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {
-      std::string shape;
-      for (auto d : in.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-      throw Error(where_ + ": OpenVINO inference failed on input " + dtype_name(in.dtype) + " (" + shape + ") (" +
-                  first_line(e.what()) + ")");
+      throw Error(where_ + ": OpenVINO inference failed on input " + input_str(in) + " (" + first_line(e.what()) +
+                  ")");
     }
     return out;
   }

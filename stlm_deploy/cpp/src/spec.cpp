@@ -123,12 +123,6 @@ class Fields {
   std::string prefix_;
 };
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 void check_relpath(const Fields& f, const std::string& key) {
   fs::path p(key);
   bool bad = key.empty() || key.find('\\') != std::string::npos || p.is_absolute() ||

@@ -191,8 +191,8 @@ class TensorRTBackend final : public Backend {
  public:
   explicit TensorRTBackend(const BackendConfig& cfg) : where_(cfg.where) {
     name = "tensorrt";
+    require_artifact(cfg, "TensorRT plan");
     std::error_code ec;
-    if (!std::filesystem::is_regular_file(cfg.path, ec)) throw Error(where_ + ": TensorRT plan not found");
     const std::string side_where = display_path(cfg.sidecar);
     if (!std::filesystem::is_regular_file(cfg.sidecar, ec))
       throw Error(side_where + ": missing; the runtime needs the plan's sidecar to check TensorRT/GPU "

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import importlib.machinery
 import json
 import logging
-import sys
 import types
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from stlm_deploy.backends import module_importable
 from stlm_deploy.backends.tensorrt import (TRT_EXTRA_MESSAGE, PlanMismatch, TensorRTBackend,
                                            check_plan_compatibility, check_plan_source, parse_version)
 from stlm_deploy.errors import BackendUnavailable, DeployError
-from stlm_deploy.fsutil import sha256_file
+from stlm_deploy.files import sha256_file
 from stlm_deploy.spec import load_spec, write_spec
 
 from .conftest import IMG, TOP_K, reference, sample_image
@@ -247,17 +245,15 @@ def _fake_trt(cuda: _Cuda) -> types.ModuleType:
 
 @pytest.fixture
 def fake_gpu(monkeypatch) -> _Cuda:
+    """Fake TensorRT + CUDA handed to the backend through its lazy loaders (sys.modules is left alone)."""
+    import stlm_deploy.backends.tensorrt as trt_backend
+    import stlm_deploy.selection as selection
+
     cuda = _Cuda()
-    rt = cuda.module()
-    mods = {"tensorrt": _fake_trt(cuda), "cuda": types.ModuleType("cuda"),
-            "cuda.bindings": types.ModuleType("cuda.bindings"), "cuda.bindings.runtime": rt}
-    mods["cuda"].__path__ = []  # a package
-    mods["cuda.bindings"].__path__ = []
-    mods["cuda"].bindings = mods["cuda.bindings"]
-    mods["cuda.bindings"].runtime = rt
-    for name, mod in mods.items():
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name != "cuda.bindings.runtime")
-        monkeypatch.setitem(sys.modules, name, mod)
+    trt, rt = _fake_trt(cuda), cuda.module()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: rt)
+    monkeypatch.setattr(selection, "tensorrt_available", lambda: True)
     return cuda
 
 

@@ -135,7 +135,7 @@ def test_collect_inputs_dedupes_and_reports(image_dir):
 
 
 def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)  # the package is installed: no PYTHONPATH needed
     return subprocess.run([sys.executable, "-m", "stlm_deploy.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -18,7 +18,7 @@ METRICS = {"i_auroc", "p_auroc", "aupro", "p_ap", "f1_max", "fnr"}
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m stlm_train.cli ...`` in a fresh process (what the console scripts run)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = dict(os.environ)  # the package is installed: no PYTHONPATH needed
     return subprocess.run([sys.executable, "-m", "stlm_train.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

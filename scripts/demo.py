@@ -1,4 +1,4 @@
-"""`make demo`: the whole main job on the embedded defaults, as a user would run it.
+"""`make demo` (``python scripts/demo.py``): the whole main job on the embedded defaults, as a user would run it.
 
 train briefly -> evaluate -> export (fp32 + fp16 + OpenVINO, + TensorRT where present) -> bench ->
 overlays -> runs/demo/report.md with the tables and the plot. Every stage runs the installed
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(out: Path, stages: list[tuple[str, str, float]], data: str) -> None:
-    from stlm_deploy.fsutil import atomic_write_text
+    from stlm_deploy.files import atomic_write_text
 
     ev = json.loads((out / "eval.json").read_text())
     spec = json.loads((out / "engine" / "stlm.json").read_text())

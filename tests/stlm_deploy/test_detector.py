@@ -146,7 +146,7 @@ def test_graph_must_match_spec(engine_copy):
 
 
 def test_auto_backend_choice_is_reported(engines, caplog, monkeypatch):
-    import stlm_deploy.detector as detector_mod
+    import stlm_deploy.selection as detector_mod
 
     with caplog.at_level(logging.INFO, logger="stlm_deploy"):
         det = Detector.load(engines["fused"])

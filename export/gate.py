@@ -1,5 +1,8 @@
 """The parity gate: every exported artifact against the PyTorch reference on the same uint8 batch.
 
+Every artifact runs through the runtime's own backends (:mod:`stlm_deploy.backends`: ONNX Runtime,
+OpenVINO, TensorRT), the code users run, so what passes here is what ships.
+
 Tolerances (max over all pixels of all images; ``score`` is a mean of map pixels, so it gets the
 map's tolerance):
 
@@ -12,7 +15,8 @@ fp16/bf16  5e-3         5e-3          2e-2          >= 0.999
 
 The TLM map is a product of two cosine distances of decoder features that run in fp16, so its
 absolute error is larger than the sigmoid map's; 2e-2 on a [0, 4] range is still a 0.5% error.
-Spearman rank correlation of the image scores (``scipy.stats.spearmanr``) is gated only where a
+Spearman rank correlation of the image scores (Pearson correlation of average ranks, as
+``scipy.stats.spearmanr``; plain numpy here so benchmarks need no scipy) is gated only where a
 ranking exists that the precision can be expected to keep:
 
 * n < 3 images: reported as null, not gated (two points always correlate +-1);
@@ -28,17 +32,20 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
-import torch
 
-from stlm_train import STLM
+from stlm_deploy.backends import Backend
 
-__all__ = ["Tolerance", "TOLERANCES", "ParityRecord", "ParityGateError", "tolerance_for", "reference_outputs",
-           "spearman", "compare", "ort_outputs", "normalize_images", "write_polygraphy_files",
+if TYPE_CHECKING:  # torch is imported where the reference runs: benchmarks use the rules without it
+    from stlm_train import STLM
+
+__all__ = ["Tolerance", "TOLERANCES", "ParityRecord", "ParityGateError", "Gate", "tolerance_for", "reference_outputs",
+           "spearman", "compare", "backend_outputs", "ort_outputs", "normalize_images", "write_polygraphy_files",
            "POLYGRAPHY_RUNNER", "POLYGRAPHY_TOLERANCE", "polygraphy_command", "feed_batches", "run_batched"]
 
 POLYGRAPHY_RUNNER = "pytorch-reference"
@@ -121,6 +128,8 @@ class ParityRecord:
 
 def normalize_images(stlm: STLM, images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> the normalised float32 NCHW input of a ``--no-fuse-pre`` graph (same op as the graph)."""
+    import torch
+
     with torch.no_grad():
         return stlm.normalize(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
@@ -140,12 +149,14 @@ def _padded(x: np.ndarray, size: int) -> np.ndarray:
     return x if x.shape[0] == size else np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
 
 
-@torch.no_grad()
 def reference_outputs(stlm: STLM, images: np.ndarray, with_tlm: bool = True, chunk: int = 4) -> dict[str, np.ndarray]:
     """PyTorch reference (``STLM.predict``) on uint8 (N, S, S, 3): anomaly_map, score[, tlm_map]."""
+    import torch
+
     maps, scores, tlms = [], [], []
     for sl in feed_batches(images.shape[0], "dynamic", chunk):
-        out = stlm.predict(torch.from_numpy(np.ascontiguousarray(images[sl])))
+        with torch.no_grad():
+            out = stlm.predict(torch.from_numpy(np.ascontiguousarray(images[sl])))
         maps.append(out.anomaly_map.float().cpu().numpy())
         scores.append(out.score.float().cpu().numpy())
         tlms.append(out.tlm_map.float().cpu().numpy())
@@ -171,26 +182,40 @@ def run_batched(run: Runner, inputs: np.ndarray, batch: int | str, dynamic_chunk
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def backend_outputs(backend: Backend, inputs: np.ndarray, batch: int | str = "dynamic",
+                    dynamic_chunk: int = 4) -> dict[str, np.ndarray]:
+    """Run a runtime backend (activated here if needed) over ``inputs``: the gate's only way to run a graph."""
+    with backend:
+        return run_batched(lambda x: backend.infer({backend.input_name: x}), inputs, batch, dynamic_chunk)
+
+
 def ort_outputs(model: Any, inputs: np.ndarray, batch: int | str = "dynamic",
                 threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run an ONNX model (path, bytes or ModelProto) with ONNX Runtime on CPU over ``inputs``."""
-    import onnxruntime as ort
+    """Run an ONNX model (path or in-memory ModelProto) through the runtime's ONNX Runtime CPU backend.
 
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    elif isinstance(model, (str, os.PathLike)):
-        model = str(model)
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    sess = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
-    in_name = sess.get_inputs()[0].name
-    names = [o.name for o in sess.get_outputs()]
+    An in-memory model (the simplifier's parity probe) is written to a temporary file first: the
+    backend loads files, as it does for users.
+    """
+    from stlm_deploy.backends.ort import OrtBackend
 
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, sess.run(None, {in_name: x})))
+    if not hasattr(model, "SerializeToString"):
+        return backend_outputs(OrtBackend(model, threads=threads), inputs, batch)
+    with tempfile.TemporaryDirectory(prefix="stlm-gate-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        path.write_bytes(model.SerializeToString())
+        return backend_outputs(OrtBackend(path, threads=threads), inputs, batch)
 
-    return run_batched(run, inputs, batch)
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties sharing their average rank (``scipy.stats.rankdata(method="average")``)."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], x.size]
+    avg = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
 
 
 def spearman(ref: np.ndarray, got: np.ndarray, score_tol: float) -> tuple[float | None, bool]:
@@ -201,9 +226,7 @@ def spearman(ref: np.ndarray, got: np.ndarray, score_tol: float) -> tuple[float 
     gated = float(np.ptp(ref)) > score_tol
     if np.ptp(ref) == 0 or np.ptp(got) == 0:
         return (0.0 if gated else None), gated
-    from scipy.stats import spearmanr
-
-    rho = float(spearmanr(ref, got).statistic)
+    rho = float(np.corrcoef(_ranks(ref), _ranks(got))[0, 1])
     return (rho if math.isfinite(rho) else 0.0), gated
 
 
@@ -281,3 +304,27 @@ def write_polygraphy_files(engine_dir: str | os.PathLike, input_name: str, input
         save_json(feeds, str(in_path), description="stlm parity inputs")
         results.save(str(out_path))
     return in_path, out_path
+
+
+class Gate:
+    """One export's gate: compares backend outputs with the reference, keeps the records for parity.json."""
+
+    def __init__(self, ref: Mapping[str, np.ndarray], image_source: str,
+                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None]) -> None:
+        self.ref, self.image_source, self.tolerances, self.say = ref, image_source, tolerances, say
+        self.records: list[ParityRecord] = []
+
+    def check(self, artifact: str, backend: str, precision: str, got: Mapping[str, np.ndarray],
+              details: dict[str, Any] | None = None) -> ParityRecord:
+        """Compare only (not recorded): used by probes and fallbacks."""
+        return compare(self.ref, got, artifact=artifact, backend=backend, precision=precision,
+                       tolerance=tolerance_for(precision, self.tolerances), image_source=self.image_source,
+                       details=details)
+
+    def require(self, rec: ParityRecord) -> ParityRecord:
+        """Record ``rec``; a failure aborts the export (the temp directory is discarded)."""
+        self.records.append(rec)
+        self.say("parity " + rec.line())
+        if not rec.passed:
+            raise ParityGateError(f"parity gate failed, nothing published: {rec.line()}")
+        return rec

@@ -1,4 +1,8 @@
-"""Crash-safe file writes and checksums shared by training, export and the runtime.
+"""Files, torch-free: crash-safe writes, checksums and the one list of image extensions.
+
+Training, export, benchmarks and the runtime all import this module (it is the ground floor: numpy
+and the standard library only), so an image that one command accepts is an image for all of them,
+and every published file is written the same way.
 
 Everything the toolkit publishes goes through a temp file (or temp directory) in the destination's
 own folder followed by ``os.replace``, so a reader never sees a half-written artifact and an
@@ -15,8 +19,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_output",
-           "atomic_directory", "sha256_file"]
+__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "atomic_output", "atomic_directory", "sha256_file"]
+
+#: Suffixes (lower case) read as images by training, calibration, benchmarks and ``stlm-infer``:
+#: what OpenCV's imdecode reads in the opencv-python-headless wheels.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
+                                     ".pbm", ".jp2")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """A regular file whose suffix (any case) is in :data:`IMAGE_EXTENSIONS`."""
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
 
 
 def _umask() -> int:
@@ -43,6 +58,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` through a synced temp file and a rename (readers never see half a file)."""
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -52,10 +68,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text, atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Indented JSON with a final newline, atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
@@ -91,6 +109,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (plans and IRs can be hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
