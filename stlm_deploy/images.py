@@ -32,17 +32,18 @@ def _read_bytes(path: PathLike, what: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         reason = "is a directory, not a file" if p.is_dir() else "no such file"
-        raise InputError(f"cannot read {what} '{p}': {reason}")
+        raise InputError(f"{p}: cannot read {what}: {reason}")
     try:
         return np.fromfile(str(p), dtype=np.uint8)
     except OSError as exc:  # permissions, I/O errors
-        raise InputError(f"cannot read {what} '{p}': {exc.strerror or exc}") from None
+        raise InputError(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
 
 
 def _decode(buf: np.ndarray, flags: int, where: str, what: str) -> np.ndarray:
     img = cv2.imdecode(buf, flags) if buf.size else None
     if img is None or img.size == 0:
-        raise InputError(f"cannot read {what} '{where}': not a readable image file")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise InputError(f"{where}: cannot decode as {article} {what} (unsupported format, empty or corrupt file)")
     return img
 
 
@@ -69,7 +70,7 @@ def _to_rgb(img: np.ndarray, where: str) -> np.ndarray:
     if img.ndim == 2:
         return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
     if img.ndim != 3:
-        raise InputError(f"cannot read image '{where}': unexpected array shape {img.shape}")
+        raise InputError(f"{where}: cannot read image: unexpected array shape {img.shape}")
     channels = img.shape[2]
     if channels in (1, 2):  # grey or grey+alpha
         return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))
@@ -77,7 +78,7 @@ def _to_rgb(img: np.ndarray, where: str) -> np.ndarray:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if channels == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    raise InputError(f"cannot read image '{where}': expected 1-4 channels, found {channels}")
+    raise InputError(f"{where}: cannot read image: expected 1-4 channels, found {channels}")
 
 
 def decode_image_rgb(data: bytes | np.ndarray, where: str = "<bytes>") -> np.ndarray:
@@ -102,5 +103,5 @@ def read_mask(path: PathLike) -> np.ndarray:
         img = img[:, :, :3] if img.shape[2] >= 3 else img[:, :, :1]
         img = img.max(axis=2)
     elif img.ndim != 2:
-        raise InputError(f"cannot read mask '{path}': unexpected array shape {img.shape}")
+        raise InputError(f"{path}: cannot read mask: unexpected array shape {img.shape}")
     return (np.nan_to_num(img) > 0).astype(np.uint8)

@@ -67,7 +67,7 @@ def test_stlm_json_fields(full_engine, small_ckpt):
                              "channel_order": "RGB", "fused_preprocessing": True}
     assert [o["name"] for o in spec["outputs"]] == ["anomaly_map", "score", "tlm_map"]
     assert spec["outputs"][1] == {"name": "score", "dtype": "float32", "shape": [-1]}
-    assert spec["preprocessing"] == {"resize": "bilinear", "mean": [123.675, 116.28, 103.53],
+    assert spec["preprocessing"] == {"resize": "area", "mean": [123.675, 116.28, 103.53],
                                      "std": [58.395, 57.12, 57.375]}
     assert spec["thresholds"]["image"] == THRESHOLDS["image"] and spec["thresholds"]["pixel"] == THRESHOLDS["pixel"]
     assert spec["thresholds"]["method"] == THRESHOLDS["method"] and spec["thresholds"]["tlm_image"] == 0.2
