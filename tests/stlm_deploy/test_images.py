@@ -79,7 +79,7 @@ def test_depths_and_channels_are_handled_one_way(tmp_path, kind):
 def test_reader_errors_are_one_line_and_name_the_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    for path, needle in ((bad, "not a readable image"), (tmp_path / "nope.png", "no such file"),
+    for path, needle in ((bad, "cannot decode as an image (unsupported format, empty or corrupt file)"), (tmp_path / "nope.png", "no such file"),
                          (tmp_path, "is a directory")):
         with pytest.raises(InputError) as e:
             read_image_rgb(path)
