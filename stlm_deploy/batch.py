@@ -249,6 +249,22 @@ def score_files(det: Detector, files: Sequence[tuple[Path, str]], out_dir: str |
         result.failed.append(row)
         rows.failure(row)
 
+    def _finish(path: Path, key: str, rgb: np.ndarray, pred: Prediction | Exception) -> None:
+        if isinstance(pred, Exception):
+            fail(path, f"{path}: {_predict_failure(pred)}")
+            return
+        try:
+            written = _write_outputs(det, pred, rgb, key, out, overlays, save_maps)
+        except (OSError, DeployError) as e:
+            fail(path, f"{path}: cannot write outputs ({getattr(e, 'strerror', None) or _one_line(e)})")
+            return
+        except Exception as e:  # noqa: BLE001 - MemoryError included
+            fail(path, f"{path}: cannot write outputs (unexpected {type(e).__name__}: {_one_line(e)})")
+            return
+        row = {"path": str(path), "score": pred.score, "is_anomalous": pred.is_anomalous, **written}
+        result.results.append(row)
+        rows.result(row)
+
     try:
         for start in range(0, len(files), max(1, int(batch_size))):
             loaded: list[tuple[Path, str, np.ndarray]] = []
@@ -262,21 +278,8 @@ def score_files(det: Detector, files: Sequence[tuple[Path, str]], out_dir: str |
                 continue
             preds = _predict_isolated(det, [im for _, _, im in loaded])
             for (path, key, rgb), pred in zip(loaded, preds):
-                step(1)
-                if isinstance(pred, Exception):
-                    fail(path, f"{path}: {_predict_failure(pred)}")
-                    continue
-                try:
-                    written = _write_outputs(det, pred, rgb, key, out, overlays, save_maps)
-                except (OSError, DeployError) as e:
-                    fail(path, f"{path}: cannot write outputs ({getattr(e, 'strerror', None) or _one_line(e)})")
-                    continue
-                except Exception as e:  # noqa: BLE001
-                    fail(path, f"{path}: cannot write outputs (unexpected {type(e).__name__}: {_one_line(e)})")
-                    continue
-                row = {"path": str(path), "score": pred.score, "is_anomalous": pred.is_anomalous, **written}
-                result.results.append(row)
-                rows.result(row)
+                _finish(path, key, rgb, pred)
+                step(1)  # after the row is on disk
             del loaded, preds
     finally:
         if own_stream:

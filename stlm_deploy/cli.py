@@ -83,6 +83,9 @@ def main(engine: str, backend: str, precision: str | None, threads: int | None, 
          inputs: tuple[str, ...]) -> None:
     """Score images with an exported STLM engine; write scores, overlays and maps to --out."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # OpenCV's codec warnings (multi-line, per file): our one line per failure says it
     if not inputs:
         raise CommandError("no INPUT given: pass image files, folders or glob patterns", 2)
     files, problems = collect_inputs(inputs)

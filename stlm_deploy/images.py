@@ -200,8 +200,8 @@ def check_pixels(header: bytes | np.ndarray, where: str, max_pixels: Optional[in
     size = image_size(header)
     if size is not None and size[0] * size[1] > max_pixels:
         w, h = size
-        raise InputError(f"{where}: {what} is too large to decode ({w}x{h} = {w * h / 1e6:.1f} megapixels, "
-                         f"limit {max_pixels / 1e6:.1f}; raise max_pixels / --max-pixels to allow it)")
+        raise InputError(f"{where}: {what} is too large to decode ({w}x{h} = {w * h:,} pixels, limit "
+                         f"{max_pixels:,}; raise max_pixels / --max-pixels to allow it)")
 
 
 def _read_bytes(path: PathLike, what: str, max_pixels: Optional[int] = None) -> np.ndarray:
