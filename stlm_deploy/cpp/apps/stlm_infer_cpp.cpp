@@ -1,11 +1,11 @@
 // stlm_infer_cpp: score images with an exported STLM engine from C++ (example app of the stlm::deploy library).
 //
 //   stlm_infer_cpp ENGINE IMAGE... [--out DIR] [--backend auto|openvino|ort|tensorrt] [--precision P]
-//                  [--threads N] [--json] [--bench N] [--save-maps DIR] [--no-verify] [--verbose]
+//                  [--threads N] [--batch-size N] [--json] [--bench N] [--save-maps DIR] [--no-verify] [--verbose]
 //
 // Prints one line per image on stdout: "path score decision" (decision: anomalous | normal | none when the
 // engine has no image threshold), plus the median latency in ms with --bench N. --json prints one JSON
-// document instead. --out DIR writes overlays DIR/<name>.png (JET heat map blended 50% + outline of
+// document instead (always valid UTF-8 JSON: bytes of a file name that are not UTF-8 become U+FFFD). --out DIR writes overlays DIR/<name>.png (JET heat map blended 50% + outline of
 // map > pixel threshold); --save-maps DIR writes each full-size map as DIR/<name>.npy (float32).
 // IMAGE may be a folder (searched recursively). Errors are ONE line on stderr each: an engine error stops
 // everything (exit 1); a missing or unreadable image is reported, the others are still processed, and the
@@ -32,6 +32,7 @@
 #include <opencv2/core.hpp>
 #include <opencv2/core/utils/logger.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 
 #include "stlm/detector.hpp"
 
@@ -42,7 +43,8 @@ namespace {
 
 const char* kUsage =
     "usage: stlm_infer_cpp ENGINE IMAGE... [--out DIR] [--backend auto|openvino|ort|tensorrt]\n"
-    "                      [--precision fp32|bf16|fp16|int8|device] [--threads N] [--json] [--bench N]\n"
+    "                      [--precision fp32|bf16|fp16|int8|device] [--threads N] [--batch-size N]\n"
+    "                      [--json] [--bench N]\n"
     "                      [--save-maps DIR] [--no-verify] [--verbose] [--list-backends]\n"
     "\n"
     "Score images with an exported STLM engine (the directory written by stlm-export, or a file in it).\n"
@@ -52,7 +54,9 @@ const char* kUsage =
     "  --backend B      auto (default), openvino, ort, tensorrt\n"
     "  --precision P    openvino inference precision (default fp32) / artifact precision\n"
     "  --threads N      CPU threads (default: all CPUs this process may use)\n"
-    "  --json           print one JSON document (results + failures + backend) instead of lines\n"
+    "  --batch-size N   images per backend call for batched predict() on a dynamic engine (default 8)\n"
+    "  --json           print one JSON document (results + failures + backend) instead of lines;\n"
+    "                   file-name bytes that are not UTF-8 are written as U+FFFD (valid JSON)\n"
     "  --bench N        time N predictions per image after one warm-up; report the median in ms\n"
     "  --no-verify      skip the sha256 check of the artifacts\n"
     "  --verbose        print which backend/artifact runs on stderr\n"
@@ -113,6 +117,8 @@ Args parse(int argc, char** argv) {
       a.load.precision = take(flag);
     } else if (flag == "--threads") {
       a.load.threads = parse_int(flag, take(flag), 0);
+    } else if (flag == "--batch-size") {
+      a.load.batch_size = parse_int(flag, take(flag), 1);
     } else if (flag == "--bench") {
       a.bench = parse_int(flag, take(flag), 1);
     } else if (flag == "--json") {
@@ -310,7 +316,8 @@ int main(int argc, char** argv) {
   }
   if (args.verbose) {
     std::cerr << "stlm_infer_cpp: " << det->name() << " on " << det->backend_name() << " (" << det->precision()
-              << ", " << det->device() << "); artifact " << det->artifact() << "\n";
+              << ", " << det->device() << "); artifact " << det->artifact() << "; chunk " << det->chunk_size()
+              << "\n";
     for (const auto& n : det->notes()) std::cerr << "stlm_infer_cpp: note: " << n << "\n";
   }
   const stlm::Thresholds thr = det->thresholds();
@@ -384,7 +391,8 @@ int main(int argc, char** argv) {
                 {"artifact", det->artifact()},
                 {"results", results},
                 {"failed", failed}};
-    std::cout << doc.dump(2) << std::endl;
+    // replace: a file name that is not valid UTF-8 must not make the whole document unprintable
+    std::cout << doc.dump(2, ' ', false, json::error_handler_t::replace) << std::endl;
   }
   return failed.empty() ? 0 : 1;
 }
