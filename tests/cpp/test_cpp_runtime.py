@@ -355,3 +355,31 @@ def test_chunk_size_follows_the_batch_limit(cpp_build: CppBuild, cpp_engines: di
     assert chunk(cpp_engines["fused"]) == 8          # dynamic engine: default chunk, never the whole list
     assert chunk(cpp_engines["fused"], "--batch-size", "3") == 3
     assert chunk(cpp_engines["fixed"], "--batch-size", "3") == 2  # a fixed batch is the engine's
+
+
+def test_huge_png_is_refused_from_its_header_and_the_rest_are_processed(cpp_build: CppBuild,
+                                                                        cpp_engines: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    from tests.stlm_deploy.test_images import png_header_only
+
+    good = write_images(tmp_path / "imgs", [(64, 64), (80, 100)], gray=False)
+    huge = tmp_path / "imgs" / "huge.png"
+    huge.write_bytes(png_header_only(40000, 40000))
+    proc = run_app(cpp_build, cpp_engines["fused"], good[0], huge, good[1], "--json")
+    assert proc.returncode == 1
+    assert [r["path"] for r in json.loads(proc.stdout)["results"]] == [str(p) for p in good]
+    [line] = stderr_lines(proc)
+    assert line == (f"{huge}: image is too large to decode (40000x40000 = 1,600,000,000 pixels, limit 64,000,000; "
+                    "raise --max-pixels to allow it); skipped")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif", ".webp"])
+def test_max_pixels_reads_the_header_of_each_format(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                    tmp_path: Path, ext: str) -> None:
+    img = tmp_path / f"x{ext}"
+    assert cv2.imwrite(str(img), sample_image(37, 53, 1))  # 1,961 pixels
+    refused = run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1960")
+    assert refused.returncode == 1
+    [line] = stderr_lines(refused)
+    assert line.startswith(f"{img}: image is too large to decode (53x37 = 1,961 pixels, limit 1,960;")
+    assert run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1961").returncode == 0
