@@ -122,13 +122,15 @@ def _one_line(e: BaseException) -> str:
 class ResultStream:
     """Append-and-flush writer of ``scores.csv`` and ``scores.jsonl`` (one row per finished image).
 
-    Opened per run (the files of an earlier run in ``out_dir`` are replaced); every row is flushed to
-    the OS as it is written, so killing the process loses at most the image in flight.
+    Opened per run (the files of an earlier run in ``out_dir`` are replaced, and its ``scores.json`` is
+    removed so that a killed run never leaves an older summary next to its rows); every row is flushed
+    to the OS as it is written, so killing the process loses at most the image in flight.
     """
 
     def __init__(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "scores.json").unlink(missing_ok=True)
         # backslashreplace: a file name that is not valid UTF-8 (surrogate escapes) never stops the run
         self._csv_file: IO[str] = open(out / "scores.csv", "w", encoding="utf-8", errors="backslashreplace",
                                        newline="")
@@ -249,7 +251,7 @@ def score_files(det: Detector, files: Sequence[tuple[Path, str]], out_dir: str |
         result.failed.append(row)
         rows.failure(row)
 
-    def _finish(path: Path, key: str, rgb: np.ndarray, pred: Prediction | Exception) -> None:
+    def finish(path: Path, key: str, rgb: np.ndarray, pred: Prediction | Exception) -> None:
         if isinstance(pred, Exception):
             fail(path, f"{path}: {_predict_failure(pred)}")
             return
@@ -278,7 +280,7 @@ def score_files(det: Detector, files: Sequence[tuple[Path, str]], out_dir: str |
                 continue
             preds = _predict_isolated(det, [im for _, _, im in loaded])
             for (path, key, rgb), pred in zip(loaded, preds):
-                _finish(path, key, rgb, pred)
+                finish(path, key, rgb, pred)
                 step(1)  # after the row is on disk
             del loaded, preds
     finally:

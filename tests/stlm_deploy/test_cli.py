@@ -242,6 +242,8 @@ def test_a_killed_run_keeps_every_finished_row(engines, tmp_path):
     for i in range(150):
         _write(d / f"{i:03d}.png", sample_image(600, 800, i % 7))
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.json").write_text('{"results": "of an earlier run"}\n')  # must not survive next to new rows
     env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "stlm_deploy.cli", "--engine", str(engines["plain"]), str(d),
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
