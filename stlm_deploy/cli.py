@@ -85,7 +85,8 @@ def main(engine: str, backend: str, precision: str | None, threads: int | None, 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
     import cv2
 
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # OpenCV's codec warnings (multi-line, per file): our one line per failure says it
+    # OpenCV's codec warnings are multi-line and per file: our one line per failed image says it all
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     if not inputs:
         raise CommandError("no INPUT given: pass image files, folders or glob patterns", 2)
     files, problems = collect_inputs(inputs)

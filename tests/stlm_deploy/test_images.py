@@ -79,7 +79,8 @@ def test_depths_and_channels_are_handled_one_way(tmp_path, kind):
 def test_reader_errors_are_one_line_and_name_the_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    for path, needle in ((bad, "cannot decode as an image (unsupported format, empty or corrupt file)"), (tmp_path / "nope.png", "no such file"),
+    for path, needle in ((bad, "cannot decode as an image (unsupported format, empty or corrupt file)"),
+                         (tmp_path / "nope.png", "no such file"),
                          (tmp_path, "is a directory")):
         with pytest.raises(InputError) as e:
             read_image_rgb(path)
@@ -157,7 +158,8 @@ def test_pixel_cap_refuses_from_the_header_before_decoding(tmp_path, monkeypatch
     small = tmp_path / "small.png"
     assert cv2.imwrite(str(small), _asymmetric(40, 64))
     assert read_image_rgb(small).shape == (40, 64, 3) and images.DEFAULT_MAX_PIXELS == 64_000_000
-    with pytest.raises(InputError, match=r"small.png: image is too large to decode \(64x40 = 2,560 pixels, limit 2,000"):
+    with pytest.raises(InputError, match=r"small.png: image is too large to decode \(64x40 = 2,560 pixels, "
+                                         r"limit 2,000"):
         read_image_rgb(small, max_pixels=2000)
     assert read_image_rgb(small, max_pixels=2560).shape == (40, 64, 3)
     decoded.clear()
