@@ -76,9 +76,12 @@ class Detector:
         self.artifact = Path(artifact)
         self.selected_by = selected_by
         self.selection_notes = list(selection_notes)
-        if batch_size is not None and int(batch_size) < 1:
-            raise DeployError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        if batch_size is not None and int(batch_size) < 0:
+            raise DeployError(f"batch_size: expected a positive integer (or None/0 for the default), got "
+                              f"{batch_size!r}")
         self.batch_size = int(batch_size) if batch_size else None
+        if max_pixels is not None and int(max_pixels) < 0:
+            raise DeployError(f"max_pixels: expected a pixel count (or None/0 for no cap), got {max_pixels!r}")
         #: pixel cap for images this detector reads from files/bytes (score_files, stlm-infer); 0/None = none
         self.max_pixels = int(max_pixels) if max_pixels else None
         if not backend.is_active:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stlm_deploy import Detector
+from stlm_deploy import DeployError, Detector
 from stlm_deploy.batch import collect_inputs, score_files, write_scores
 
 from .conftest import reference, sample_image
@@ -62,3 +62,5 @@ def test_pixel_cap_is_a_detector_and_score_files_option(engines, tmp_path: Path)
         r = score_files(det, files, tmp_path / "c", overlays=False)
         assert [Path(x["path"]).name for x in r.results] == ["small.png"] and len(r.failed) == 1
         assert len(score_files(det, files, tmp_path / "d", overlays=False, max_pixels=None).results) == 2
+    with pytest.raises(DeployError, match="max_pixels: expected a pixel count"):
+        Detector.load(engines["plain"], backend="ort", max_pixels=-1)
