@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from .detector import Detector, Prediction
-from .errors import BackendUnavailable, DeployError, InputError, SpecError
+from .errors import BackendUnavailable, DeployError, InputError, NonFiniteOutput, SpecError
 from .spec import EngineSpec, load_spec, write_spec
 
 __all__ = ["Detector", "Prediction", "EngineSpec", "load_spec", "write_spec", "DeployError", "SpecError",
-           "InputError", "BackendUnavailable"]
+           "InputError", "BackendUnavailable", "NonFiniteOutput"]

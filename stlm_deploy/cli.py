@@ -1,13 +1,16 @@
 """``stlm-infer``: score images with an exported engine (a thin click layer over :mod:`stlm_deploy.batch`).
 
     stlm-infer --engine engines/bottle [--backend auto|ort|openvino|tensorrt] [--precision P]
-               [--threads N] [--batch-size N] [--no-overlays] [--save-maps] INPUT... --out DIR
+               [--threads N] [--batch-size N] [--max-pixels N] [--no-overlays] [--save-maps] INPUT... --out DIR
 
-INPUT: image files, folders (searched recursively for images) and glob patterns. Writes
-DIR/scores.csv (path,score,is_anomalous), DIR/scores.json (results + backend info),
-DIR/overlays/<name>.png unless --no-overlays, DIR/maps/<name>.npy + 8-bit .png with --save-maps;
-every file is written atomically. An unreadable input is reported on stderr (one line) and
-skipped; the exit code is then 1. No inputs at all: exit 2. Engine/argument errors: one line, exit 1.
+INPUT: image files, folders (searched recursively for images) and glob patterns. Streams
+DIR/scores.csv (path,score,is_anomalous) and DIR/scores.jsonl (one line per result or failure), each
+row appended and flushed as its image completes; DIR/scores.json (results + failures + backend info)
+at the end; DIR/overlays/<name>.png unless --no-overlays, DIR/maps/<name>.npy + 8-bit .png with
+--save-maps (each written atomically). Any per-image failure (unreadable, undecodable, above
+--max-pixels, out of memory, a non-finite output, an unexpected exception) is one line on stderr and
+the others go on; the exit code is then 1. No inputs at all: exit 2. Engine/argument errors: one
+line, exit 1.
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ from typing import Any
 
 import click
 
-from .batch import collect_inputs, read_image, score_files, write_scores
+from .batch import ResultStream, collect_inputs, read_image, score_files, write_scores
 from .console import CommandError, OneLineCommand, missing_modules
 from .files import IMAGE_EXTENSIONS
+from .images import DEFAULT_MAX_PIXELS
 from .spec import display_path
 
 __all__ = ["main", "collect_inputs", "read_image", "IMAGE_EXTENSIONS"]
@@ -64,6 +68,9 @@ class _Progress:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ort/openvino).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images sent to the engine per call.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels (width x height, read from the file header before "
+                   "decoding); 0 = no cap.")
 @click.option("--no-overlays", is_flag=True, help="Do not write heat-map overlays.")
 @click.option("--save-maps", is_flag=True, help="Also write the anomaly maps (.npy float32 + 8-bit .png).")
 @click.option("--no-verify", is_flag=True, help="Skip the artifact checksum verification.")
@@ -72,10 +79,14 @@ class _Progress:
 @click.option("-v", "--verbose", is_flag=True, help="Log backend selection details.")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 def main(engine: str, backend: str, precision: str | None, threads: int | None, batch_size: int,
-         no_overlays: bool, save_maps: bool, no_verify: bool, out_dir: Path, verbose: bool,
+         max_pixels: int, no_overlays: bool, save_maps: bool, no_verify: bool, out_dir: Path, verbose: bool,
          inputs: tuple[str, ...]) -> None:
     """Score images with an exported STLM engine; write scores, overlays and maps to --out."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    import cv2
+
+    # OpenCV's codec warnings are multi-line and per file: our one line per failed image says it all
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     if not inputs:
         raise CommandError("no INPUT given: pass image files, folders or glob patterns", 2)
     files, problems = collect_inputs(inputs)
@@ -85,7 +96,8 @@ def main(engine: str, backend: str, precision: str | None, threads: int | None, 
     from .detector import Detector
 
     try:
-        det = Detector.load(engine, backend=backend, precision=precision, threads=threads, verify=not no_verify)
+        det = Detector.load(engine, backend=backend, precision=precision, threads=threads, verify=not no_verify,
+                            max_pixels=max_pixels)
     except OSError as e:
         raise CommandError(f"{engine}: {e.strerror or e}") from None
     try:
@@ -93,14 +105,22 @@ def main(engine: str, backend: str, precision: str | None, threads: int | None, 
         click.echo(f"stlm-infer: {det.spec.name} on {info['backend']} ({info['precision'] or 'default'}, "
                    f"{info['device']}), chosen by {info['selected_by']}; artifact {display_path(det.artifact)}",
                    err=True)
-        for p in problems:
-            click.echo(p + "; skipped", err=True)
-        with _Progress(len(files)) as bar:
-            result = score_files(det, files, out_dir, batch_size=batch_size, overlays=not no_overlays,
-                                 save_maps=save_maps, report=bar.write, progress=bar.update)
-        result.failed[:0] = [{"path": p.split(": ", 1)[0], "error": p} for p in problems]
         try:
-            write_scores(out_dir, det, result)
+            stream = ResultStream(out_dir)
+        except OSError as e:
+            raise CommandError(f"{out_dir}: cannot write results ({e.strerror or e})") from None
+        with stream:
+            missing = [{"path": p.split(": ", 1)[0], "error": p} for p in problems]
+            for row in missing:
+                click.echo(row["error"] + "; skipped", err=True)
+                stream.failure(row)
+            with _Progress(len(files)) as bar:
+                result = score_files(det, files, out_dir, batch_size=batch_size, overlays=not no_overlays,
+                                     save_maps=save_maps, report=bar.write, progress=bar.update,
+                                     max_pixels=max_pixels, stream=stream)
+        result.failed[:0] = missing
+        try:
+            write_scores(out_dir, det, result, csv_file=False)
         except OSError as e:
             raise CommandError(f"{out_dir}: cannot write results ({e.strerror or e})") from None
     finally:

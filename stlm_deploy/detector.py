@@ -3,8 +3,11 @@
 ``Detector.load`` reads ``stlm.json``, picks the artifact for the requested backend/precision,
 verifies its sha256 (an engine edited after export is refused), activates the backend and checks
 that the graph it loaded matches the spec. ``predict`` accepts one image, an (N, H, W, 3) batch or
-a list of images of different sizes, resizes to ``img_size``, runs the graph in chunks the engine
-accepts (padding fixed-batch engines) and maps every result back to its original size.
+a list of images of different sizes, resizes to ``img_size``, runs the graph in chunks (a fixed-batch
+engine's batch, padded; otherwise ``batch_size``, default :data:`DEFAULT_CHUNK`, never one giant batch)
+and maps every result back to its original size. Outputs holding NaN or +-Infinity (an fp16 overflow,
+a broken plan) raise :class:`~stlm_deploy.errors.NonFiniteOutput`: a NaN score would otherwise compare
+False with the threshold and read as "normal".
 
 ``backend="auto"`` tries, in order: TensorRT (plan present, tensorrt importable, a GPU the plan was
 built for) > ONNX Runtime with CUDA (onnxruntime-gpu that really starts on a GPU) > OpenVINO (IR or
@@ -25,15 +28,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import Backend, backend_class
-from .errors import BackendUnavailable, DeployError, SpecError
+from .errors import BackendUnavailable, DeployError, NonFiniteOutput, SpecError
+from .images import DEFAULT_MAX_PIXELS
 from .preprocess import make_input, prepare_batch, resize_map, split_images
 from .selection import (BACKEND_CHOICES, Planner, accepted_options, artifact_hint, auto_candidates,
                         explicit_candidates)
 from .spec import EngineSpec, display_path, load_spec, normalize_precision, resolve_engine, verify_artifacts
 
-__all__ = ["Detector", "Prediction"]
+__all__ = ["Detector", "Prediction", "DEFAULT_CHUNK"]
 
 log = logging.getLogger("stlm_deploy")
+
+#: Images per backend call on a dynamic-batch engine unless ``batch_size`` says otherwise: bounded memory
+#: (input, outputs and full-size maps of one chunk) however long the list given to ``predict``.
+DEFAULT_CHUNK = 8
+
 
 @dataclass
 class Prediction:
@@ -60,14 +69,21 @@ class Detector:
 
     def __init__(self, spec: EngineSpec, engine_dir: str | os.PathLike, backend: Backend, artifact: str | os.PathLike,
                  *, selected_by: str = "user", selection_notes: Sequence[str] = (),
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.spec = spec
         self.engine_dir = Path(engine_dir)
         self.backend = backend
         self.artifact = Path(artifact)
         self.selected_by = selected_by
         self.selection_notes = list(selection_notes)
+        if batch_size is not None and int(batch_size) < 0:
+            raise DeployError(f"batch_size: expected a positive integer (or None/0 for the default), got "
+                              f"{batch_size!r}")
         self.batch_size = int(batch_size) if batch_size else None
+        if max_pixels is not None and int(max_pixels) < 0:
+            raise DeployError(f"max_pixels: expected a pixel count (or None/0 for no cap), got {max_pixels!r}")
+        #: pixel cap for images this detector reads from files/bytes (score_files, stlm-infer); 0/None = none
+        self.max_pixels = int(max_pixels) if max_pixels else None
         if not backend.is_active:
             backend.activate()
         self._check_graph()
@@ -76,7 +92,7 @@ class Detector:
     @classmethod
     def load(cls, engine: str | os.PathLike, backend: str = "auto", precision: str | None = None,
              threads: int | None = None, verify: bool = True, *, batch_size: int | None = None,
-             **backend_options: Any) -> "Detector":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, **backend_options: Any) -> "Detector":
         """Open an engine directory (or an artifact file inside it) on ``backend``.
 
         Args:
@@ -86,7 +102,11 @@ class Detector:
             (ort: model.onnx, openvino: device default, tensorrt: the plan's).
           threads: CPU threads for ort/openvino (default: all CPUs this process may use).
           verify: check the sha256 of the artifact(s) used against stlm.json.
-          batch_size: largest chunk sent to the backend at once (default: what the engine allows).
+          batch_size: images per backend call on a dynamic-batch engine (default DEFAULT_CHUNK = 8,
+            capped by the backend's limit); a fixed-batch engine always runs its exported batch.
+          max_pixels: images larger than this (width x height, read from the file header) are refused
+            before decoding when this detector reads files or bytes (``score_files``, stlm-infer);
+            default 64 megapixels, None/0 = no cap. Arrays given to ``predict`` are already decoded.
           backend_options: passed to the backend constructor (e.g. ``providers=["cuda"]`` for ort,
             ``cuda_graph=True`` for tensorrt, ``cache_dir`` for openvino).
         """
@@ -131,7 +151,7 @@ class Detector:
             try:
                 det = cls(spec, engine_dir, runner, engine_dir / cand.artifact,
                           selected_by=backend if backend != "auto" else "auto", selection_notes=notes,
-                          batch_size=batch_size)
+                          batch_size=batch_size, max_pixels=max_pixels)
             except BaseException:
                 runner.deactivate()  # e.g. the graph does not match stlm.json: free the session
                 raise
@@ -169,11 +189,34 @@ class Detector:
     def fixed_batch(self) -> int | None:
         return self.backend.fixed_batch or self.spec.fixed_batch
 
-    def _chunk(self, n: int) -> int:
+    @property
+    def chunk_size(self) -> int:
+        """Images per backend call: the fixed batch, else ``batch_size`` (default 8) within the backend's limit."""
         if self.fixed_batch:
             return self.fixed_batch
-        limits = [x for x in (self.backend.max_batch, self.batch_size) if x]
-        return max(1, min(limits + [n]))
+        limits = [x for x in (self.backend.max_batch, self.batch_size or DEFAULT_CHUNK) if x]
+        return max(1, min(limits))
+
+    def _chunk(self, n: int) -> int:
+        return self.chunk_size if self.fixed_batch else max(1, min(self.chunk_size, n))
+
+    def _check_finite(self, outs: dict[str, np.ndarray], n: int) -> None:
+        """Refuse NaN/Inf in any output of the first ``n`` images (the padding of a fixed batch excluded)."""
+        for name, value in outs.items():
+            arr = np.asarray(value)
+            if not np.issubdtype(arr.dtype, np.floating) or np.isfinite(arr).all():
+                continue
+            bad = ~np.isfinite(arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1))
+            images = [i for i in range(min(n, bad.shape[0])) if bad[i].any()]
+            kinds = "NaN" if np.isnan(arr).any() else "Infinity"
+            if np.isnan(arr).any() and np.isinf(arr).any():
+                kinds = "NaN and Infinity"
+            b = self.backend
+            raise NonFiniteOutput(
+                f"{display_path(self.artifact)}: engine '{self.spec.name}' on backend {b.name} (precision "
+                f"{b.precision or 'default'}) returned {kinds} in output '{name}' for image(s) "
+                f"{images[:8]} of a batch of {n}; the result is refused (an fp16/bf16 overflow? try "
+                "precision fp32)")
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         n = batch.shape[0]
@@ -184,7 +227,9 @@ class Detector:
         if x.dtype != self.backend.input_dtype and not self.spec.input.fused_preprocessing:
             x = x.astype(self.backend.input_dtype)
         outs = self.backend.infer({self.backend.input_name: x})
-        return {k: np.asarray(v)[:n] for k, v in outs.items()}
+        outs = {k: np.asarray(v)[:n] for k, v in outs.items()}
+        self._check_finite(outs, n)
+        return outs
 
     def _postprocess(self, outs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[Prediction]:
         amap = np.asarray(outs["anomaly_map"], dtype=np.float32)
@@ -230,6 +275,7 @@ class Detector:
                 "img_size": self.spec.img_size, "backend": b.name, "precision": b.precision,
                 "providers": list(b.providers_used), "device": b.device, "artifact": str(self.artifact),
                 "selected_by": self.selected_by, "selection_notes": list(self.selection_notes),
+                "chunk_size": self.chunk_size, "max_pixels": self.max_pixels,
                 "thresholds": self.spec.thresholds.to_dict(), "backend_info": b.info()}
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ what was expected, so the CLI can print it as ``Error: ...`` without a traceback
 """
 from __future__ import annotations
 
-__all__ = ["DeployError", "SpecError", "InputError", "BackendUnavailable"]
+__all__ = ["DeployError", "SpecError", "InputError", "BackendUnavailable", "NonFiniteOutput"]
 
 
 class DeployError(RuntimeError):
@@ -31,3 +31,9 @@ class BackendUnavailable(DeployError):
     ``backend="auto"`` skips a candidate that raises this and tries the next one; integrity errors
     (checksums, invalid spec) are plain ``DeployError``/``SpecError`` and are never skipped.
     """
+
+
+class NonFiniteOutput(DeployError):
+    """A backend returned NaN or +-Infinity (e.g. an fp16 overflow): the result is refused, never reported
+    as a score. A NaN score compares False with every threshold, i.e. it would read as a silent "normal".
+    The message names the engine, the artifact, the backend and the precision."""

@@ -11,6 +11,7 @@ files of the same ``format_version``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -159,7 +160,34 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite JSON number (NaN and +-Infinity are not JSON, and a NaN threshold never fires)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _nonfinite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """(dotted field, value) of the first NaN/+-Infinity anywhere in a parsed JSON document, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[str, Any]] = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_path, sub in items:
+        found = _nonfinite(sub, sub_path)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_finite(data: Any, where: str) -> None:
+    """stlm.json holds finite numbers only: name the first field that is NaN/Infinity (Python's json and
+    a 1e999 literal both produce them)."""
+    found = _nonfinite(data)
+    if found is not None:
+        path, value = found
+        raise SpecError(f"{where}: field '{path or '(top level)'}' must be a finite number, got {json.dumps(value)}")
 
 
 def _shape(f: _Fields, key: str) -> list[int]:
@@ -376,6 +404,7 @@ class EngineSpec:
     def from_dict(cls, data: Mapping[str, Any], where: str = SPEC_FILENAME) -> "EngineSpec":
         """Parse and validate a ``stlm.json`` object; ``where`` names the file in error messages."""
         f = _Fields(data, where)
+        _check_finite(data, where)
         fmt = f.get("format")
         if fmt != FORMAT:
             raise f.fail("format", repr(FORMAT) + " (this is not an STLM engine description)", fmt)

@@ -23,9 +23,11 @@ OPSET = 17
 
 
 def build_onnx(path: Path, *, img_size: int = IMG, top_k: int = TOP_K, fused: bool = True, batch: int | None = None,
-               with_tlm: bool = False, fp16_inside: bool = False, half_input: bool = False) -> Path:
+               with_tlm: bool = False, fp16_inside: bool = False, half_input: bool = False,
+               nan_on_white: bool = False) -> Path:
     """Write the contract graph. ``fp16_inside``: a distinct "fp16" file (uint8 -> f16 -> f32 is exact for
-    0..255); ``half_input``: unfused float16 input."""
+    0..255); ``half_input``: unfused float16 input; ``nan_on_white``: pixels whose channel mean is 255
+    (pure white) come out as NaN, as an fp16 overflow would (other pixels are unchanged)."""
     n: Any = batch if batch else "N"
     s = img_size
     nodes, inits = [], [h.make_tensor("c255", T.FLOAT, [], [255.0]), h.make_tensor("flat_shape", T.INT64, [2], [0, -1]),
@@ -47,7 +49,11 @@ def build_onnx(path: Path, *, img_size: int = IMG, top_k: int = TOP_K, fused: bo
         nodes += [h.make_node("Mul", ["x32" if half_input else "image", "std"], ["xs"]),
                   h.make_node("Add", ["xs", "mean"], ["xf"]),
                   h.make_node("ReduceMean", ["xf"], ["m"], axes=[1], keepdims=0)]
-    nodes += [h.make_node("Div", ["m", "c255"], ["anomaly_map"]),
+    if nan_on_white:
+        inits.append(h.make_tensor("nan", T.FLOAT, [], [float("nan")]))
+        nodes += [h.make_node("Equal", ["m", "c255"], ["white"]),
+                  h.make_node("Where", ["white", "nan", "m"], ["m_or_nan"])]
+    nodes += [h.make_node("Div", ["m_or_nan" if nan_on_white else "m", "c255"], ["anomaly_map"]),
               h.make_node("Reshape", ["anomaly_map", "flat_shape"], ["flat"]),
               h.make_node("TopK", ["flat", "k"], ["top", "top_idx"], axis=1),
               h.make_node("ReduceMean", ["top"], ["score"], axes=[1], keepdims=0)]
@@ -68,12 +74,14 @@ def build_onnx(path: Path, *, img_size: int = IMG, top_k: int = TOP_K, fused: bo
 
 def make_engine(root: Path, name: str = "tiny", *, fused: bool = True, batch: int | str = "dynamic",
                 with_tlm: bool = False, fp16: bool = False, openvino_ir: bool = False, half_input: bool = False,
-                image_threshold: float | None = None, pixel_threshold: float | None = None) -> Path:
+                image_threshold: float | None = None, pixel_threshold: float | None = None,
+                nan_on_white: bool = False) -> Path:
     """An engine directory exactly as the exporter writes it (stlm.json via write_spec + checksums)."""
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     b = None if batch == "dynamic" else int(batch)
-    build_onnx(d / "model.onnx", fused=fused, batch=b, with_tlm=with_tlm, half_input=half_input)
+    build_onnx(d / "model.onnx", fused=fused, batch=b, with_tlm=with_tlm, half_input=half_input,
+               nan_on_white=nan_on_white)
     tools = {"onnx": onnx.__version__}
     spec = EngineSpec.create(name, IMG, opset=OPSET, fused_preprocessing=fused, batch=batch, with_tlm=with_tlm,
                              top_k=TOP_K, tools=tools)

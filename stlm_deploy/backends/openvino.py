@@ -7,10 +7,13 @@ hints it cannot honour, so: bf16/f16 are only requested when ``OPTIMIZATION_CAPA
 them (otherwise f32 is requested and a warning logged), and the precision actually used is read
 back from the compiled model and reported.
 
-Thread-safety: one ``InferRequest`` per calling thread (``threading.local``), created on first use
-from the shared ``CompiledModel`` (whose ``create_infer_request`` is thread-safe). Threads never
-share a request's buffers, so no lock is held during inference; with the LATENCY hint OpenVINO
-queues concurrent requests on its stream internally.
+Thread-safety: ``InferRequest`` objects come from a bounded pool (at most ``max_requests``, default
+``max(2, OPTIMAL_NUMBER_OF_INFER_REQUESTS)``), created on demand from the shared ``CompiledModel``
+(whose ``create_infer_request`` is thread-safe) and handed back after each call. A request is used
+by one thread at a time, so no lock is held during inference; a caller that finds every request busy
+waits for one. Memory stays bounded however many threads call ``infer`` over the backend's life (a
+request per thread, kept forever, grew with every new thread). With the LATENCY hint OpenVINO runs
+one stream, so more requests would only queue inside OpenVINO anyway.
 """
 from __future__ import annotations
 
@@ -68,13 +71,15 @@ class OpenVinoBackend(Backend):
       device: OpenVINO device name ("CPU"; "GPU"/"NPU"/"AUTO" are passed through untested).
       cache_dir: OpenVINO model cache (``CACHE_DIR``) to skip recompilation on the next start.
       artifact_precision: precision recorded in stlm.json for the file (an int8 IR reports "int8").
+      max_requests: size of the InferRequest pool (default: max(2, the compiled model's optimal number
+        of infer requests)); concurrent callers beyond it wait for a free request.
     """
 
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike, precision: str | None = None, threads: int | None = None,
                  device: str = "CPU", cache_dir: str | os.PathLike | None = None,
-                 artifact_precision: str | None = None) -> None:
+                 artifact_precision: str | None = None, max_requests: int | None = None) -> None:
         super().__init__(path)
         self.requested_precision = normalize_precision(precision)
         self.threads = int(threads) if threads else default_threads()
@@ -84,10 +89,14 @@ class OpenVinoBackend(Backend):
         self.artifact_precision = normalize_precision(artifact_precision)
         self.inference_precision: str | None = None
         self.notes: list[str] = []
+        if max_requests is not None and int(max_requests) < 1:
+            raise DeployError(f"openvino backend: max_requests must be >= 1, got {max_requests!r}")
+        self.requested_max_requests = int(max_requests) if max_requests else None
+        self.max_requests = 0
         self._compiled: Any = None
-        self._local = threading.local()
-        self._requests: list[Any] = []
-        self._requests_lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._created = 0
+        self._pool = threading.Condition()
 
     def _activate(self) -> None:
         ov = _import_openvino()
@@ -138,39 +147,71 @@ class OpenVinoBackend(Backend):
         self._out_ports = list(compiled.outputs)
         self.output_names = [p.get_any_name() for p in self._out_ports]
         self.max_batch = self.fixed_batch
-        self._local = threading.local()
+        optimal = 1
+        try:
+            optimal = int(compiled.get_property(props.optimal_number_of_infer_requests))
+        except Exception:  # noqa: BLE001 - not every device reports it
+            pass
+        self.max_requests = self.requested_max_requests or max(2, optimal)
+        with self._pool:
+            self._idle, self._created = [], 0
 
-    def _request(self) -> Any:
-        req = getattr(self._local, "request", None)
-        if req is None:
-            req = self._compiled.create_infer_request()
-            self._local.request = req
-            with self._requests_lock:
-                self._requests.append(req)
-        return req
+    def _acquire(self) -> Any:
+        """An idle request, a new one while fewer than ``max_requests`` exist, else wait for one."""
+        with self._pool:
+            while True:
+                if self._idle:
+                    return self._idle.pop()
+                if self._created < self.max_requests:
+                    self._created += 1
+                    break
+                self._pool.wait()
+        try:
+            return self._compiled.create_infer_request()
+        except BaseException:
+            with self._pool:
+                self._created -= 1
+                self._pool.notify()
+            raise
+
+    def _release(self, req: Any) -> None:
+        with self._pool:
+            self._idle.append(req)
+            self._pool.notify()
+
+    @property
+    def requests_created(self) -> int:
+        """InferRequests alive in the pool (never more than ``max_requests``)."""
+        with self._pool:
+            return self._created
 
     def _deactivate(self) -> None:
-        with self._requests_lock:
-            self._requests.clear()
-        self._local = threading.local()
+        with self._pool:
+            self._idle.clear()
+            self._created = 0
+            self._pool.notify_all()
         self._out_ports = []
         self._compiled = None
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._require_active()
         x = self._input_array(feed)
-        req = self._request()
+        req = self._acquire()
         try:
-            res = req.infer({self.input_name: x})
-        except Exception as e:
-            raise DeployError(f"{self.path}: OpenVINO inference failed on input {x.dtype} {tuple(x.shape)} "
-                              f"({first_line(e)})") from e
-        # Copy: a request reuses its output buffers on the next call from this thread.
-        return {name: np.array(res[port], copy=True) for name, port in zip(self.output_names, self._out_ports)}
+            try:
+                res = req.infer({self.input_name: x})
+            except Exception as e:
+                raise DeployError(f"{self.path}: OpenVINO inference failed on input {x.dtype} {tuple(x.shape)} "
+                                  f"({first_line(e)})") from e
+            # Copy: the request reuses its output buffers on its next call (from any thread).
+            return {name: np.array(res[port], copy=True) for name, port in zip(self.output_names, self._out_ports)}
+        finally:
+            self._release(req)
 
     def info(self) -> dict[str, Any]:
         d = super().info()
         d.update(threads=self.threads, requested_precision=self.requested_precision,
                  inference_precision=self.inference_precision, notes=list(self.notes),
-                 thread_safety="one InferRequest per thread")
+                 max_requests=self.max_requests, requests_created=self.requests_created,
+                 thread_safety=f"a pool of at most {self.max_requests} InferRequests shared by all threads")
         return d

@@ -47,7 +47,9 @@ def write_images(folder: Path, sizes=SIZES, gray: bool = True) -> list[Path]:
 def analytic(bgr: np.ndarray) -> float:
     """The fixture graph's score computed with numpy (independent of both runtimes)."""
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    small = rgb if rgb.shape[:2] == (IMG, IMG) else cv2.resize(rgb, (IMG, IMG), interpolation=cv2.INTER_LINEAR)
+    # the fixture engines use the default "area" policy: INTER_AREA when shrinking both sides, else INTER_LINEAR
+    flag = cv2.INTER_AREA if rgb.shape[0] >= IMG and rgb.shape[1] >= IMG else cv2.INTER_LINEAR
+    small = rgb if rgb.shape[:2] == (IMG, IMG) else cv2.resize(rgb, (IMG, IMG), interpolation=flag)
     m = small.astype(np.float32).mean(axis=2) / 255.0
     return float(np.sort(m.ravel())[-TOP_K:].mean())
 
@@ -274,3 +276,110 @@ def test_missing_artifact_file(cpp_build: CppBuild, cpp_engines: dict[str, Path]
     assert proc.returncode == 1
     [line] = stderr_lines(proc)
     assert "openvino/model.bin: listed in stlm.json but missing" in line
+
+
+# ---------------------------------------------------------------- issue 12: never a silent "normal", valid JSON
+@pytest.mark.parametrize("old, new, field, shown", [
+    ('"image": 0.74', '"image": NaN', "thresholds.image", "NaN"),
+    ('"pixel": 0.55', '"pixel": Infinity', "thresholds.pixel", "Infinity"),
+    ('"image": 0.74', '"image": 1e999', "thresholds.image", "Infinity"),  # overflows while parsing
+    ("57.12", "-Infinity", "preprocessing.std[1]", "-Infinity"),
+])
+def test_nonfinite_in_stlm_json_is_refused_naming_the_field(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                             tmp_path: Path, old, new, field, shown) -> None:
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    spec = engine / "stlm.json"
+    text = spec.read_text()
+    assert old in text
+    spec.write_text(text.replace(old, new, 1))
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, engine, img)
+    assert proc.returncode == 1 and proc.stdout == ""
+    [line] = stderr_lines(proc)
+    assert line.endswith(f"stlm.json: field '{field}' must be a finite number, got {shown}"), line
+
+
+def test_nan_inside_a_string_is_not_a_number(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    data = json.loads((engine / "stlm.json").read_text())
+    data["thresholds"]["method"] = "NaN-free \"Infinity\" check, -Infinity"
+    (engine / "stlm.json").write_text(json.dumps(data))
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    assert run_app(cpp_build, engine, img).returncode == 0
+
+
+def test_nonfinite_output_is_an_error_never_a_normal(cpp_build: CppBuild, tmp_path: Path) -> None:
+    from tests.contract_engine import make_engine
+
+    engine = make_engine(tmp_path / "engines", "poisoned", openvino_ir=True, image_threshold=0.5, nan_on_white=True)
+    [good] = write_images(tmp_path, [(64, 64)], gray=False)
+    white = tmp_path / "white.png"
+    cv2.imwrite(str(white), np.full((70, 80, 3), 255, np.uint8))
+    proc = run_app(cpp_build, engine, white, good, "--json")
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert [r["path"] for r in doc["results"]] == [str(good)] and doc["results"][0]["is_anomalous"] is not None
+    [line] = stderr_lines(proc)
+    assert line.startswith(f"{white}: ") and line.endswith("; skipped")
+    assert "engine 'poisoned' on backend openvino (precision fp32) returned NaN in output 'anomaly_map'" in line
+    assert doc["failed"][0]["path"] == str(white)
+
+
+def test_json_survives_non_utf8_file_names(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    import os
+
+    folder = tmp_path / "imgs"
+    [good] = write_images(folder, [(64, 64)], gray=False)
+    odd = os.fsencode(folder) + b"/caf\xe9_\xff.png"
+    with open(odd, "wb") as f:
+        f.write(good.read_bytes())
+    proc = subprocess.run([os.fsencode(cpp_build.app), os.fsencode(cpp_engines["fused"]), odd, good, b"--json"],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.decode("utf-8"), parse_constant=lambda t: 1 / 0)  # strict UTF-8 JSON
+    paths = [r["path"] for r in doc["results"]]
+    assert paths[0].endswith("caf\ufffd_\ufffd.png") and paths[1] == str(good)
+    assert doc["results"][0]["score"] == doc["results"][1]["score"]  # the same pixels
+
+
+def test_chunk_size_follows_the_batch_limit(cpp_build: CppBuild, cpp_engines: dict[str, Path], tmp_path: Path) -> None:
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+
+    def chunk(engine: Path, *extra: str) -> int:
+        proc = run_app(cpp_build, engine, img, "--verbose", *extra)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stderr.split("; chunk ")[1].split()[0])
+
+    assert chunk(cpp_engines["fused"]) == 8          # dynamic engine: default chunk, never the whole list
+    assert chunk(cpp_engines["fused"], "--batch-size", "3") == 3
+    assert chunk(cpp_engines["fixed"], "--batch-size", "3") == 2  # a fixed batch is the engine's
+
+
+def test_huge_png_is_refused_from_its_header_and_the_rest_are_processed(cpp_build: CppBuild,
+                                                                        cpp_engines: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    from tests.stlm_deploy.test_images import png_header_only
+
+    good = write_images(tmp_path / "imgs", [(64, 64), (80, 100)], gray=False)
+    huge = tmp_path / "imgs" / "huge.png"
+    huge.write_bytes(png_header_only(40000, 40000))
+    proc = run_app(cpp_build, cpp_engines["fused"], good[0], huge, good[1], "--json")
+    assert proc.returncode == 1
+    assert [r["path"] for r in json.loads(proc.stdout)["results"]] == [str(p) for p in good]
+    [line] = stderr_lines(proc)
+    assert line == (f"{huge}: image is too large to decode (40000x40000 = 1,600,000,000 pixels, limit 64,000,000; "
+                    "raise --max-pixels to allow it); skipped")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif", ".webp"])
+def test_max_pixels_reads_the_header_of_each_format(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                    tmp_path: Path, ext: str) -> None:
+    img = tmp_path / f"x{ext}"
+    assert cv2.imwrite(str(img), sample_image(37, 53, 1))  # 1,961 pixels
+    refused = run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1960")
+    assert refused.returncode == 1
+    [line] = stderr_lines(refused)
+    assert line.startswith(f"{img}: image is too large to decode (53x37 = 1,961 pixels, limit 1,960;")
+    assert run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1961").returncode == 0

@@ -20,14 +20,15 @@ from tests.contract_engine import IMG, OPSET, TOP_K, build_onnx, make_engine, sa
 
 
 def reference(images: list[np.ndarray], img_size: int = IMG, top_k: int = TOP_K,
-              bgr: bool = False, resize: str = "area") -> tuple[list[np.ndarray], list[float]]:
+              bgr: bool = False) -> tuple[list[np.ndarray], list[float]]:
     """What the runtime must return for the fixture graph, computed with numpy + the documented resize
-    (docs/engine_format.md: "area" shrinks with INTER_AREA and enlarges with INTER_LINEAR)."""
+    (the fixture engines are written with the default ``area`` policy: INTER_AREA when shrinking both
+    sides, INTER_LINEAR otherwise)."""
     maps, scores = [], []
     for im in images:
         rgb = cv2.cvtColor(im, cv2.COLOR_BGR2RGB) if bgr else im
-        shrink = rgb.shape[0] >= img_size and rgb.shape[1] >= img_size
-        flag = cv2.INTER_AREA if resize == "area" and shrink else cv2.INTER_LINEAR
+        shrinking = rgb.shape[0] >= img_size and rgb.shape[1] >= img_size
+        flag = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         small = cv2.resize(rgb, (img_size, img_size), interpolation=flag) \
             if rgb.shape[:2] != (img_size, img_size) else rgb
         m = small.astype(np.float32).mean(axis=2) / 255.0

@@ -160,19 +160,23 @@ def test_choose_inference_precision_is_pure():
     assert choose_inference_precision("int8", ["INT8"]) == (None, None)
 
 
-def test_openvino_one_request_per_thread(engines):
+def test_openvino_requests_come_from_a_bounded_pool(engines):
     x = _batch(2)
-    with OpenVinoBackend(engines["plain"] / "model.onnx", precision="f32") as be:
+    with OpenVinoBackend(engines["plain"] / "model.onnx", precision="f32", max_requests=3) as be:
         ref = be.infer({"image": x})["score"]
-        barrier = threading.Barrier(4)
+        barrier = threading.Barrier(8)
 
         def work(_: int) -> np.ndarray:
             barrier.wait()
             return be.infer({"image": x})["score"]
 
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(work, range(4)))
-        assert len(be._requests) == 5  # main thread + 4 workers, never shared
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(8)))
+        # 8 concurrent threads (+ the main one) share at most 3 requests; one thread at a time per request
+        assert be.max_requests == 3 and 1 <= be.requests_created <= 3
+        assert be.info()["requests_created"] == be.requests_created
+    with pytest.raises(DeployError, match="max_requests must be >= 1"):
+        OpenVinoBackend(engines["plain"] / "model.onnx", max_requests=0)
     for r in results:
         np.testing.assert_array_equal(r, ref)
 

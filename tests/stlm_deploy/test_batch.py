@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stlm_deploy import Detector
+from stlm_deploy import DeployError, Detector
 from stlm_deploy.batch import collect_inputs, score_files, write_scores
 
 from .conftest import reference, sample_image
@@ -44,3 +44,23 @@ def test_score_files_isolates_failures_and_writes_outputs(engines, tmp_path: Pat
     with open(out / "scores.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert json.loads((out / "scores.json").read_text())["failed"] == result.failed
+
+
+def test_pixel_cap_is_a_detector_and_score_files_option(engines, tmp_path: Path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (h, w) in {"small": (40, 50), "large": (80, 100)}.items():  # 2,000 and 8,000 pixels
+        assert cv2.imwrite(str(src / f"{name}.png"), sample_image(h, w, 1))
+    files, _ = collect_inputs([str(src)])
+    with Detector.load(engines["plain"], backend="ort") as det:
+        assert det.max_pixels == 64_000_000 and det.info()["max_pixels"] == 64_000_000
+        assert len(score_files(det, files, tmp_path / "a", overlays=False).results) == 2
+        r = score_files(det, files, tmp_path / "b", overlays=False, max_pixels=5000)
+        assert [Path(x["path"]).name for x in r.results] == ["small.png"]
+        assert "large.png: image is too large to decode (100x80 = 8,000 pixels, limit 5,000" in r.failed[0]["error"]
+    with Detector.load(engines["plain"], backend="ort", max_pixels=5000) as det:  # the detector's cap is the default
+        r = score_files(det, files, tmp_path / "c", overlays=False)
+        assert [Path(x["path"]).name for x in r.results] == ["small.png"] and len(r.failed) == 1
+        assert len(score_files(det, files, tmp_path / "d", overlays=False, max_pixels=None).results) == 2
+    with pytest.raises(DeployError, match="max_pixels: expected a pixel count"):
+        Detector.load(engines["plain"], backend="ort", max_pixels=-1)

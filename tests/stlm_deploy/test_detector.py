@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -210,3 +211,95 @@ def test_thread_safety_matches_serial(engines, backend, precision):
     assert len(results) == 3 * len(jobs)
     for k, got in results:
         assert got == serial[k]
+
+
+# ---------------------------------------------------------------- issue 12 item 1: never a silent "normal"
+@pytest.fixture(scope="module")
+def nan_engine(tmp_path_factory) -> Path:
+    """A real engine whose graph turns pure-white pixels into NaN (what an fp16 overflow does)."""
+    from tests.contract_engine import make_engine
+
+    return make_engine(tmp_path_factory.mktemp("nan"), "poisoned", openvino_ir=True, image_threshold=0.5,
+                       nan_on_white=True)
+
+
+@pytest.mark.parametrize("backend, precision", BACKENDS)
+def test_nonfinite_backend_output_raises_naming_engine_backend_and_precision(nan_engine, backend, precision):
+    from stlm_deploy import NonFiniteOutput
+
+    white = np.full((80, 90, 3), 255, np.uint8)
+    with Detector.load(nan_engine, backend=backend, precision=precision) as det:
+        good = det.predict(sample_image(80, 90, 1))  # the same graph on an ordinary image is fine
+        assert np.isfinite(good.score) and good.is_anomalous is not None
+        with pytest.raises(NonFiniteOutput) as ei:
+            det.predict(white)
+        msg = str(ei.value)
+        assert isinstance(ei.value, DeployError) and "\n" not in msg
+        assert "engine 'poisoned'" in msg and f"backend {backend}" in msg
+        assert f"precision {det.backend.precision}" in msg and "NaN" in msg and "'anomaly_map'" in msg
+        with pytest.raises(NonFiniteOutput, match=r"for image\(s\) \[1\] of a batch of 3"):
+            det.predict([sample_image(64, 64, 2), white, sample_image(64, 64, 3)])
+
+
+# ---------------------------------------------------------------- issue 12 item 5: bounded memory
+def _record_batches(det: Detector) -> list[int]:
+    seen: list[int] = []
+    real = det.backend.infer
+
+    def infer(feed):
+        seen.append(int(next(iter(feed.values())).shape[0]))
+        return real(feed)
+
+    det.backend.infer = infer
+    return seen
+
+
+@pytest.mark.parametrize("backend, precision", BACKENDS)
+def test_predict_on_a_long_list_runs_in_chunks_of_the_batch_limit(engines, backend, precision):
+    imgs = [sample_image(40 + i, 50, i) for i in range(19)]
+    with Detector.load(engines["plain"], backend=backend, precision=precision) as det:
+        assert det.chunk_size == 8
+        seen = _record_batches(det)
+        _check(det.predict(imgs), imgs)
+        assert seen == [8, 8, 3]  # never one giant batch of 19
+    with Detector.load(engines["plain"], backend=backend, precision=precision, batch_size=5) as det:
+        seen = _record_batches(det)
+        _check(det.predict(np.stack([sample_image(64, 64, i) for i in range(12)])),
+               [sample_image(64, 64, i) for i in range(12)])
+        assert seen == [5, 5, 2]
+    with Detector.load(engines["fixed"], backend=backend, precision=precision, batch_size=5) as det:
+        seen = _record_batches(det)  # a fixed-batch engine always runs its exported batch (padded)
+        _check(det.predict(imgs[:5]), imgs[:5])
+        assert seen == [2, 2, 2]
+    with pytest.raises(DeployError, match="batch_size: expected a positive integer"):
+        Detector.load(engines["plain"], backend="ort", batch_size=-1)
+
+
+def test_openvino_infer_requests_come_from_a_bounded_pool(engines):
+    with Detector.load(engines["plain"], backend="openvino", precision="fp32") as det:
+        b = det.backend
+        assert b.max_requests >= 2 and det.info()["backend_info"]["max_requests"] == b.max_requests
+        img = sample_image(64, 64, 5)
+        want = det.predict(img).score
+        scores: list[float] = []
+        for _ in range(20):  # 20 short-lived threads, one after the other: one request serves them all
+            t = threading.Thread(target=lambda: scores.append(det.predict(img).score))
+            t.start()
+            t.join()
+        assert scores == [want] * 20 and b.requests_created == 1
+        barrier = threading.Barrier(12)
+
+        def worker(_: int) -> float:
+            barrier.wait()
+            return det.predict(img).score
+
+        with ThreadPoolExecutor(12) as pool:  # 12 threads at once: never more requests than the pool allows
+            assert list(pool.map(worker, range(12))) == [want] * 12
+        assert 1 <= b.requests_created <= b.max_requests < 12
+    from stlm_deploy.backends.openvino import OpenVinoBackend
+
+    with OpenVinoBackend(engines["plain"] / "model.onnx", max_requests=1) as one:
+        x = np.zeros((3, IMG, IMG, 3), np.uint8)
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(lambda _: one.infer({"image": x})["score"], range(6)))
+        assert one.requests_created == 1 and all(np.array_equal(o, outs[0]) for o in outs)

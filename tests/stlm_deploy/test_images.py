@@ -79,7 +79,8 @@ def test_depths_and_channels_are_handled_one_way(tmp_path, kind):
 def test_reader_errors_are_one_line_and_name_the_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    for path, needle in ((bad, "cannot decode as an image"), (tmp_path / "nope.png", "no such file"),
+    for path, needle in ((bad, "cannot decode as an image (unsupported format, empty or corrupt file)"),
+                         (tmp_path / "nope.png", "no such file"),
                          (tmp_path, "is a directory")):
         with pytest.raises(InputError) as e:
             read_image_rgb(path)
@@ -112,3 +113,70 @@ def test_area_policy_shrinks_with_pixel_area_and_enlarges_bilinearly():
     assert interpolation_for("area", (50, 300), (100, 100)) == cv2.INTER_LINEAR  # mixed: not shrinking
     with pytest.raises(InputError, match="resize policy must be one of 'area', 'bilinear'|area, bilinear"):
         interpolation_for("nearest", (1, 1), (2, 2))
+
+
+# ---------------------------------------------------------------- issue 12 item 5: bounded memory
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR says width x height and nothing else (no pixel data): tiny, truncated."""
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + \
+        struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif", ".webp", ".ppm", ".pgm", ".pbm", ".jp2"])
+def test_image_size_reads_the_header_of_every_accepted_format(ext):
+    from stlm_deploy.files import IMAGE_EXTENSIONS
+    from stlm_deploy.images import image_size
+
+    assert ext in IMAGE_EXTENSIONS
+    img = _asymmetric(37, 53)
+    ok, buf = cv2.imencode(ext, img[:, :, 0] if ext in (".pgm", ".pbm") else img)
+    assert ok
+    assert image_size(buf.tobytes()) == (53, 37)
+    assert image_size(buf.tobytes()[:4]) is None and image_size(b"not an image at all") is None
+
+
+def test_pixel_cap_refuses_from_the_header_before_decoding(tmp_path, monkeypatch):
+    from stlm_deploy import images
+
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header_only(40000, 40000))  # 1.6 gigapixels announced, 33 bytes on disk
+    decoded: list[int] = []
+    real = cv2.imdecode
+    monkeypatch.setattr(images.cv2, "imdecode", lambda buf, flags: decoded.append(1) or real(buf, flags))
+    with pytest.raises(InputError) as ei:
+        read_image_rgb(huge)
+    msg = str(ei.value)
+    assert msg.startswith(f"{huge}: image is too large to decode (40000x40000 = 1,600,000,000 pixels, limit "
+                          "64,000,000; raise max_pixels / --max-pixels to allow it)")
+    assert "\n" not in msg and decoded == []  # refused from the header: the decoder was never called
+    with pytest.raises(InputError, match="<bytes>: image is too large"):
+        decode_image_rgb(huge.read_bytes())
+    # the cap is an argument with a default: a small cap refuses a normal image, None lifts it
+    small = tmp_path / "small.png"
+    assert cv2.imwrite(str(small), _asymmetric(40, 64))
+    assert read_image_rgb(small).shape == (40, 64, 3) and images.DEFAULT_MAX_PIXELS == 64_000_000
+    with pytest.raises(InputError, match=r"small.png: image is too large to decode \(64x40 = 2,560 pixels, "
+                                         r"limit 2,000"):
+        read_image_rgb(small, max_pixels=2000)
+    assert read_image_rgb(small, max_pixels=2560).shape == (40, 64, 3)
+    decoded.clear()
+    with pytest.raises(InputError, match="huge.png: cannot decode as an image"):  # no cap: OpenCV tries, fails
+        read_image_rgb(huge, max_pixels=None)
+    assert decoded == [1]
+
+
+def test_opencv_errors_become_one_line_input_errors(tmp_path, monkeypatch):
+    from stlm_deploy import images
+
+    def boom(buf, flags):
+        raise cv2.error("OpenCV(5.0.0) grfmt.cpp:1 error: (-215:Assertion failed)\n  pixels <= limit")
+
+    monkeypatch.setattr(images.cv2, "imdecode", boom)
+    path = tmp_path / "x.png"
+    assert cv2.imwrite(str(path), _asymmetric())
+    with pytest.raises(InputError) as ei:
+        read_image_rgb(path)
+    assert str(ei.value).startswith(f"{path}: cannot decode as an image (") and "\n" not in str(ei.value)

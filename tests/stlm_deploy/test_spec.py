@@ -181,3 +181,38 @@ def test_normalize_precision():
         ["fp32", "fp16", "bf16", "int8", None, None]
     with pytest.raises(DeployError, match="precision: expected one of fp32, fp16, bf16, int8"):
         normalize_precision("fp8")
+
+
+# ---------------------------------------------------------------- issue 12 item 1: never a silent "normal"
+@pytest.mark.parametrize("old, new, field", [
+    ('"image": 0.5', '"image": NaN', "thresholds.image"),
+    ('"pixel": 0.6', '"pixel": Infinity', "thresholds.pixel"),
+    ('"image": 0.5', '"image": 1e999', "thresholds.image"),  # overflows to inf in every JSON parser
+    ("57.12", "-Infinity", "preprocessing.std[1]"),
+    ("123.675", "NaN", "preprocessing.mean[0]"),
+])
+def test_nan_and_infinity_in_stlm_json_are_refused_naming_the_field(engine_copy, old, new, field):
+    engine = engine_copy("fused")
+    path = engine / "stlm.json"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(SpecError) as ei:
+        load_spec(engine)
+    msg = str(ei.value)
+    assert "\n" not in msg and f"stlm.json: field '{field}' must be a finite number, got " in msg
+    assert msg.split("got ")[-1] in ("NaN", "Infinity", "-Infinity")
+
+
+def test_nan_in_an_unknown_field_is_refused_and_never_written(engine_copy):
+    engine = engine_copy("fused")
+    data = _data(engine)
+    data["parity"]["max_abs_map"] = float("nan")
+    msg = _err(data)
+    assert "field 'parity.max_abs_map' must be a finite number, got NaN" in msg
+    spec = load_spec(engine)
+    spec.thresholds.image = float("inf")
+    before = (engine / "stlm.json").read_text()
+    with pytest.raises(SpecError, match="field 'thresholds.image' must be a finite number, got Infinity"):
+        write_spec(engine, spec)
+    assert (engine / "stlm.json").read_text() == before  # the good file is kept

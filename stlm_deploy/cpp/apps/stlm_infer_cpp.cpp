@@ -1,11 +1,12 @@
 // stlm_infer_cpp: score images with an exported STLM engine from C++ (example app of the stlm::deploy library).
 //
 //   stlm_infer_cpp ENGINE IMAGE... [--out DIR] [--backend auto|openvino|ort|tensorrt] [--precision P]
-//                  [--threads N] [--json] [--bench N] [--save-maps DIR] [--no-verify] [--verbose]
+//                  [--threads N] [--batch-size N] [--max-pixels N] [--json] [--bench N] [--save-maps DIR]
+//                  [--no-verify] [--verbose]
 //
 // Prints one line per image on stdout: "path score decision" (decision: anomalous | normal | none when the
 // engine has no image threshold), plus the median latency in ms with --bench N. --json prints one JSON
-// document instead. --out DIR writes overlays DIR/<name>.png (JET heat map blended 50% + outline of
+// document instead (always valid UTF-8 JSON: bytes of a file name that are not UTF-8 become U+FFFD). --out DIR writes overlays DIR/<name>.png (JET heat map blended 50% + outline of
 // map > pixel threshold); --save-maps DIR writes each full-size map as DIR/<name>.npy (float32).
 // IMAGE may be a folder (searched recursively). Errors are ONE line on stderr each: an engine error stops
 // everything (exit 1); a missing or unreadable image is reported, the others are still processed, and the
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +28,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -43,7 +46,8 @@ namespace {
 
 const char* kUsage =
     "usage: stlm_infer_cpp ENGINE IMAGE... [--out DIR] [--backend auto|openvino|ort|tensorrt]\n"
-    "                      [--precision fp32|bf16|fp16|int8|device] [--threads N] [--json] [--bench N]\n"
+    "                      [--precision fp32|bf16|fp16|int8|device] [--threads N] [--batch-size N]\n"
+    "                      [--max-pixels N] [--json] [--bench N]\n"
     "                      [--save-maps DIR] [--no-verify] [--verbose] [--list-backends]\n"
     "\n"
     "Score images with an exported STLM engine (the directory written by stlm-export, or a file in it).\n"
@@ -53,7 +57,11 @@ const char* kUsage =
     "  --backend B      auto (default), openvino, ort, tensorrt\n"
     "  --precision P    openvino inference precision (default fp32) / artifact precision\n"
     "  --threads N      CPU threads (default: all CPUs this process may use)\n"
-    "  --json           print one JSON document (results + failures + backend) instead of lines\n"
+    "  --batch-size N   images per backend call for batched predict() on a dynamic engine (default 8)\n"
+    "  --max-pixels N   refuse images with more pixels, read from the file header before decoding\n"
+    "                   (default 64000000, as stlm-infer; 0 = no cap)\n"
+    "  --json           print one JSON document (results + failures + backend) instead of lines;\n"
+    "                   file-name bytes that are not UTF-8 are written as U+FFFD (valid JSON)\n"
     "  --bench N        time N predictions per image after one warm-up; report the median in ms\n"
     "  --no-verify      skip the sha256 check of the artifacts\n"
     "  --verbose        print which backend/artifact runs on stderr\n"
@@ -74,6 +82,7 @@ struct Args {
   stlm::LoadOptions load;
   bool json = false, verbose = false, list_backends = false;
   int bench = 0;
+  long long max_pixels = 64000000;  // stlm_deploy.images.DEFAULT_MAX_PIXELS
 };
 
 int parse_int(const std::string& flag, const std::string& v, int minimum) {
@@ -114,6 +123,14 @@ Args parse(int argc, char** argv) {
       a.load.precision = take(flag);
     } else if (flag == "--threads") {
       a.load.threads = parse_int(flag, take(flag), 0);
+    } else if (flag == "--batch-size") {
+      a.load.batch_size = parse_int(flag, take(flag), 1);
+    } else if (flag == "--max-pixels") {
+      const std::string v = take(flag);
+      char* end = nullptr;
+      const long long x = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end || x < 0) throw UsageError(flag + ": expected an integer >= 0, got '" + v + "'");
+      a.max_pixels = x;
     } else if (flag == "--bench") {
       a.bench = parse_int(flag, take(flag), 1);
     } else if (flag == "--json") {
@@ -253,11 +270,90 @@ cv::Mat to_bgr8(const cv::Mat& decoded) {
   return img;
 }
 
-cv::Mat read_image(const std::string& path, std::string& problem) {
+// (width, height) from an encoded image's header, as stlm_deploy/images.py's image_size() (PNG IHDR, JPEG
+// SOFn, BMP, TIFF, WebP); {0, 0} when the format or header is not recognised (the decoder then decides).
+std::pair<uint64_t, uint64_t> header_size(const std::vector<uchar>& b) {
+  const size_t n = b.size();
+  auto be16 = [&](size_t i) { return i + 2 <= n ? (uint64_t(b[i]) << 8) | b[i + 1] : 0; };
+  auto be32 = [&](size_t i) { return i + 4 <= n ? (be16(i) << 16) | be16(i + 2) : 0; };
+  auto le16 = [&](size_t i) { return i + 2 <= n ? (uint64_t(b[i + 1]) << 8) | b[i] : 0; };
+  auto le32 = [&](size_t i) { return i + 4 <= n ? (le16(i + 2) << 16) | le16(i) : 0; };
+  auto starts = [&](size_t at, const char* magic, size_t len) {
+    return n >= at + len && std::memcmp(b.data() + at, magic, len) == 0;
+  };
+  if (starts(0, "\x89PNG\r\n\x1a\n", 8) && starts(12, "IHDR", 4)) return {be32(16), be32(20)};
+  if (starts(0, "\xff\xd8", 2)) {
+    size_t i = 2;
+    while (i + 4 <= n && b[i] == 0xFF) {
+      const uchar m = b[i + 1];
+      if (m == 0xFF) { ++i; continue; }
+      if (m == 0x01 || m == 0xD8 || (m >= 0xD0 && m <= 0xD7)) { i += 2; continue; }
+      if (m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC) return {be16(i + 7), be16(i + 5)};
+      if (m == 0xDA) break;
+      i += 2 + be16(i + 2);
+    }
+    return {0, 0};
+  }
+  if (starts(0, "BM", 2) && n >= 26) {
+    if (le32(14) == 12) return {le16(18), le16(20)};
+    const int32_t w = static_cast<int32_t>(le32(18)), h = static_cast<int32_t>(le32(22));
+    return {static_cast<uint64_t>(std::llabs(w)), static_cast<uint64_t>(std::llabs(h))};
+  }
+  if (starts(0, "II*\0", 4) || starts(0, "MM\0*", 4)) {
+    const bool le = b[0] == 'I';
+    auto u16 = [&](size_t i) { return le ? le16(i) : be16(i); };
+    auto u32 = [&](size_t i) { return le ? le32(i) : be32(i); };
+    const uint64_t off = u32(4);
+    const uint64_t count = u16(off);
+    uint64_t w = 0, h = 0;
+    for (uint64_t k = 0; k < count && k < 4096; ++k) {
+      const size_t e = off + 2 + k * 12;
+      if (e + 12 > n) break;
+      const uint64_t tag = u16(e), type = u16(e + 2);
+      const uint64_t v = type == 3 ? u16(e + 8) : u32(e + 8);
+      if (tag == 256) w = v;
+      if (tag == 257) h = v;
+    }
+    return w && h ? std::make_pair(w, h) : std::make_pair(uint64_t(0), uint64_t(0));
+  }
+  if (starts(0, "RIFF", 4) && starts(8, "WEBP", 4) && n >= 30) {
+    if (starts(12, "VP8X", 4))
+      return {(uint64_t(b[24]) | uint64_t(b[25]) << 8 | uint64_t(b[26]) << 16) + 1,
+              (uint64_t(b[27]) | uint64_t(b[28]) << 8 | uint64_t(b[29]) << 16) + 1};
+    if (starts(12, "VP8L", 4) && b[20] == 0x2F) {
+      const uint64_t bits = le32(21);
+      return {(bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1};
+    }
+    if (starts(12, "VP8 ", 4)) return {le16(26) & 0x3FFF, le16(28) & 0x3FFF};
+  }
+  return {0, 0};
+}
+
+std::string with_commas(uint64_t v) {
+  std::string s = std::to_string(v);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return s;
+}
+
+cv::Mat read_image(const std::string& path, std::string& problem, long long max_pixels) {
   std::ifstream f(path, std::ios::binary);
   if (!f) {
     problem = path + ": cannot read (" + std::string(std::strerror(errno)) + ")";
     return {};
+  }
+  if (max_pixels > 0) {  // refuse from the header, before the file is read whole or decoded
+    std::vector<uchar> head(1 << 20);
+    f.read(reinterpret_cast<char*>(head.data()), static_cast<std::streamsize>(head.size()));
+    head.resize(static_cast<size_t>(f.gcount()));
+    const auto [w, h] = header_size(head);
+    if (w && h && w * h > static_cast<uint64_t>(max_pixels)) {
+      problem = path + ": image is too large to decode (" + std::to_string(w) + "x" + std::to_string(h) + " = " +
+                with_commas(w * h) + " pixels, limit " + with_commas(static_cast<uint64_t>(max_pixels)) +
+                "; raise --max-pixels to allow it)";
+      return {};
+    }
+    f.clear();
+    f.seekg(0);
   }
   std::vector<uchar> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   cv::Mat img;
@@ -311,7 +407,8 @@ int main(int argc, char** argv) {
   }
   if (args.verbose) {
     std::cerr << "stlm_infer_cpp: " << det->name() << " on " << det->backend_name() << " (" << det->precision()
-              << ", " << det->device() << "); artifact " << det->artifact() << "\n";
+              << ", " << det->device() << "); artifact " << det->artifact() << "; chunk " << det->chunk_size()
+              << "\n";
     for (const auto& n : det->notes()) std::cerr << "stlm_infer_cpp: note: " << n << "\n";
   }
   const stlm::Thresholds thr = det->thresholds();
@@ -327,7 +424,7 @@ int main(int argc, char** argv) {
       continue;
     }
     std::string problem;
-    cv::Mat bgr = read_image(in.path, problem);
+    cv::Mat bgr = read_image(in.path, problem, args.max_pixels);
     if (bgr.empty()) {
       fail(problem);
       continue;
@@ -385,7 +482,8 @@ int main(int argc, char** argv) {
                 {"artifact", det->artifact()},
                 {"results", results},
                 {"failed", failed}};
-    std::cout << doc.dump(2) << std::endl;
+    // replace: a file name that is not valid UTF-8 must not make the whole document unprintable
+    std::cout << doc.dump(2, ' ', false, json::error_handler_t::replace) << std::endl;
   }
   return failed.empty() ? 0 : 1;
 }

@@ -268,10 +268,46 @@ struct Detector::Impl {
   std::unique_ptr<Backend> backend;
   std::string artifact;
   std::vector<std::string> notes;
+  int batch_size = 0;  // LoadOptions::batch_size (0 = kDefaultChunk)
 
   int fixed_batch() const {
     if (spec.batch > 0) return spec.batch;
     return backend->max_batch;
+  }
+
+  int chunk_size() const {
+    const int fixed = fixed_batch();
+    if (fixed > 0) return fixed;
+    return std::max(1, batch_size > 0 ? batch_size : kDefaultChunk);
+  }
+
+  // NaN/Inf in any output of the first m images (a fixed batch's padding excluded) is an error, never a score.
+  void check_finite(const std::map<std::string, HostOutput>& outs, size_t m, size_t count) const {
+    for (const auto& [name, out] : outs) {
+      const size_t per = count ? out.data.size() / count : 0;
+      if (per == 0 || out.data.size() != per * count) continue;
+      std::vector<size_t> bad;
+      bool nan = false, inf = false;
+      for (size_t j = 0; j < m; ++j) {
+        bool any = false;
+        for (size_t k = j * per; k < (j + 1) * per; ++k) {
+          const float v = out.data[k];
+          if (!std::isfinite(v)) {
+            any = true;
+            (std::isnan(v) ? nan : inf) = true;
+          }
+        }
+        if (any) bad.push_back(j);
+      }
+      if (bad.empty()) continue;
+      std::string list;
+      for (size_t i = 0; i < bad.size() && i < 8; ++i) list += (i ? ", " : "") + std::to_string(bad[i]);
+      const std::string kinds = nan && inf ? "NaN and Infinity" : (nan ? "NaN" : "Infinity");
+      throw NonFiniteOutput(display_path(engine_dir / artifact) + ": engine '" + spec.name + "' on backend " +
+                            backend->name + " (precision " + (backend->precision.empty() ? "default" : backend->precision) +
+                            ") returned " + kinds + " in output '" + name + "' for image(s) [" + list + "] of a batch of " +
+                            std::to_string(m) + "; the result is refused (an fp16/bf16 overflow? try precision fp32)");
+    }
   }
 
   void check_graph() const {
@@ -362,6 +398,7 @@ struct Detector::Impl {
     if (score.data.size() != count)
       throw Error(where + ": output 'score' has shape " + shape_str(score.shape) + ", expected [" +
                   std::to_string(count) + "]");
+    check_finite(outs, m, count);
     for (size_t j = 0; j < m; ++j) {
       Prediction p;
       const int h = rgb[j].rows, w = rgb[j].cols;
@@ -413,6 +450,8 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
   if (backend != "auto" && !compiled(backend)) throw BackendUnavailable(not_compiled_message(backend));
   if (opt.threads < 0) throw Error("threads: expected 0 (all CPUs) or a positive number, got " +
                                    std::to_string(opt.threads));
+  if (opt.batch_size < 0)
+    throw Error("batch_size: expected 0 (default 8) or a positive number, got " + std::to_string(opt.batch_size));
 
   auto [engine_dir, hint] = resolve_engine(engine);
   if (!opt.artifact.empty()) hint = opt.artifact;
@@ -485,6 +524,7 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
     impl->backend = std::move(runner);
     impl->artifact = art;
     impl->notes = std::move(notes);
+    impl->batch_size = opt.batch_size;
     for (const auto& n : impl->backend->notes) impl->notes.push_back(cand + ": " + n);
     impl->check_graph();
     return Detector(std::move(impl));
@@ -495,17 +535,18 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
 }
 
 std::vector<Prediction> Detector::predict(const std::vector<cv::Mat>& images, bool bgr) const {
-  std::vector<cv::Mat> rgb;
-  rgb.reserve(images.size());
-  for (size_t i = 0; i < images.size(); ++i)
-    rgb.push_back(to_rgb(images[i], bgr, images.size() == 1 ? "image" : "image[" + std::to_string(i) + "]"));
+  const auto label = [&](size_t i) { return images.size() == 1 ? std::string("image") : "image[" + std::to_string(i) + "]"; };
+  for (size_t i = 0; i < images.size(); ++i)  // validate every input before any work (same messages as to_rgb)
+    if (images[i].empty() || images[i].depth() != CV_8U || images[i].dims != 2 ||
+        (images[i].channels() != 1 && images[i].channels() != 3 && images[i].channels() != 4))
+      to_rgb(images[i], bgr, label(i));
   std::vector<Prediction> preds;
   preds.reserve(images.size());
-  const int fixed = impl_->fixed_batch();
-  const size_t step = fixed > 0 ? static_cast<size_t>(fixed) : std::max<size_t>(rgb.size(), 1);
-  for (size_t i = 0; i < rgb.size(); i += step) {
-    std::vector<cv::Mat> chunk(rgb.begin() + static_cast<std::ptrdiff_t>(i),
-                               rgb.begin() + static_cast<std::ptrdiff_t>(std::min(rgb.size(), i + step)));
+  // Chunk by chunk: only one chunk's RGB copies, input tensor and outputs are alive at a time.
+  const size_t step = static_cast<size_t>(impl_->chunk_size());
+  for (size_t i = 0; i < images.size(); i += step) {
+    std::vector<cv::Mat> chunk;
+    for (size_t j = i; j < std::min(images.size(), i + step); ++j) chunk.push_back(to_rgb(images[j], bgr, label(j)));
     impl_->run_chunk(chunk, preds);
   }
   return preds;
@@ -537,6 +578,7 @@ std::string Detector::engine_dir() const { return impl_->engine_dir.string(); }
 std::string Detector::name() const { return impl_->spec.name; }
 int Detector::img_size() const { return impl_->spec.img_size; }
 int Detector::top_k() const { return impl_->spec.top_k; }
+int Detector::chunk_size() const { return impl_->chunk_size(); }
 std::vector<std::string> Detector::notes() const { return impl_->notes; }
 
 Thresholds Detector::thresholds() const {

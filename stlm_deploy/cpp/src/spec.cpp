@@ -1,6 +1,9 @@
 #include "spec.hpp"
 
 #include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -123,6 +126,82 @@ class Fields {
   std::string prefix_;
 };
 
+// NaN, Infinity and -Infinity are not JSON, but Python's json module writes and reads them: mark those bare
+// literals (outside strings) as tagged strings so the document parses and the field can be named below.
+const std::string kNonFiniteTag = std::string("\x01stlm-nonfinite:");
+
+std::string tag_nonfinite_literals(const std::string& text) {
+  std::string out;
+  out.reserve(text.size() + 32);
+  bool in_string = false;
+  size_t i = 0;
+  while (i < text.size()) {
+    const char c = text[i];
+    if (in_string) {
+      out.push_back(c);
+      if (c == '\\' && i + 1 < text.size()) out.push_back(text[++i]);
+      else if (c == '"') in_string = false;
+      ++i;
+      continue;
+    }
+    bool tagged = false;
+    for (const char* lit : {"-Infinity", "Infinity", "NaN"}) {
+      const size_t n = std::char_traits<char>::length(lit);
+      if (text.compare(i, n, lit) == 0) {
+        out += "\"\\u0001stlm-nonfinite:" + std::string(lit) + "\"";
+        i += n;
+        tagged = true;
+        break;
+      }
+    }
+    if (tagged) continue;
+    if (c == '-' || (c >= '0' && c <= '9')) {  // a number literal that overflows a double (1e999) -> +-Infinity
+      size_t j = i + 1;
+      while (j < text.size() && (std::isdigit(static_cast<unsigned char>(text[j])) || text[j] == '.' ||
+                                 text[j] == 'e' || text[j] == 'E' || text[j] == '+' || text[j] == '-'))
+        ++j;
+      const std::string number = text.substr(i, j - i);
+      const double value = std::strtod(number.c_str(), nullptr);
+      out += std::isinf(value) ? "\"\\u0001stlm-nonfinite:" + std::string(value > 0 ? "Infinity" : "-Infinity") + "\""
+                               : number;
+      i = j;
+      continue;
+    }
+    if (c == '"') in_string = true;
+    out.push_back(c);
+    ++i;
+  }
+  return out;
+}
+
+// The first NaN/+-Infinity anywhere in the document (a tagged literal, or a number like 1e999 that
+// overflowed): stlm.json holds finite numbers only, whatever the field.
+bool find_nonfinite(const json& v, const std::string& path, std::string& where, std::string& value) {
+  if (v.is_number_float() && !std::isfinite(v.get<double>())) {
+    const double d = v.get<double>();
+    where = path;
+    value = std::isnan(d) ? "NaN" : (d > 0 ? "Infinity" : "-Infinity");
+    return true;
+  }
+  if (v.is_string()) {
+    const std::string& s = v.get_ref<const std::string&>();
+    if (s.rfind(kNonFiniteTag, 0) == 0) {
+      where = path;
+      value = s.substr(kNonFiniteTag.size());
+      return true;
+    }
+    return false;
+  }
+  if (v.is_object()) {
+    for (const auto& [k, sub] : v.items())
+      if (find_nonfinite(sub, path.empty() ? k : path + "." + k, where, value)) return true;
+  } else if (v.is_array()) {
+    for (size_t i = 0; i < v.size(); ++i)
+      if (find_nonfinite(v[i], path + "[" + std::to_string(i) + "]", where, value)) return true;
+  }
+  return false;
+}
+
 void check_relpath(const Fields& f, const std::string& key) {
   fs::path p(key);
   bool bad = key.empty() || key.find('\\') != std::string::npos || p.is_absolute() ||
@@ -180,7 +259,7 @@ const TensorDesc* EngineSpec::output(const std::string& n) const {
 EngineSpec parse_spec(const std::string& text, const std::string& where) {
   json data;
   try {
-    data = json::parse(text);
+    data = json::parse(tag_nonfinite_literals(text));
   } catch (const json::parse_error& e) {
     std::string msg = e.what();
     auto pos = msg.find("] ");
@@ -188,6 +267,12 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
     throw Error(where + ": not valid JSON (" + msg + ")");
   }
   Fields f(data, where);
+  {
+    std::string field, value;
+    if (find_nonfinite(data, "", field, value))
+      throw Error(where + ": field '" + (field.empty() ? "(top level)" : field) + "' must be a finite number, got " +
+                  value);
+  }
   EngineSpec s;
   const json& fmt = f.get("format");
   if (!fmt.is_string() || fmt.get<std::string>() != kFormat)

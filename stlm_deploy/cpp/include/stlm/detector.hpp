@@ -38,6 +38,14 @@ class BackendUnavailable : public Error {
   using Error::Error;
 };
 
+// The backend returned NaN or +-Infinity (e.g. an fp16 overflow): the result is refused, never reported as a
+// score (a NaN score compares false with every threshold: a silent "normal"). Names the engine, the artifact,
+// the backend and the precision.
+class NonFiniteOutput : public Error {
+ public:
+  using Error::Error;
+};
+
 struct Prediction {
   float score = 0.f;                       // image score (mean of the top_k map pixels, from the graph)
   cv::Mat anomaly_map;                     // CV_32FC1 at the original image size, values in [0, 1]
@@ -64,7 +72,12 @@ struct LoadOptions {
   int gpu = 0;                   // CUDA device for tensorrt
   bool verify = true;            // check the sha256 of the artifact(s) used against stlm.json
   std::string artifact;          // relative path of the artifact to run (default: chosen per backend)
+  // Images per backend call in predict(std::vector) on a dynamic-batch engine (0 = kDefaultChunk = 8, capped by
+  // the backend's limit); a fixed-batch engine always runs its exported batch. Bounded memory for long lists.
+  int batch_size = 0;
 };
+
+inline constexpr int kDefaultChunk = 8;
 
 class Detector {
  public:
@@ -79,7 +92,7 @@ class Detector {
   // One image of any size: CV_8UC3 (BGR when bgr, else RGB), CV_8UC1 (gray) or CV_8UC4 (BGRA/RGBA).
   // Thread-safe: several threads may call predict on one Detector.
   Prediction predict(const cv::Mat& image, bool bgr = true) const;
-  // Several images at once (batched up to the engine's batch size).
+  // Several images at once, run in chunks of chunk_size() (converted and resized chunk by chunk).
   std::vector<Prediction> predict(const std::vector<cv::Mat>& images, bool bgr = true) const;
   // Packed RGB uint8 pixels, `stride` bytes per row (0 = width * 3).
   Prediction predict_rgb(const uint8_t* data, int height, int width, size_t stride = 0) const;
@@ -92,6 +105,7 @@ class Detector {
   std::string name() const;          // stlm.json name
   int img_size() const;
   int top_k() const;
+  int chunk_size() const;            // images per backend call: the fixed batch, else batch_size (default 8)
   Thresholds thresholds() const;
   std::vector<std::string> notes() const;  // why auto skipped candidates, precision downgrades
 
