@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.out_dir) / f"{name}.json"
     budget = f"{args.steps} steps" if args.steps is not None else f"{args.time_budget:g} min"
     meta = {"data": args.data, "category": args.category, "config": args.config, "img_size": args.img_size,
-            "budget": budget, "machine": f"{platform.processor() or platform.machine()}, "
-            f"{__import__('os').cpu_count()} cores", "command": "python -m stlm_bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "budget": budget, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "command": "python -m stlm_bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows: list[dict[str, Any]] = []
     if json_path.is_file() and not args.fresh:
         old = json.loads(json_path.read_text())

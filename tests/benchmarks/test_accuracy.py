@@ -1,0 +1,35 @@
+"""benchmarks/accuracy.py: seeds x variants really train and evaluate, summarise, and resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stlm_bench import accuracy
+
+
+def test_variants_differ_only_in_their_changes():
+    assert accuracy.VARIANTS["current"] == {}
+    for name, change in accuracy.CHANGES.items():
+        assert accuracy.VARIANTS[f"v0+{name}"] == {**accuracy.V0, **change}
+        assert set(accuracy.VARIANTS[f"current-{name}"]) == set(change)
+    assert accuracy.resolve_variants("v0,ablation")[0] == "v0"
+    with pytest.raises(SystemExit, match="unknown variant 'x'"):
+        accuracy.resolve_variants("x")
+
+
+def test_two_seeds_of_two_variants_train_evaluate_and_resume(tmp_path, capsys):
+    argv = ["--data", "generated", "--config", "small", "--img-size", "128", "--steps", "1", "--seeds", "0,1",
+            "--variants", "v0,current", "--name", "t", "--out-dir", str(tmp_path)]
+    assert accuracy.main(argv) == 0
+    d = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in d["runs"]] == [("v0", 0), ("v0", 1), ("current", 0), ("current", 1)]
+    assert all(0.0 <= r["fa_i_auroc"] <= 1.0 and r["steps"] == 1 for r in d["runs"])
+    assert d["runs"][0]["overrides"]["teacher_seed"] == 0 and d["runs"][1]["overrides"]["teacher_seed"] == 1
+    summary = {s["variant"]: s for s in d["summary"]}
+    v = [r["fa_p_auroc"] for r in d["runs"] if r["variant"] == "v0"]
+    assert summary["v0"]["n"] == 2 and summary["v0"]["fa_p_auroc"][0] == pytest.approx(sum(v) / 2)
+    assert "| current | 2 | 1 |" in (tmp_path / "t.md").read_text()
+    capsys.readouterr()
+    assert accuracy.main(argv) == 0  # everything is already there: nothing is trained again
+    assert "seed 0:" not in capsys.readouterr().out
