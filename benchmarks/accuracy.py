@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         if {k: old.get("meta", {}).get(k) for k in ("data", "config", "img_size", "budget")} == \
                 {k: meta[k] for k in ("data", "config", "img_size", "budget")}:
             rows = old.get("runs", [])
+    def publish() -> str:
+        """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""
+        summary = summarize(rows, list(VARIANTS))
+        atomic_write_json(json_path, {"meta": meta, "summary": summary, "runs": rows})
+        return atomic_write_text(json_path.with_suffix(".md"), markdown(summary, meta)).read_text()
+
     with tempfile.TemporaryDirectory(prefix="stlm-accuracy-") as tmp:
         for v in variants:
             for seed in seeds:
@@ -163,13 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{v:32s} seed {seed}: FA I-AUROC {row['fa_i_auroc']:.3f} P-AUROC {row['fa_p_auroc']:.3f} "
                       f"AUPRO {row['fa_aupro']:.3f} | TLM I-AUROC {row['tlm_i_auroc']:.3f} "
                       f"({row['steps']} steps, {row['wall_seconds']:.0f} s)", flush=True)
-                summary = summarize(rows, list(VARIANTS))
-                atomic_write_json(json_path, {"meta": meta, "summary": summary, "runs": rows})
-                atomic_write_text(json_path.with_suffix(".md"), markdown(summary, meta))
-    summary = summarize(rows, list(VARIANTS))
-    print(markdown(summary, meta))
-    atomic_write_json(json_path, {"meta": meta, "summary": summary, "runs": rows})
-    atomic_write_text(json_path.with_suffix(".md"), markdown(summary, meta))
+                publish()
+    print(publish())
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer
-from ..checkpoint import CheckpointError, init_students_from_mobile_sam, load_teacher, save_checkpoint
+from ..checkpoint import init_students_from_mobile_sam, load_teacher, save_checkpoint
 from ..config import STLMConfig, get_config
 from ..data import DataError, build_dataset
 from ..evaluate import BUILTIN_DATA, clean_json, evaluate_model, format_table, predict_dataset
@@ -64,10 +64,7 @@ def train(opts: TrainOptions, explicit: set[str] | None = None, log: Log | None 
         opts = merge_resume_options(opts, state["options"], explicit or set())
     opts.validate()
     cfg = replace(get_config(opts.config, opts.img_size), resize=opts.resize)
-    device_type = "cuda" if str(opts.device).lower().startswith("cuda") else "cpu"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {opts.device}: CUDA is not available on this machine (use --device cpu)")
-    info = setup_distributed(device_type)
+    info = setup_distributed(resolve_device(opts.device).type)  # a bad --device fails before joining a group
     try:
         return _Run(opts, cfg, state, info, log).execute()
     finally:
@@ -113,10 +110,7 @@ def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Itera
             desc = {**base, "calibration_images": n, "calibration_seconds": round(dt, 2)}
             log(f"teacher: built-in (seed {seed}, recipe {opts.teacher_recipe}), BatchNorm calibrated on {n} "
                 f"clean training images in {dt:.1f} s")
-    else:
-        if not Path(opts.teacher).is_file():
-            raise CheckpointError(f"{opts.teacher}: no such teacher file (use --teacher builtin or a "
-                                  "sam_vit_*.pth / mobile_sam.pt path)")
+    else:  # a missing file was refused by TrainOptions.validate; read_file names any other problem
         teacher = load_teacher(opts.teacher, cfg).to(device)
         desc = {"kind": teacher.kind, "path": str(Path(opts.teacher).resolve())}
         log(f"teacher: {teacher.kind} from {opts.teacher} ({time.perf_counter() - t0:.1f} s)")
