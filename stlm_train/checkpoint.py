@@ -262,7 +262,7 @@ def save_checkpoint(path: str | os.PathLike, model: STLM, **extra: Any) -> Path:
         "state_dict": model.state_dict(),
         **extra,
     }
-    with atomic_output(path) as tmp:
+    with atomic_output(path, clean_stale=True) as tmp:  # removes temps of killed saves
         torch.save(payload, tmp)
     return Path(path)
 

@@ -61,7 +61,7 @@ def save_run_state(path: Path, **payload: Any) -> None:
     history = payload.pop("history")
     payload.update(format=STATE_FORMAT, version=STATE_VERSION, rng=rng_state(),
                    history=torch.tensor(history, dtype=torch.float64).reshape(-1, len(HISTORY_KEYS)))
-    with atomic_output(path) as tmp:
+    with atomic_output(path, clean_stale=True) as tmp:  # removes temps of killed saves
         torch.save(payload, tmp)
 
 
