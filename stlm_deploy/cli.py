@@ -4,8 +4,8 @@
                [--threads N] [--batch-size N] [--max-pixels N] [--no-overlays] [--save-maps] INPUT... --out DIR
 
 INPUT: image files, folders (searched recursively for images) and glob patterns. Streams
-DIR/scores.csv (path,score,is_anomalous) and DIR/scores.jsonl (one line per result or failure), each
-row appended and flushed as its image completes; DIR/scores.json (results + failures + backend info)
+DIR/scores.csv (path,score,is_anomalous,backend,precision) and DIR/scores.jsonl (one line per result or
+failure, naming the backend and precision that ran), each row appended and flushed as its image completes; DIR/scores.json (results + failures + backend info)
 at the end; DIR/overlays/<name>.png unless --no-overlays, DIR/maps/<name>.npy + 8-bit .png with
 --save-maps (each written atomically). Any per-image failure (unreadable, undecodable, above
 --max-pixels, out of memory, a non-finite output, an unexpected exception) is one line on stderr and

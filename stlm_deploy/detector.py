@@ -58,6 +58,9 @@ class Prediction:
     is_anomalous: bool | None = None
     mask: np.ndarray | None = None
     extra_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    #: what ran: the backend ("openvino", "ort", "tensorrt") and the precision it really used
+    backend: str = ""
+    precision: str | None = None
 
     @property
     def tlm_map(self) -> np.ndarray | None:
@@ -246,7 +249,8 @@ class Detector:
                 score=score, anomaly_map=m,
                 is_anomalous=None if t_img is None else bool(score > t_img),
                 mask=None if t_pix is None else m > t_pix,
-                extra_maps={k: resize_map(np.asarray(outs[k][j], np.float32), size) for k in extra_names}))
+                extra_maps={k: resize_map(np.asarray(outs[k][j], np.float32), size) for k in extra_names},
+                backend=self.backend.name, precision=self.backend.precision))
         return preds
 
     def predict(self, images: np.ndarray | Sequence[np.ndarray], bgr: bool = False) -> Prediction | list[Prediction]:

@@ -4,6 +4,9 @@ Pure decisions over ``stlm.json`` and the files present (no backend is activated
 be read and tested on their own. ``backend="auto"`` tries, in order: TensorRT (plan present,
 tensorrt + cuda-python importable) > ONNX Runtime with CUDA > OpenVINO (IR, else ONNX) > ONNX Runtime
 on CPU; a candidate that cannot run here is skipped with a note saying why.
+
+With no precision requested, :func:`default_precision` is the one rule shared with the C++ runtime
+(docs/engine_format.md, "Default precision"): never the device's silent default.
 """
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ from typing import Any, Sequence
 
 from .backends import module_importable, tensorrt_available
 from .errors import BackendUnavailable, DeployError
-from .spec import EngineSpec, display_path
+from .spec import Artifact, EngineSpec, display_path
 
 __all__ = ["BACKEND_CHOICES", "Candidate", "Planner", "accepted_options", "artifact_hint", "explicit_candidates",
-           "auto_candidates"]
+           "auto_candidates", "default_precision"]
 
 BACKEND_CHOICES = ("auto", "ort", "openvino", "tensorrt")
 _CONVENTIONAL_ONNX = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
@@ -42,6 +45,21 @@ def _listed(spec: EngineSpec, kind: str, precision: str | None, default: str | N
 
 def _pick(names: list[str], preferred: str | None) -> str:
     return preferred if preferred in names else names[0]
+
+
+def default_precision(backend: str, entry: Artifact | None) -> str | None:
+    """The precision to run at when none was requested: the same rule in Python and C++ (detector.cpp).
+
+    OpenVINO: the inference precision the export's parity gate passed for this IR (stlm.json
+    ``artifacts.<xml>.inference_precision``), else fp32 (an ONNX file or an engine that does not record
+    it); the backend downgrades bf16 to f32, with a note, on a CPU without BF16, as it does for an
+    explicit request. Never the device default, which silently differs between CPUs (bf16 on AMX).
+    ONNX Runtime and TensorRT: None, i.e. the artifact's own precision (model.onnx, the plan's).
+    """
+    if backend != "openvino":
+        return None
+    recorded = entry.extra.get("inference_precision") if entry is not None else None
+    return recorded if isinstance(recorded, str) and recorded else "fp32"
 
 
 def _onnx_shas(spec: EngineSpec) -> list[str]:
@@ -125,7 +143,7 @@ class Planner:
             opts = {"providers": list(providers), "precision": art_prec or self.precision or "fp32"}
             label = "ort[" + ",".join(providers) + "]"
         elif backend == "openvino":
-            opts = {"precision": self.precision, "artifact_precision": art_prec}
+            opts = {"precision": self.precision or default_precision(backend, entry), "artifact_precision": art_prec}
         elif backend == "tensorrt":
             opts = {"precision": self.precision, "artifact_precision": art_prec,
                     "onnx_sha256s": _onnx_shas(self.spec)}

@@ -331,6 +331,9 @@ class Artifact:
                   precision=f.str_("precision", None, choices=PRECISIONS, nullable=True),
                   bytes=f.int_("bytes", minimum=0))
         obj.extra = f.extra()
+        inference = obj.extra.get("inference_precision")  # OpenVINO IR: the precision the parity gate passed
+        if inference is not None and inference not in PRECISIONS:
+            raise f.fail("inference_precision", "one of " + ", ".join(map(repr, PRECISIONS)) + " or null", inference)
         return obj
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ same engine and backend (OpenVINO, fp32): max |Δscore| and max |Δmap| must be 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -383,3 +384,83 @@ def test_max_pixels_reads_the_header_of_each_format(cpp_build: CppBuild, cpp_eng
     [line] = stderr_lines(refused)
     assert line.startswith(f"{img}: image is too large to decode (53x37 = 1,961 pixels, limit 1,960;")
     assert run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1961").returncode == 0
+
+
+# ------------------------------------------------------------------- issue 12 item 3: the writer checks every step
+def test_a_failed_write_of_a_map_is_one_line_and_never_published(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """A file-size limit makes the write fail: a buffered ofstream only noticed it at close (unchecked), so a
+    truncated map was renamed into place and the exit code was 0."""
+    [small] = write_images(tmp_path / "imgs", [(20, 20)], gray=False)  # map .npy: 1,728 bytes > the 1,024 limit
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    limited = ['bash', '-c', 'trap "" XFSZ; ulimit -f 1; exec "$@"', "_", str(cpp_build.app)]
+    proc = subprocess.run([*limited, str(cpp_engines["fused"]), str(small), "--save-maps", str(maps), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    [line] = stderr_lines(proc)
+    assert str(maps / "gen_20x20.npy") in line and "cannot write (write: File too large)" in line, line
+    assert list(maps.iterdir()) == []  # neither a truncated map nor a temp file is left
+    ok = run_app(cpp_build, cpp_engines["fused"], small, "--save-maps", maps)
+    assert ok.returncode == 0 and np.load(maps / "gen_20x20.npy").shape == (20, 20)
+
+
+# --------------------------------------------------------- issue 12 item 7: one default everywhere, results say what ran
+def _python_pick(engine: Path) -> tuple[str, str | None, str]:
+    from stlm_deploy import Detector
+
+    with Detector.load(engine) as det:  # all defaults, like the app without options
+        info = det.info()
+    return info["backend"], info["precision"], Path(info["artifact"]).relative_to(engine).as_posix()
+
+
+@pytest.mark.parametrize("recorded", [None, "bf16", "fp32"])
+def test_auto_picks_the_same_backend_and_precision_in_python_and_cpp(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                                     tmp_path: Path, recorded: str | None) -> None:
+    """Default settings on the same engine: Python once ran OpenVINO at the device default (bf16 on this CPU)
+    while C++ asked for f32. Now both follow the IR's recorded inference_precision (else fp32)."""
+    import openvino as ov
+
+    from stlm_deploy.spec import load_spec, write_spec
+
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    if recorded:
+        spec = load_spec(engine)
+        spec.artifacts["openvino/model.xml"].extra["inference_precision"] = recorded
+        write_spec(engine, spec)
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    expected = "bf16" if recorded == "bf16" and has_bf16 else "fp32"
+    images = write_images(tmp_path / "imgs", [(64, 64), (80, 100)], gray=False)
+    proc = run_app(cpp_build, engine, *images, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    cpp = (doc["backend"], doc["precision"], doc["artifact"])
+    assert cpp == _python_pick(engine) == ("openvino", expected, "openvino/model.xml")
+    assert {(r["backend"], r["precision"]) for r in doc["results"]} == {("openvino", expected)}
+    from stlm_deploy import Detector
+
+    with Detector.load(engine) as det:
+        preds = [det.predict(cv2.imread(str(p)), bgr=True) for p in images]
+    assert [(p.backend, p.precision) for p in preds] == [("openvino", expected)] * 2
+    assert max(abs(r["score"] - p.score) for r, p in zip(doc["results"], preds)) <= TOL
+
+
+def test_a_bad_recorded_inference_precision_is_refused_naming_the_field(cpp_build: CppBuild,
+                                                                        cpp_engines: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    from stlm_deploy import Detector
+    from stlm_deploy.errors import SpecError
+
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    data = json.loads((engine / "stlm.json").read_text())
+    data["artifacts"]["openvino/model.xml"]["inference_precision"] = "fp64"
+    (engine / "stlm.json").write_text(json.dumps(data))
+    [img] = write_images(tmp_path, [(64, 64)], gray=False)
+    proc = run_app(cpp_build, engine, img)
+    [line] = stderr_lines(proc)
+    field = "field 'artifacts.openvino/model.xml.inference_precision' must be"
+    assert proc.returncode == 1 and field in line, line
+    with pytest.raises(SpecError, match=re.escape(field)):
+        Detector.load(engine)

@@ -54,7 +54,10 @@ def test_folder_glob_and_outputs(engines, image_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _csv(out)
     assert [Path(x["path"]).name for x in rows] == ["a.png", "b.png", "c.bmp", "a.png"]
-    assert set(rows[0]) == {"path", "score", "is_anomalous"}
+    assert list(rows[0]) == ["path", "score", "is_anomalous", "backend", "precision"]
+    assert {(x["backend"], x["precision"]) for x in rows} == {("ort", "fp32")}  # every row says what ran
+    jsonl = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert {(x["backend"], x["precision"]) for x in jsonl} == {("ort", "fp32")} and len(jsonl) == 4
     det = Detector.load(engines["fused"], backend="ort")
     for row in rows:
         rgb = cv2.cvtColor(cv2.imread(row["path"]), cv2.COLOR_BGR2RGB)

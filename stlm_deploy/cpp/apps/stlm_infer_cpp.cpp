@@ -10,7 +10,10 @@
 // map > pixel threshold); --save-maps DIR writes each full-size map as DIR/<name>.npy (float32).
 // IMAGE may be a folder (searched recursively). Errors are ONE line on stderr each: an engine error stops
 // everything (exit 1); a missing or unreadable image is reported, the others are still processed, and the
-// exit code is 1. Bad arguments / no images: exit 2.
+// exit code is 1. Bad arguments / no images: exit 2. Each --json result names the backend and precision that
+// ran. Overlays and maps are written durably (temp file, checked write/fsync/close, rename).
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -198,24 +201,42 @@ std::vector<Input> collect(const std::vector<std::string>& items) {
   return out;
 }
 
-// Write bytes atomically (temp file in the same folder, then rename).
+// Write bytes durably and atomically: a temp file in the same folder, written, fsynced and closed with every
+// step checked (a full disk or a file-size limit often fails only at flush/close), then renamed over `dest`
+// and the folder fsynced. Any failure: one-line error naming `dest`, the temp file removed, `dest` untouched.
 void write_atomic(const fs::path& dest, const std::string& bytes) {
   std::error_code ec;
-  if (dest.has_parent_path()) fs::create_directories(dest.parent_path(), ec);
-  fs::path tmp = dest;
-  tmp += ".tmp" + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!f) {
-      fs::remove(tmp, ec);
-      throw std::runtime_error(dest.string() + ": cannot write");
-    }
-  }
-  fs::rename(tmp, dest, ec);
-  if (ec) {
+  const fs::path dir = dest.has_parent_path() ? dest.parent_path() : fs::path(".");
+  fs::create_directories(dir, ec);
+  fs::path tmp = dir / ("." + dest.filename().string() + "." + std::to_string(::getpid()) + ".tmp");
+  auto fail = [&](const char* step, int err) {
     fs::remove(tmp, ec);
-    throw std::runtime_error(dest.string() + ": cannot write (" + ec.message() + ")");
+    throw std::runtime_error(dest.string() + ": cannot write (" + step + ": " + std::strerror(err) + ")");
+  };
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) fail("open", errno);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : EIO;
+      ::close(fd);
+      fail("write", err);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail("fsync", err);
+  }
+  if (::close(fd) != 0) fail("close", errno);
+  if (::rename(tmp.c_str(), dest.c_str()) != 0) fail("rename", errno);
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {  // the rename itself is durable; file systems that cannot sync a folder are tolerated
+    ::fsync(dfd);
+    ::close(dfd);
   }
 }
 
@@ -432,7 +453,8 @@ int main(int argc, char** argv) {
     try {
       stlm::Prediction pred = det->predict(bgr, true);
       json r = {{"path", in.path}, {"score", pred.score}, {"is_anomalous", nullptr},
-                {"height", bgr.rows}, {"width", bgr.cols}};
+                {"height", bgr.rows}, {"width", bgr.cols}, {"backend", pred.backend},
+                {"precision", pred.precision}};
       if (pred.is_anomalous) r["is_anomalous"] = *pred.is_anomalous;
       double median_ms = -1;
       if (args.bench > 0) {

@@ -186,6 +186,15 @@ class Planner {
   std::string where_;
 };
 
+// The one default-precision rule (docs/engine_format.md, "Default precision"; stlm_deploy/selection.py
+// default_precision): with no precision requested, OpenVINO runs at the inference precision the export's parity
+// gate passed for this IR (stlm.json artifacts.<xml>.inference_precision), else fp32; the backend downgrades bf16
+// to f32 with a note where the device lacks BF16. Other backends: the artifact's own precision ("").
+std::string default_precision(const std::string& backend, const ArtifactDesc* entry) {
+  if (backend != "openvino") return "";
+  return entry && entry->inference_precision ? *entry->inference_precision : "fp32";
+}
+
 std::string describe(const cv::Mat& m) {
   static const char* depths[] = {"uint8", "int8", "uint16", "int16", "int32", "float32", "float64", "float16"};
   const int d = m.depth();
@@ -405,6 +414,8 @@ struct Detector::Impl {
       cv::Mat small(s, s, CV_32FC1, const_cast<float*>(amap.data.data() + j * plane));
       p.anomaly_map = resize_map(small, h, w);
       p.score = score.data[j];
+      p.backend = backend->name;
+      p.precision = backend->precision;
       if (spec.threshold_image) p.is_anomalous = static_cast<double>(p.score) > *spec.threshold_image;
       if (spec.threshold_pixel)  // numpy compares a float32 map with the threshold cast to float32
         p.mask = p.anomaly_map > static_cast<float>(*spec.threshold_pixel);
@@ -496,8 +507,8 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
       BackendConfig cfg;
       cfg.path = engine_dir / art;
       cfg.where = display_path(cfg.path);
-      cfg.precision = precision;
       const ArtifactDesc* entry = spec.artifact(art);
+      cfg.precision = precision.empty() ? default_precision(cand, entry) : precision;
       cfg.artifact_precision = entry && entry->precision ? *entry->precision : "";
       cfg.threads = opt.threads;
       cfg.device = opt.device;

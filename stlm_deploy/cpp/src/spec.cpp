@@ -316,6 +316,7 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
     d.kind = a.str("kind", kArtifactKinds);
     d.precision = a.str_or_null("precision", kPrecisions);
     d.bytes = a.integer("bytes", 0);
+    d.inference_precision = a.str_or_null("inference_precision", kPrecisions);
     s.artifacts.emplace_back(key, std::move(d));
   }
   if (f.has("tools")) {

@@ -39,6 +39,8 @@ struct ArtifactDesc {
   std::string kind;                      // onnx | openvino | tensorrt | json
   std::optional<std::string> precision;  // fp32 | fp16 | bf16 | int8 | null
   int64_t bytes = 0;
+  // OpenVINO IR: the inference precision the export's parity gate passed at (the default at load time)
+  std::optional<std::string> inference_precision;
 };
 
 struct EngineSpec {

@@ -52,6 +52,8 @@ struct Prediction {
   std::optional<bool> is_anomalous;        // score > thresholds.image; nullopt when not calibrated
   cv::Mat mask;                            // CV_8UC1 255 where anomaly_map > thresholds.pixel; empty if none
   std::map<std::string, cv::Mat> extra_maps;  // other [N,S,S] outputs (e.g. "tlm_map"), image size
+  std::string backend;                     // what ran: "openvino", "ort" or "tensorrt"
+  std::string precision;                   // and at which precision ("fp32", "bf16", "fp16", "int8")
 };
 
 struct Thresholds {
@@ -63,8 +65,9 @@ struct Thresholds {
 struct LoadOptions {
   std::string backend = "auto";  // "auto" (tensorrt, openvino, ort: first that works), "openvino", "ort", "tensorrt"
   int threads = 0;               // CPU threads for openvino/ort; 0 = all CPUs this process may use
-  // "" = backend default: openvino f32 (explicit hint, unlike the Python runtime's device default),
-  // ort model.onnx, tensorrt the plan's. "fp32"/"bf16"/"fp16" = openvino inference precision hint
+  // "" = the engine's default, the same rule as the Python runtime (docs/engine_format.md, "Default
+  // precision"): openvino the IR's recorded inference_precision (what the export's parity gate passed),
+  // else f32; ort model.onnx; tensorrt the plan's. "fp32"/"bf16"/"fp16" = openvino inference precision hint
   // (downgraded to f32 with a note if the device lacks it) / ort ONNX artifact precision.
   // "device" = openvino device default (may be bf16 on AMX CPUs). "int8" = the int8 IR/ONNX/plan.
   std::string precision;
