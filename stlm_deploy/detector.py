@@ -256,8 +256,15 @@ class Detector:
     def predict(self, images: np.ndarray | Sequence[np.ndarray], bgr: bool = False) -> Prediction | list[Prediction]:
         """Score one RGB uint8 image (H, W, 3) -> Prediction, or a batch/list -> list[Prediction].
 
-        ``bgr=True`` for OpenCV frames. Thread-safe: may be called from several threads at once.
+        ``bgr=True`` for OpenCV frames. Thread-safe: may be called from several threads at once;
+        ``close()`` waits for those calls. A Detector created before ``fork`` refuses to run in the child.
         """
+        if not self.backend.is_active:
+            raise DeployError(f"Detector for {display_path(self.engine_dir)}: closed; load it again")
+        with self.backend.in_flight():
+            return self._predict(images, bgr)
+
+    def _predict(self, images: np.ndarray | Sequence[np.ndarray], bgr: bool) -> Prediction | list[Prediction]:
         imgs, single = split_images(images)
         if not imgs:
             return []
@@ -283,6 +290,7 @@ class Detector:
                 "thresholds": self.spec.thresholds.to_dict(), "backend_info": b.info()}
 
     def close(self) -> None:
+        """Free the backend once the predictions in flight (other threads) have returned."""
         self.backend.deactivate()
 
     def __enter__(self) -> "Detector":

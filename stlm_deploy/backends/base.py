@@ -10,8 +10,9 @@ from __future__ import annotations
 import abc
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
@@ -57,7 +58,9 @@ class Backend(abc.ABC):
       input_name / input_dtype / input_shape  the graph input (-1 = dynamic dim)
       output_names    graph outputs in order
       max_batch       largest batch one ``infer`` accepts (None = unbounded, dynamic)
-    ``infer`` is safe to call from several threads at once (each backend documents how).
+    ``infer`` is safe to call from several threads at once (each backend documents how); each call runs
+    inside :meth:`in_flight`, so ``deactivate()`` waits for the calls in flight and a backend activated in
+    another process (a ``fork`` child) refuses to run with one line instead of corrupting the heap.
     """
 
     name: ClassVar[str] = "base"
@@ -74,6 +77,11 @@ class Backend(abc.ABC):
         self.max_batch: int | None = None
         self._active = False
         self._state_lock = threading.Lock()
+        self._calls = 0  # infer calls in flight
+        self._closing = False
+        self._flight = threading.Condition()
+        self._pid: int | None = None  # process that activated it
+        self._depth = threading.local()  # in_flight() nesting of the current thread (predict -> infer)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -92,17 +100,32 @@ class Backend(abc.ABC):
                     except Exception:  # noqa: BLE001 - the original error matters more
                         pass
                     raise
+                self._pid = os.getpid()
                 self._active = True
         return self
 
     def deactivate(self) -> None:
-        """Release sessions, requests and device memory; the backend can be activated again."""
-        with self._state_lock:
-            if self._active:
-                try:
-                    self._deactivate()
-                finally:
-                    self._active = False
+        """Release sessions, requests and device memory once the calls in flight have returned (new calls
+        are refused meanwhile); the backend can be activated again.
+
+        In a forked child the handles belong to the parent's runtime (its thread pools and GPU context
+        do not exist here): they are dropped from this object without being released.
+        """
+        with self._flight:
+            self._closing = True
+            while self._calls:
+                self._flight.wait()
+        try:
+            with self._state_lock:
+                if self._active:
+                    try:
+                        if self._pid == os.getpid():
+                            self._deactivate()
+                    finally:
+                        self._active = False
+        finally:
+            with self._flight:
+                self._closing = False
 
     def __enter__(self) -> "Backend":
         return self.activate()
@@ -131,6 +154,41 @@ class Backend(abc.ABC):
         if not self._active:
             raise DeployError(f"{self.name} backend: call activate() (or use it as a context manager) "
                               "before infer()")
+
+    def check_process(self) -> None:
+        """One-line error when this backend was activated in another process (used after ``fork``)."""
+        if self._pid is not None and self._pid != os.getpid():
+            raise DeployError(f"{self.name} backend for {self.path.name}: activated in process {self._pid} and "
+                              f"used in forked child {os.getpid()}; ONNX Runtime/OpenVINO/CUDA state does not "
+                              "survive fork: create the Detector in the child (or use the 'spawn' start method)")
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count one call in flight (``deactivate`` waits for it); refuse a closed backend or a forked child.
+
+        Re-entrant per thread: a ``Detector.predict`` that was admitted may call ``infer`` as often as it
+        needs, even once ``close()`` has started waiting for it.
+        """
+        self.check_process()
+        depth = getattr(self._depth, "n", 0)
+        if not depth:
+            with self._flight:
+                if self._closing:
+                    raise DeployError(f"{self.name} backend: closed (close() was called while this call was "
+                                      "starting); load the Detector again")
+                self._require_active()
+                self._calls += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if not depth:
+                with self._flight:
+                    self._calls -= 1
+                    if not self._calls:
+                        self._flight.notify_all()
+
 
     def _input_array(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """The feed's input as a C-contiguous array of the graph's dtype (one-line error otherwise)."""

@@ -194,19 +194,19 @@ class OpenVinoBackend(Backend):
         self._compiled = None
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._require_active()
-        x = self._input_array(feed)
-        req = self._acquire()
-        try:
+        with self.in_flight():  # deactivate() waits for it
+            x = self._input_array(feed)
+            req = self._acquire()
             try:
-                res = req.infer({self.input_name: x})
-            except Exception as e:
-                raise DeployError(f"{self.path}: OpenVINO inference failed on input {x.dtype} {tuple(x.shape)} "
-                                  f"({first_line(e)})") from e
-            # Copy: the request reuses its output buffers on its next call (from any thread).
-            return {name: np.array(res[port], copy=True) for name, port in zip(self.output_names, self._out_ports)}
-        finally:
-            self._release(req)
+                try:
+                    res = req.infer({self.input_name: x})
+                except Exception as e:
+                    raise DeployError(f"{self.path}: OpenVINO inference failed on input {x.dtype} {tuple(x.shape)} "
+                                      f"({first_line(e)})") from e
+                # Copy: the request reuses its output buffers on its next call (from any thread).
+                return {name: np.array(res[port], copy=True) for name, port in zip(self.output_names, self._out_ports)}
+            finally:
+                self._release(req)
 
     def info(self) -> dict[str, Any]:
         d = super().info()

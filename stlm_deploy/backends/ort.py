@@ -237,14 +237,14 @@ class OrtBackend(Backend):
 
     # ------------------------------------------------------------------ inference
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._require_active()
-        x = self._input_array(feed)
-        try:
-            outs = self._session.run(self.output_names, {self.input_name: x})
-        except Exception as e:
-            raise DeployError(f"{self.path}: onnxruntime inference failed on input {x.dtype} "
-                              f"{tuple(x.shape)} ({first_line(e)})") from e
-        return dict(zip(self.output_names, outs))
+        with self.in_flight():  # deactivate() waits for it
+            x = self._input_array(feed)
+            try:
+                outs = self._session.run(self.output_names, {self.input_name: x})
+            except Exception as e:
+                raise DeployError(f"{self.path}: onnxruntime inference failed on input {x.dtype} "
+                                  f"{tuple(x.shape)} ({first_line(e)})") from e
+            return dict(zip(self.output_names, outs))
 
     def info(self) -> dict[str, Any]:
         d = super().info()

@@ -13,8 +13,9 @@ copies, stream sync. With ``cuda_graph=True`` the whole sequence is captured int
 after one warm-up run at a given shape and replayed while the shape stays the same.
 
 Thread-safety: one context/stream/buffer set, so ``infer`` holds a lock (calls are serialised; for
-parallel GPU work create one backend per thread). ``tensorrt`` and ``cuda`` are imported only
-inside ``activate``.
+parallel GPU work create one backend per thread); each call first makes the backend's device current
+in the calling thread (``cudaSetDevice``), since CUDA's current device is per thread. ``tensorrt``
+and ``cuda`` are imported only inside ``activate``.
 """
 from __future__ import annotations
 
@@ -334,6 +335,7 @@ class TensorRTBackend(Backend):
         cuda = self._cuda
         if cuda is not None:
             rt = cuda.rt
+            rt.cudaSetDevice(self.device_id)  # frees happen on the plan's device, whichever thread closes
             self._drop_graph()
             for buf in self._buffers.values():
                 if buf.device:
@@ -423,12 +425,22 @@ class TensorRTBackend(Backend):
 
     # ------------------------------------------------------------------ inference
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._require_active()
-        x = self._input_array(feed)
-        with self._lock:
-            return self._infer_locked(x)
+        with self.in_flight():  # deactivate() waits for it
+            x = self._input_array(feed)
+            with self._lock:
+                return self._infer_locked(x)
+
+    def _make_current(self) -> None:
+        """Make this backend's GPU the calling thread's current CUDA device.
+
+        The CUDA runtime keeps the current device per thread and every new thread starts on device 0:
+        without this, a call from a worker thread on a multi-GPU machine would run the plan's buffers and
+        stream against another GPU's context. Cheap (no context switch when already current).
+        """
+        self._cuda(self._cuda.rt.cudaSetDevice(self.device_id), f"cudaSetDevice({self.device_id})")
 
     def _infer_locked(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self._make_current()  # on every call, from whichever thread makes it
         cuda, rt, ctx = self._cuda, self._cuda.rt, self._context
         shape = tuple(int(d) for d in x.shape)
         if self.max_batch is not None and shape[0] > self.max_batch:

@@ -303,3 +303,47 @@ def test_openvino_infer_requests_come_from_a_bounded_pool(engines):
         with ThreadPoolExecutor(6) as pool:
             outs = list(pool.map(lambda _: one.infer({"image": x})["score"], range(6)))
         assert one.requests_created == 1 and all(np.array_equal(o, outs[0]) for o in outs)
+
+
+# ------------------------------------------------------------------ issue 12 item 6: close() waits for calls in flight
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_close_waits_for_the_calls_in_flight(engines, backend):
+    """close() from one thread while four others predict: it returns only after every running call has
+    returned (it freed the session under them before), and later calls get one line saying it is closed."""
+    import time
+
+    det = Detector.load(engines["fused"], backend=backend, threads=1, batch_size=256)
+    batch = np.stack([sample_image(IMG, IMG, i % 7) for i in range(256)])  # one backend call, some ms long
+    want = reference([batch[0]])[1][0]
+    calls: list[tuple[float, float]] = []
+    errors: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def worker() -> None:
+        started.wait()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                preds = det.predict(batch)
+            except BaseException as e:  # noqa: BLE001 - every error is examined below
+                errors.append(e)
+                return
+            calls.append((t0, time.perf_counter()))
+            assert abs(preds[0].score - want) < 1e-5
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.3)
+    closing = time.perf_counter()
+    det.close()
+    closed = time.perf_counter()
+    for t in threads:
+        t.join(60)
+    assert calls and len(errors) == 4
+    assert any(t0 < closing < t1 for t0, t1 in calls), "no call was in flight when close() began"
+    late = [t1 - closed for _, t1 in calls if t1 > closed]
+    assert not late, f"{len(late)} call(s) still ran after close() returned"
+    for e in errors:
+        assert isinstance(e, DeployError) and "\n" not in str(e) and "closed" in str(e), repr(e)

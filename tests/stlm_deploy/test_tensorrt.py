@@ -6,6 +6,7 @@ import ctypes
 import enum
 import json
 import logging
+import threading
 import types
 from pathlib import Path
 
@@ -117,6 +118,14 @@ class _Cuda:
         self.mem: dict[int, ctypes.Array] = {}
         self.capturing: list | None = None
         self.launches = 0
+        self.device_count = 1
+        self.current = threading.local()  # CUDA's current device is per thread; a new thread starts on 0
+        self.devices_used: list[int] = []  # the calling thread's current device at each work call
+
+    def on(self) -> int:
+        dev = getattr(self.current, "device", 0)
+        self.devices_used.append(dev)
+        return dev
 
     def module(self) -> types.ModuleType:
         m = types.ModuleType("cuda.bindings.runtime")
@@ -126,6 +135,7 @@ class _Cuda:
         ok = m.cudaError_t.cudaSuccess
 
         def alloc(n: int) -> tuple:
+            self.on()
             buf = (ctypes.c_uint8 * n)()
             self.mem[ctypes.addressof(buf)] = buf
             return ok, ctypes.addressof(buf)
@@ -135,6 +145,7 @@ class _Cuda:
             return (ok,)
 
         def memcpy(dst: int, src: int, n: int, kind: int, stream: int) -> tuple:
+            self.on()
             op = lambda: ctypes.memmove(dst, src, n)  # noqa: E731
             self.capturing.append(op) if self.capturing is not None else op()
             return (ok,)
@@ -149,13 +160,14 @@ class _Cuda:
                 op()
             return (ok,)
 
-        m.cudaGetDeviceCount = lambda: (ok, 1)
-        m.cudaSetDevice = lambda i: (ok,)
+        m.cudaGetDeviceCount = lambda: (ok, self.device_count)
+        m.cudaSetDevice = lambda i: (setattr(self.current, "device", i), (ok,))[1]
         m.cudaGetDeviceProperties = lambda i: (ok, types.SimpleNamespace(name=b"NVIDIA L4\0\0\0", major=8, minor=9))
         m.cudaMalloc = m.cudaMallocHost = alloc
         m.cudaFree = m.cudaFreeHost = free
         m.cudaStreamCreate = lambda: (ok, 7)
-        m.cudaStreamDestroy = m.cudaStreamSynchronize = lambda s: (ok,)
+        m.cudaStreamDestroy = lambda s: (ok,)
+        m.cudaStreamSynchronize = lambda s: (self.on(), (ok,))[1]
         m.cudaMemcpyAsync = memcpy
         m.cudaStreamBeginCapture = lambda s, mode: (setattr(self, "capturing", []), (ok,))[1]
         m.cudaStreamEndCapture = end_capture
@@ -203,6 +215,8 @@ def _fake_trt(cuda: _Cuda) -> types.ModuleType:
             return np.frombuffer(raw, np.uint8).view(dtype).reshape(shape)
 
         def execute_async_v3(self, stream: int) -> bool:
+            cuda.on()
+
             def run() -> None:
                 x = self._view("image", np.uint8)
                 m = x.astype(np.float32).mean(axis=3) / 255.0
@@ -371,3 +385,26 @@ def test_real_tensorrt_plan(engine_copy):
                 np.testing.assert_allclose(p.anomaly_map, m, atol=1e-5)
                 assert abs(p.score - s) < 1e-5
         det.close()
+
+
+def test_tensorrt_sets_the_cuda_device_on_every_call_from_any_thread(engine_copy, fake_gpu):
+    """CUDA's current device is per thread and a new thread starts on device 0: a backend on GPU 1 called
+    from a worker thread ran its copies and kernels against GPU 0's context (TensorRT cannot be installed
+    here: the fake runtime records the calling thread's current device at every CUDA work call)."""
+    eng = _add_plan(engine_copy("plain"), b"FAKEPLAN")
+    fake_gpu.device_count = 2
+    x = np.stack([sample_image(IMG, IMG, s) for s in range(2)])
+    want = x.astype(np.float32).mean(axis=3) / 255.0
+    with TensorRTBackend(eng / "model.plan", device_id=1) as be:
+        assert be.device == "cuda:1"
+        fake_gpu.devices_used.clear()
+        results: list[np.ndarray] = []
+        workers = [threading.Thread(target=lambda: results.append(be.infer({"image": x})["anomaly_map"]))
+                   for _ in range(3)]
+        for t in workers:
+            t.start()
+            t.join()
+        fake_gpu.current.device = 0  # the main thread moved to another GPU meanwhile (e.g. another library)
+        results.append(be.infer({"image": x})["anomaly_map"])
+    assert len(results) == 4 and all(np.allclose(r, want, atol=1e-6) for r in results)
+    assert fake_gpu.devices_used and set(fake_gpu.devices_used) == {1}, fake_gpu.devices_used
