@@ -144,17 +144,40 @@ def _predict_arrays(det: Any, images: np.ndarray, batch: int) -> tuple[np.ndarra
     return np.stack(maps), np.asarray(scores, np.float32)
 
 
+class ReferenceMismatch(ValueError):
+    """The reference checkpoint is not the file the engine was exported from (one line)."""
+
+
+def check_reference_source(ckpt: str, sha256: str, recorded_sha256: str, recorded_path: str,
+                           allow_other: bool = False) -> bool:
+    """True when ``sha256`` (of the reference bytes) is the engine's ``source.sha256``; else raise
+    :class:`ReferenceMismatch`, or return False when ``allow_other`` (the report then says so).
+
+    A parity or speed-up measured against another checkpoint would compare two different models.
+    An engine that records no source checksum cannot be checked (True).
+    """
+    if not recorded_sha256 or sha256 == recorded_sha256:
+        return True
+    if allow_other:
+        return False
+    raise ReferenceMismatch(f"--reference {ckpt}: sha256 {sha256[:12]}... is not the checkpoint this engine was "
+                            f"exported from (stlm.json source.sha256 {recorded_sha256[:12]}..., "
+                            f"{recorded_path or 'path not recorded'}); pass --allow-other-reference to compare "
+                            "with it anyway")
+
+
 class Reference:
     """PyTorch eager fp32 on the same inputs (the yardstick every engine is compared with)."""
 
     def __init__(self, ckpt: str, img_size: int, threads: int) -> None:
         import torch
 
-        from stlm_train import load_model
+        from stlm_train.checkpoint import model_from_checkpoint, read_file_and_sha256
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = load_model(ckpt, img_size=img_size)
+        obj, self.sha256 = read_file_and_sha256(ckpt)  # read once: the checksum is of the bytes loaded
+        self.model = model_from_checkpoint(obj, ckpt, img_size).eval()
 
     def predict(self, images: np.ndarray, batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = [], []
@@ -177,8 +200,11 @@ def _batch_of(images: np.ndarray, n: int) -> np.ndarray:
 def run_bench(engine: str, reference: str | None = None, variants: list[Variant] | None = None,
               batches: tuple[int, ...] = (1,), runs: int = 10, warmup: int = 2, threads: int | None = None,
               data: LabelledSet | None = None, parity_images: np.ndarray | None = None,
-              parity_source: str = "") -> dict[str, Any]:
-    """Benchmark the engine's variants and (optionally) the PyTorch reference; returns a JSON-able report."""
+              parity_source: str = "", allow_other_reference: bool = False) -> dict[str, Any]:
+    """Benchmark the engine's variants and (optionally) the PyTorch reference; returns a JSON-able report.
+
+    The reference must be the checkpoint the engine was exported from (``source.sha256``) unless
+    ``allow_other_reference`` (:func:`check_reference_source`)."""
     from stlm_deploy import Detector
     from stlm_deploy.spec import load_spec, resolve_engine
 
@@ -202,6 +228,8 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
         _reset_peak_rss()
         before = _rss_kib("VmRSS")
         ref = Reference(reference, spec.img_size, threads)
+        same_source = check_reference_source(reference, ref.sha256, spec.source.sha256, spec.source.checkpoint,
+                                             allow_other_reference)
         ref_maps, ref_scores = ref.predict(parity_images)
         for b in batches:
             ref_t[b] = time_fn(ref.timer(_batch_of(parity_images, b)), runs=runs, warmup=warmup)
@@ -209,7 +237,8 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
             dm, ds = ref.predict(data.images)
             ref_acc = accuracy(ds, dm, data)
         peak = _rss_kib("VmHWM")
-        report["reference"] = {"label": "pytorch/fp32 (eager)", "checkpoint": reference,
+        report["reference"] = {"label": "pytorch/fp32 (eager)", "checkpoint": reference, "sha256": ref.sha256,
+                               "is_engine_source": same_source,
                                "timings": {b: t.to_dict() for b, t in ref_t.items()},
                                "peak_rss_mib": peak / 1024 if peak else None,
                                "rss_delta_mib": (peak - before) / 1024 if peak and before else None,

@@ -30,6 +30,9 @@ def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str
 @click.option("--reference", "reference", default=None,
               help="Checkpoint for the PyTorch eager reference (default: the source recorded in stlm.json, if present).")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference (no parity, no speed-up).")
+@click.option("--allow-other-reference", is_flag=True,
+              help="Accept a --reference whose sha256 differs from the engine's source checkpoint (stlm.json "
+              "source.sha256); the report marks it.")
 @click.option("--backend", "backends", default="all", show_default=True,
               help="'all' or a comma list of backend[/precision]: ort/fp32, ort/fp16, openvino/bf16, tensorrt ...")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_batches, help="Batch sweep, e.g. 1,4.")
@@ -44,7 +47,7 @@ def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str
 @click.option("--json", "json_path", default=None, help="Write the full report as JSON.")
 @click.option("--markdown", "md_path", default=None, help="Write the tables as Markdown.")
 @click.option("--plot", "plot_path", default=None, help="Write a latency/throughput PNG.")
-def main(engine: str, reference: str | None, no_reference: bool, backends: str, batches: tuple[int, ...], runs: int, warmup: int,
+def main(engine: str, reference: str | None, no_reference: bool, allow_other_reference: bool, backends: str, batches: tuple[int, ...], runs: int, warmup: int,
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
          json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
     """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
@@ -81,7 +84,7 @@ def main(engine: str, reference: str | None, no_reference: bool, backends: str, 
             cs = calibration_images(calib_data, spec.img_size, max_images=16, policy=spec.preprocessing.resize)
             parity_images, source = cs.images, cs.source
         report = bench.run_bench(str(engine_dir), ref, variants, batches, runs, warmup, threads, labelled,
-                                 parity_images, source or "")
+                                 parity_images, source or "", allow_other_reference=allow_other_reference)
     except click.ClickException:
         raise
     except (DeployError, ValueError, OSError) as e:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from stlm_deploy.files import atomic_directory, atomic_write_json, sha256_file
+from stlm_deploy.files import atomic_directory, atomic_write_json
 from stlm_deploy.spec import EngineSpec, Preprocessing, Source, Thresholds, write_spec
 
 from .calib import DEFAULT_MAX_IMAGES, CalibSet, calibration_images
@@ -251,7 +251,7 @@ def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- the export
 def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
-    from stlm_train.checkpoint import checkpoint_kind, model_from_checkpoint, read_file
+    from stlm_train.checkpoint import checkpoint_kind, model_from_checkpoint, read_file_and_sha256
 
     say = log or (lambda msg: log_.info(msg))
     t0 = time.perf_counter()
@@ -264,14 +264,13 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     out = Path(opts.out) if opts.out is not None else Path(opts.engines_root) / name
     _check_out(out)
 
-    obj = read_file(ckpt)
+    obj, ckpt_sha = read_file_and_sha256(ckpt)  # read once: the sha256 is that of the bytes loaded
     kind = checkpoint_kind(obj)
     stlm = model_from_checkpoint(obj, ckpt, img_size).cpu().eval()  # errors name the file
     saved_cfg = obj.get("config") if kind == "project" else None
     trained_size = saved_cfg.get("img_size") if isinstance(saved_cfg, Mapping) else None
     cfg = stlm.cfg
     s = cfg.img_size
-    ckpt_sha = sha256_file(ckpt)
     say(f"{ckpt}: {kind} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
         f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
 

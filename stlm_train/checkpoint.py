@@ -112,17 +112,40 @@ def _groups(keys: list[str], depth: int = 3) -> list[str]:
     return list(seen)
 
 
+def _torch_load(source: Any, p: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only; a pickle that would import or
+    call anything (code execution) is refused before it runs, as a one-line CheckpointError."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint (truncated or another file type): "
+                              f"{reason[:160]}") from None
+
+
 def read_file(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors for missing, foreign or truncated files."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file")
+    return _torch_load(p, p)
+
+
+def read_file_and_sha256(path: str | os.PathLike) -> tuple[Any, str]:
+    """(:func:`read_file`'s object, sha256 of the very bytes it was loaded from): the file is read once,
+    hashed, then loaded from memory, so the recorded checksum cannot describe another version of the file."""
+    import io
+
+    from stlm_deploy.files import sha256_bytes
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint (truncated or another file type): "
-                              f"{reason[:160]}") from None
+        data = p.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
+    return _torch_load(io.BytesIO(data), p), sha256_bytes(data)
 
 
 def flatten_official(obj: Any, path: str | os.PathLike = "<state dict>") -> dict[str, torch.Tensor]:
@@ -210,9 +233,13 @@ def _vit_variant(sd: Mapping[str, torch.Tensor], path: Any) -> str:
                           f"{sorted(SAM_VIT_CONFIGS)}")
 
 
-def load_sam_teacher(path: str | os.PathLike, img_size: int, variant: str | None = None) -> Teacher:
-    """``sam_vit_{b,l,h}_*.pth`` (segment-anything layout) -> frozen Teacher; variant read from shapes."""
-    sd = read_file(path)
+def load_sam_teacher(path: str | os.PathLike, img_size: int, variant: str | None = None,
+                     sd: Mapping[str, Any] | None = None) -> Teacher:
+    """``sam_vit_{b,l,h}_*.pth`` (segment-anything layout) -> frozen Teacher; variant read from shapes.
+
+    ``sd``: the file's state dict when the caller has already read it (a SAM file is up to 2.5 GB: read once).
+    """
+    sd = read_file(path) if sd is None else sd
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
     name = variant or _vit_variant(sd, path)
@@ -221,9 +248,9 @@ def load_sam_teacher(path: str | os.PathLike, img_size: int, variant: str | None
     return teacher.eval()
 
 
-def load_mobile_sam_teacher(path: str | os.PathLike, cfg: STLMConfig) -> Teacher:
-    """``mobile_sam.pt`` -> frozen TinyViT teacher (a lighter alternative to SAM ViT)."""
-    sd = read_file(path)
+def load_mobile_sam_teacher(path: str | os.PathLike, cfg: STLMConfig, sd: Mapping[str, Any] | None = None) -> Teacher:
+    """``mobile_sam.pt`` -> frozen TinyViT teacher (a lighter alternative to SAM ViT); ``sd`` if already read."""
+    sd = read_file(path) if sd is None else sd
     teacher = build_tinyvit_teacher(cfg, kind="mobile_sam")
     load_converted(teacher, sd, MOBILE_SAM_TEACHER_KEYMAP, path)
     return teacher.eval()
@@ -231,11 +258,11 @@ def load_mobile_sam_teacher(path: str | os.PathLike, cfg: STLMConfig) -> Teacher
 
 def load_teacher(spec: str | os.PathLike, cfg: STLMConfig) -> Teacher:
     """A teacher file of either family, told apart by the image-encoder keys."""
-    sd = read_file(spec)
+    sd = read_file(spec)  # once: the loaders below take the state dict
     if isinstance(sd, Mapping) and "image_encoder.patch_embed.proj.weight" in sd:
-        return load_sam_teacher(spec, cfg.img_size)
+        return load_sam_teacher(spec, cfg.img_size, sd=sd)
     if isinstance(sd, Mapping) and "image_encoder.patch_embed.seq.0.c.weight" in sd:
-        return load_mobile_sam_teacher(spec, cfg)
+        return load_mobile_sam_teacher(spec, cfg, sd=sd)
     raise CheckpointError(f"{spec}: not a SAM (sam_vit_*.pth) or MobileSAM (mobile_sam.pt) checkpoint")
 
 

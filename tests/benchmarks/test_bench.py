@@ -88,3 +88,27 @@ def test_bench_errors_are_one_line(full_engine, args, msg):
     err = [l for l in p.stderr.splitlines() if l.strip()]
     assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len([l for l in err if l.startswith("Error")]) == 1
+
+
+# ------------------------------------------------------------------ issue 12 item 8: the reference is the engine's source
+def test_bench_refuses_a_reference_that_is_not_the_engine_source(full_engine, small_ckpt, small_stlm, tmp_path):
+    from stlm_deploy.files import sha256_file
+    from stlm_train import save_checkpoint
+
+    other = save_checkpoint(tmp_path / "other" / "model.ckpt", small_stlm, thresholds={"image": 0.1})  # other bytes
+    base = ["--engine", str(full_engine.engine_dir), "--backend", "ort/fp32", "--runs", "1", "--warmup", "0"]
+    p = subprocess.run([sys.executable, "-m", "stlm_bench.cli", *base, "--reference", str(other)],
+                       capture_output=True, text=True, timeout=300)
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode != 0 and len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"--reference {other}: sha256 {sha256_file(other)[:12]}... is not the checkpoint this engine was " \
+           "exported from" in err[0] and "--allow-other-reference" in err[0]
+    js = tmp_path / "other.json"
+    r = CliRunner().invoke(main, [*base, "--reference", str(other), "--allow-other-reference", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["reference"]["is_engine_source"] is False
+    r = CliRunner().invoke(main, [*base, "--reference", str(small_ckpt), "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    ref = json.loads(js.read_text())["reference"]
+    assert ref["is_engine_source"] is True and ref["sha256"] == full_engine.spec["source"]["sha256"] \
+        == sha256_file(small_ckpt)

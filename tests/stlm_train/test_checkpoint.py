@@ -81,7 +81,12 @@ def test_project_checkpoint_round_trip(tmp_path):
     assert not list(p.parent.glob(".*tmp"))  # atomic write left no temp file
 
 
-def test_sam_teacher_key_layout(tmp_path):
+def test_sam_teacher_key_layout(tmp_path, monkeypatch):
+    import stlm_train.checkpoint as checkpoint
+
+    reads: list[str] = []
+    real_read = checkpoint.read_file
+    monkeypatch.setattr(checkpoint, "read_file", lambda path: (reads.append(str(path)), real_read(path))[1])
     teacher = randomize(build_vit_teacher(SAM_VIT_CONFIGS["vit_b"], 256), 5)
     sd = SAM_TEACHER_KEYMAP.invert(teacher.state_dict())
     sd["mask_decoder.iou_prediction_head.layers.0.weight"] = torch.zeros(256, 256)  # dead parts are accepted
@@ -90,6 +95,7 @@ def test_sam_teacher_key_layout(tmp_path):
     p = tmp_path / "sam_vit_b_01ec64.pth"
     torch.save(sd, p)
     loaded = load_teacher(p, get_config("paper", 256))
+    assert reads == [str(p)]  # the SAM file (up to 2.5 GB) is read once, not once to sniff and once to load
     assert loaded.kind == "sam_vit_b"
     assert torch.equal(loaded.encoder.pos_embed, teacher.encoder.pos_embed)
     x = torch.randn(1, 3, 256, 256)
