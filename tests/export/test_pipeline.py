@@ -172,11 +172,27 @@ def test_interrupted_export_leaves_no_partial_directory(small_ckpt, tmp_path, mo
     assert not out.exists() and list((tmp_path / "engines").iterdir()) == []
 
 
-def test_default_name_fixed_batch_no_verify(small_ckpt, tmp_path):
+def test_default_name_fixed_batch_no_verify(small_ckpt, tmp_path, monkeypatch):
+    import builtins
+    import io
+
+    opened: list[str] = []  # issue 12: the checkpoint is read once; its sha256 is that of the bytes loaded
+    real_open = builtins.open
+
+    def spy(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == Path(small_ckpt):
+            opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
     res = export_engine(ExportOptions(ckpt=small_ckpt, engines_root=tmp_path, target="onnx", simplify=False,
                                       verify=False, batch="2"))
+    monkeypatch.undo()
+    assert opened == [str(small_ckpt)]
     assert res.engine_dir == tmp_path / "bottle"
     spec = json.loads((res.engine_dir / "stlm.json").read_text())
+    assert spec["source"]["sha256"] == sha256_file(small_ckpt)
     assert spec["batch"] == 2 and spec["input"]["shape"] == [2, 128, 128, 3]
     assert spec["parity"] == {"verified": False, "passed": None, "summary": {}}
     assert set(spec["artifacts"]) == {"model.onnx"}
@@ -216,3 +232,44 @@ def test_official_state_dict_paper_config_at_256(tmp_path):
     from .test_graph import _expected_onnx_params
 
     assert abs(res.graph["params"] - _expected_onnx_params(model)) <= 1e-3 * res.graph["params"]
+
+
+def test_kill_9_during_an_export_leaves_the_previous_engine_loadable(full_engine, small_ckpt, tmp_path):
+    """SIGKILL stlm-export at its publish step (the finished temp directory holds stlm.json: fsync and swap
+    follow) and at a random earlier moment: engines/<name> is always a complete, verifiable engine."""
+    import random
+    import signal
+    import time
+
+    from stlm_deploy import Detector
+    from stlm_deploy.files import remove_stale_temps
+
+    out = tmp_path / "bottle"
+    shutil.copytree(full_engine.engine_dir, out)
+    old_spec = (out / "stlm.json").read_text()
+    cmd = [sys.executable, "-m", "stlm_export.cli", "--ckpt", str(small_ckpt), "--out", str(out), "--no-verify",
+           "--target", "onnx", "--no-simplify", "--batch", "2"]
+
+    def temp_with_spec() -> bool:
+        return any((p / "stlm.json").is_file() for p in tmp_path.glob(".bottle.*.tmp"))
+
+    rng = random.Random(3)
+    for moment in ("publish", "random"):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        start = time.monotonic()
+        while proc.poll() is None and time.monotonic() < deadline:
+            if moment == "publish" and temp_with_spec():
+                break
+            if moment == "random" and time.monotonic() - start > rng.uniform(1.0, 8.0):
+                break
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+        assert proc.returncode in (-signal.SIGKILL, 0)
+        with Detector.load(out, backend="ort") as det:  # verifies every checksum it uses
+            assert np.isfinite(det.predict(np.zeros((130, 140, 3), np.uint8)).score)
+        spec = json.loads((out / "stlm.json").read_text())
+        assert (out / "stlm.json").read_text() == old_spec or spec["batch"] == 2
+    remove_stale_temps(out)  # what the next export does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bottle"]
