@@ -184,7 +184,10 @@ def _nonfinite(value: Any, path: str = "") -> tuple[str, float] | None:
 def _check_finite(data: Any, where: str) -> None:
     """stlm.json holds finite numbers only: name the first field that is NaN/Infinity (Python's json and
     a 1e999 literal both produce them)."""
-    found = _nonfinite(data)
+    try:
+        found = _nonfinite(data)
+    except RecursionError:
+        raise SpecError(f"{where}: JSON nested too deeply to be an engine description") from None
     if found is not None:
         path, value = found
         raise SpecError(f"{where}: field '{path or '(top level)'}' must be a finite number, got {json.dumps(value)}")
@@ -579,10 +582,16 @@ def load_spec(path: str | os.PathLike) -> EngineSpec:
         text = spec_path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"{where}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{where}: not UTF-8 text (invalid byte at offset {e.start}); stlm.json is the JSON file "
+                        "stlm-export writes") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting deeper than Python's stack
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
+        raise SpecError(f"{where}: not valid JSON ({reason})") from None
     return EngineSpec.from_dict(data, where=where)
 
 

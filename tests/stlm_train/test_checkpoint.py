@@ -203,3 +203,44 @@ def test_error_newer_project_format(tmp_path):
     torch.save(obj, p)
     with pytest.raises(CheckpointError, match=r"m\.ckpt: checkpoint format_version 99 is newer"):
         load_model(p)
+
+
+# ---- issue 12 item 9: a pickle that would run code is refused without running it ----
+
+class _Payload:
+    """Unpickling this calls Path.touch(marker): code execution, as a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, writer):
+    import pickle
+    import subprocess
+    import sys
+
+    from stlm_train.checkpoint import read_file, read_file_and_sha256
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "model.ckpt"
+    payload = {"format": "stlm-checkpoint", "state_dict": {"w": torch.zeros(2)}, "extra": _Payload(marker)}
+    if writer == "pickle":
+        evil.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, evil)
+    for reader in (read_file, read_file_and_sha256):
+        with pytest.raises(CheckpointError) as ei:
+            reader(evil)
+        assert str(ei.value).startswith(f"{evil}: not a readable PyTorch checkpoint") and "\n" not in str(ei.value)
+        assert not marker.exists(), "the payload ran while the checkpoint was being refused"
+    p = subprocess.run([sys.executable, "-m", "stlm_export.cli", "--ckpt", str(evil), "--out", str(tmp_path / "e")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and not marker.exists() and "Traceback" not in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.startswith("Error")]) == 1
+    # the control: a loader that trusts the file does run the payload
+    pickle.loads(evil.read_bytes()) if writer == "pickle" else torch.load(evil, weights_only=False)
+    assert marker.exists()
