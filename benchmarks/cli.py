@@ -47,7 +47,8 @@ def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str
 @click.option("--json", "json_path", default=None, help="Write the full report as JSON.")
 @click.option("--markdown", "md_path", default=None, help="Write the tables as Markdown.")
 @click.option("--plot", "plot_path", default=None, help="Write a latency/throughput PNG.")
-def main(engine: str, reference: str | None, no_reference: bool, allow_other_reference: bool, backends: str, batches: tuple[int, ...], runs: int, warmup: int,
+def main(engine: str, reference: str | None, no_reference: bool, allow_other_reference: bool, backends: str,
+         batches: tuple[int, ...], runs: int, warmup: int,
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
          json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
     """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""

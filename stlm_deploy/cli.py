@@ -7,10 +7,10 @@ INPUT: image files, folders (searched recursively for images) and glob patterns.
 DIR/scores.csv (path,score,is_anomalous,backend,precision) and DIR/scores.jsonl (one line per result or
 failure, naming the backend and precision that ran), each row appended and flushed as its image
 completes; DIR/scores.json (results + failures + backend info) at the end; DIR/overlays/<name>.png
-unless --no-overlays, DIR/maps/<name>.npy + 8-bit .png with --save-maps (each written atomically). Any per-image failure (unreadable, undecodable, above
---max-pixels, out of memory, a non-finite output, an unexpected exception) is one line on stderr and
-the others go on; the exit code is then 1. No inputs at all: exit 2. Engine/argument errors: one
-line, exit 1.
+unless --no-overlays, DIR/maps/<name>.npy + 8-bit .png with --save-maps (each written atomically).
+Any per-image failure (unreadable, undecodable, above --max-pixels, out of memory, a non-finite
+output, an unexpected exception) is one line on stderr and the others go on; the exit code is then 1.
+No inputs at all: exit 2. Engine/argument errors: one line, exit 1.
 """
 from __future__ import annotations
 

@@ -139,11 +139,12 @@ def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike, clean_stale: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, clean_stale: bool = False, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it is fsynced and replaces ``path``, on error it vanishes.
 
     ``clean_stale``: first remove temps of ``path`` left by killed writers (large files such as
-    checkpoints; off by default because it lists the destination folder).
+    checkpoints; off by default because it lists the destination folder). ``durable=False`` skips the
+    two fsyncs (still atomic, not crash-durable): for per-image outputs such as overlays, thousands per run.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -154,18 +155,20 @@ def atomic_output(path: str | os.PathLike, clean_stale: bool = False) -> Iterato
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        _fsync_path(tmp_path)  # the writer (torch.save, onnx.save, ...) may not have synced
+        if durable:
+            _fsync_path(tmp_path)  # the writer (torch.save, onnx.save, ...) may not have synced
         os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; publish with the usual modes
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    _fsync_path(dest.parent, directory=True)  # the rename itself is durable
+    if durable:
+        _fsync_path(dest.parent, directory=True)  # the rename itself is durable
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
     """Write ``data`` through a synced temp file and a rename (readers never see half a file)."""
-    with atomic_output(path) as tmp:
+    with atomic_output(path, durable=durable) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
     return Path(path)
