@@ -101,8 +101,9 @@ class Detector:
         Args:
           engine: ``engines/<name>`` or a file in it (``model.fp16.onnx`` selects that artifact).
           backend: "auto", "ort", "openvino" or "tensorrt".
-          precision: "fp32", "fp16", "bf16", "int8" (or f32/f16); None = the backend's default
-            (ort: model.onnx, openvino: device default, tensorrt: the plan's).
+          precision: "fp32", "fp16", "bf16", "int8" (or f32/f16); None = the engine's default, the same
+            rule as the C++ runtime (ort: model.onnx, openvino: the IR's recorded inference_precision,
+            else fp32; tensorrt: the plan's; see :func:`stlm_deploy.selection.default_precision`).
           threads: CPU threads for ort/openvino (default: all CPUs this process may use).
           verify: check the sha256 of the artifact(s) used against stlm.json.
           batch_size: images per backend call on a dynamic-batch engine (default DEFAULT_CHUNK = 8,

@@ -6,7 +6,7 @@ tensorrt + cuda-python importable) > ONNX Runtime with CUDA > OpenVINO (IR, else
 on CPU; a candidate that cannot run here is skipped with a note saying why.
 
 With no precision requested, :func:`default_precision` is the one rule shared with the C++ runtime
-(docs/engine_format.md, "Default precision"): never the device's silent default.
+(docs/engine_format.md, "Default backend and precision"): never the device's silent default.
 """
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ class Planner {
   std::string where_;
 };
 
-// The one default-precision rule (docs/engine_format.md, "Default precision"; stlm_deploy/selection.py
+// The one default-precision rule (docs/engine_format.md, "Default backend and precision"; selection.py
 // default_precision): with no precision requested, OpenVINO runs at the inference precision the export's parity
 // gate passed for this IR (stlm.json artifacts.<xml>.inference_precision), else fp32; the backend downgrades bf16
 // to f32 with a note where the device lacks BF16. Other backends: the artifact's own precision ("").

@@ -65,8 +65,8 @@ struct Thresholds {
 struct LoadOptions {
   std::string backend = "auto";  // "auto" (tensorrt, openvino, ort: first that works), "openvino", "ort", "tensorrt"
   int threads = 0;               // CPU threads for openvino/ort; 0 = all CPUs this process may use
-  // "" = the engine's default, the same rule as the Python runtime (docs/engine_format.md, "Default
-  // precision"): openvino the IR's recorded inference_precision (what the export's parity gate passed),
+  // "" = the engine's default, the same rule as the Python runtime (docs/engine_format.md, "Default backend
+  // and precision"): openvino the IR's recorded inference_precision (what the export's parity gate passed),
   // else f32; ort model.onnx; tensorrt the plan's. "fp32"/"bf16"/"fp16" = openvino inference precision hint
   // (downgraded to f32 with a note if the device lacks it) / ort ONNX artifact precision.
   // "device" = openvino device default (may be bf16 on AMX CPUs). "int8" = the int8 IR/ONNX/plan.
