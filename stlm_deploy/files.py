@@ -119,7 +119,9 @@ def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
     is alive (or reused) keeps its temp: never delete what a running writer may still be filling.
     """
     dest = Path(dest)
-    pattern = re.compile(r"^\." + re.escape(dest.name) + r"\.(?:(\d+)\..+\.tmp|old-(\d+))$")
+    # the random part is tempfile's 8 characters, so ".eng.2024.<pid>.<rand>.tmp" (a temp of "eng.2024") never
+    # reads as a temp of "eng" written by pid 2024
+    pattern = re.compile(r"^\." + re.escape(dest.name) + r"\.(?:(\d+)\.[a-z0-9_]{8}\.tmp|old-(\d+))$")
     removed: list[Path] = []
     try:
         entries = list(os.scandir(dest.parent))

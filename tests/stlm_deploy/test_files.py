@@ -140,20 +140,21 @@ def test_fallback_two_renames_when_the_exchange_is_refused(tmp_path: Path, monke
 
 def test_temps_of_killed_writers_are_removed_on_the_next_publish(tmp_path: Path):
     dead, alive = _dead_pid(), os.getppid()
-    stale_dir = tmp_path / f".eng.{dead}.abc123.tmp"
+    stale_dir = tmp_path / f".eng.{dead}.abc123_z.tmp"
     stale_old = tmp_path / f".eng.old-{dead}"
-    live_dir = tmp_path / f".eng.{alive}.def456.tmp"
-    other = tmp_path / f".other.{dead}.x.tmp"
-    for d in (stale_dir, stale_old, live_dir, other):
+    live_dir = tmp_path / f".eng.{alive}.def456_z.tmp"
+    other = tmp_path / f".other.{dead}.x1234567.tmp"
+    dotted = tmp_path / f".eng.{dead}.{alive}.k1234567.tmp"  # a live temp of the engine named "eng.<dead>"
+    for d in (stale_dir, stale_old, live_dir, other, dotted):
         d.mkdir()
         (d / "model.onnx").write_bytes(b"partial")
-    stale_file = tmp_path / f".last.ckpt.{dead}.zz.tmp"
+    stale_file = tmp_path / f".last.ckpt.{dead}.zz99yy88.tmp"
     stale_file.write_bytes(b"half a checkpoint")
     with files.atomic_directory(tmp_path / "eng") as tmp:
         assert f".eng.{os.getpid()}." in tmp.name  # the writer's pid is in its temp name
         (tmp / "stlm.json").write_text("{}")
     assert not stale_dir.exists() and not stale_old.exists()
-    assert live_dir.exists() and other.exists()  # a live writer's temp, another destination's temp: kept
+    assert live_dir.exists() and other.exists() and dotted.exists()  # live writers', other destinations': kept
     with files.atomic_output(tmp_path / "last.ckpt", clean_stale=True) as tmp:
         tmp.write_bytes(b"ok")
     assert not stale_file.exists() and (tmp_path / "last.ckpt").read_bytes() == b"ok"
