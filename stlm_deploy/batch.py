@@ -10,7 +10,7 @@ Results stream: each image's row is appended to ``scores.csv`` and ``scores.json
 soon as it is finished (a run killed after 10,000 images keeps those 10,000 rows); ``scores.json``
 (everything + the backend) is written at the end. Overlays and maps go through a temp file and a rename:
 
-    OUT/scores.csv    path,score,is_anomalous  (rows appended as they complete; rewritten per run)
+    OUT/scores.csv    path,score,normalized_score,is_anomalous  (rows appended as they complete; rewritten per run)
     OUT/scores.jsonl  one JSON object per line: a result, or {"path", "error"} for a failure
     OUT/scores.json   results + failures + backend (at the end; strict JSON, never NaN)
     OUT/overlays/<key>.png  (overlays=True)           OUT/maps/<key>.npy + .png  (save_maps=True)
@@ -43,6 +43,7 @@ __all__ = ["BatchResult", "ResultStream", "collect_inputs", "read_image", "score
            "strict_json"]
 
 _GLOB_CHARS = set("*?[")
+CSV_HEADER = ["path", "score", "normalized_score", "is_anomalous"]
 
 
 @dataclass
@@ -136,11 +137,11 @@ class ResultStream:
                                        newline="")
         self._jsonl: IO[str] = open(out / "scores.jsonl", "w", encoding="utf-8")
         self._csv = csv.writer(self._csv_file, lineterminator="\n")
-        self._csv.writerow(["path", "score", "is_anomalous"])
+        self._csv.writerow(CSV_HEADER)
         self._csv_file.flush()
 
     def result(self, row: dict[str, Any]) -> None:
-        self._csv.writerow([row["path"], f"{row['score']:.8g}", _fmt_bool(row["is_anomalous"])])
+        self._csv.writerow(_csv_row(row))
         self._csv_file.flush()
         self._line(row)
 
@@ -263,7 +264,8 @@ def score_files(det: Detector, files: Sequence[tuple[Path, str]], out_dir: str |
         except Exception as e:  # noqa: BLE001 - MemoryError included
             fail(path, f"{path}: cannot write outputs (unexpected {type(e).__name__}: {_one_line(e)})")
             return
-        row = {"path": str(path), "score": pred.score, "is_anomalous": pred.is_anomalous, **written}
+        row = {"path": str(path), "score": pred.score, "normalized_score": pred.normalized_score,
+               "is_anomalous": pred.is_anomalous, **written}
         result.results.append(row)
         rows.result(row)
 
@@ -293,6 +295,11 @@ def _fmt_bool(v: bool | None) -> str:
     return "" if v is None else ("true" if v else "false")
 
 
+def _csv_row(row: dict[str, Any]) -> list[str]:
+    norm = row.get("normalized_score")
+    return [row["path"], f"{row['score']:.8g}", "" if norm is None else f"{norm:.8g}", _fmt_bool(row["is_anomalous"])]
+
+
 def write_scores(out_dir: str | Path, det: Detector, result: BatchResult, *, csv_file: bool = True) -> None:
     """``scores.json`` (results, failures, backend info; strict JSON) and, unless ``csv_file`` is False
     (:func:`score_files` already streamed it), ``scores.csv`` (path,score,is_anomalous), atomically."""
@@ -300,9 +307,9 @@ def write_scores(out_dir: str | Path, det: Detector, result: BatchResult, *, csv
     if csv_file:
         rows = io.StringIO()
         writer = csv.writer(rows, lineterminator="\n")
-        writer.writerow(["path", "score", "is_anomalous"])
+        writer.writerow(CSV_HEADER)
         for r in result.results:
-            writer.writerow([r["path"], f"{r['score']:.8g}", _fmt_bool(r["is_anomalous"])])
+            writer.writerow(_csv_row(r))
         atomic_write_bytes(out / "scores.csv", rows.getvalue().encode("utf-8", "backslashreplace"))
     doc = strict_json({"engine": str(det.engine_dir), "backend": det.info(), "results": result.results,
                        "failed": result.failed})

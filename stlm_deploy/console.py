@@ -30,6 +30,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "bench": ("matplotlib",),
     "cpu": ("onnxruntime",),
     "openvino": ("openvino",),
+    "serve": ("pytriton", "tritonclient"),
+    "client": ("tritonclient",),
 }
 
 

@@ -54,13 +54,14 @@ def test_folder_glob_and_outputs(engines, image_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _csv(out)
     assert [Path(x["path"]).name for x in rows] == ["a.png", "b.png", "c.bmp", "a.png"]
-    assert set(rows[0]) == {"path", "score", "is_anomalous"}
+    assert set(rows[0]) == {"path", "score", "normalized_score", "is_anomalous"}
     det = Detector.load(engines["fused"], backend="ort")
     for row in rows:
         rgb = cv2.cvtColor(cv2.imread(row["path"]), cv2.COLOR_BGR2RGB)
         pred = det.predict(rgb)
         assert abs(float(row["score"]) - pred.score) < 1e-6
         assert row["is_anomalous"] == ("true" if pred.is_anomalous else "false")
+        assert abs(float(row["normalized_score"]) - pred.normalized_score) < 1e-6
     report = json.loads((out / "scores.json").read_text())
     assert report["backend"]["backend"] == "ort" and report["backend"]["artifact"].endswith("model.onnx")
     assert report["failed"] == [] and len(report["results"]) == 4
