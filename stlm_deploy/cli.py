@@ -90,7 +90,7 @@ def _remote(url: str, model: str | None, engine: str | None, max_pixels: int) ->
               help="Engine directory (engines/<name>) or an artifact file inside it.")
 @click.option("--url", default=None, metavar="URL",
               help="Score on a server instead: http://HOST:PORT or grpc://HOST:PORT (stlm-serve / Triton).")
-@click.option("--model", default=None, help="With --url: the model name (default: the server's only model).")
+@click.option("--model", default=None, help="With --url: the model name (the name stlm-serve printed; needed unless the server lists its models).")
 @click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "tensorrt"]), default="auto",
               show_default=True, help="Runtime; auto = tensorrt > ort-cuda > openvino > ort-cpu.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "f32", "f16"]), default=None,

@@ -102,7 +102,11 @@ class RemoteDetector:
         self.engine_dir = self.url
 
     def _only_model(self) -> str:
-        index = self._client.get_model_repository_index()
+        try:
+            index = self._client.get_model_repository_index()
+        except Exception as e:  # noqa: BLE001 - stlm-serve keeps the repository API behind a token
+            raise DeployError(f"{self.url}: cannot list the served models ({server_error(e)}); name the model "
+                              "(model=... / --model NAME, the name stlm-serve printed)") from None
         if self.protocol == "grpc":
             names = [m.name for m in index.models]
         else:
