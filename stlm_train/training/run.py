@@ -40,6 +40,8 @@ from .sampling import EpochBatchSampler, holdout_split, resolve_augmentation
 from .state import LOSS_KEYS, load_run_state, save_run_state, set_rng_state, summarize_history
 
 Log = Callable[[str], None]
+#: the "epoch" key of the pseudo-anomalies drawn for the calibration score range (never a training epoch)
+CALIBRATION_STREAM = 2**32 - 1
 
 
 @dataclass
@@ -132,7 +134,8 @@ def pseudo_anomaly_scores(model: STLM, images: Sequence[np.ndarray], synth: Pseu
     scores = []
     try:
         for start in range(0, len(images), max(1, int(batch_size))):
-            pseudo = [synth(im, sample_rng(seed, -1, start + j))[1] for j, im in enumerate(images[start:start + batch_size])]
+            pseudo = [synth(im, sample_rng(seed, CALIBRATION_STREAM, start + j))[1]
+                      for j, im in enumerate(images[start:start + batch_size])]
             x = torch.from_numpy(np.stack(pseudo)).to(device)
             scores.append(model(model.normalize(x)).score.float().cpu().numpy())
     finally:
