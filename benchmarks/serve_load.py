@@ -188,7 +188,9 @@ def markdown(report: dict[str, Any]) -> str:
              "",
              f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs); backend {base['backend']} "
              f"({base['precision'] or 'default'}); Triton max_batch {report['max_batch']}, max_queue_delay "
-             f"{report['max_queue_delay_us']} us; images {report['image_shape']} sent as UINT8, one per request",
+             f"{report['max_queue_delay_us']} us; images {report['image_shape']} sent as UINT8, one per request; "
+             f"1-min load average {report['load_average_1m']['start']:.1f} at start, "
+             f"{report['load_average_1m']['end']:.1f} at end (other processes share the CPUs)",
              "",
              "| path | clients x requests | ok | errors | lost | img/s | p50 ms | p90 ms | p99 ms | Triton batches (size: count) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from stlm_deploy.spec import load_spec
 
     spec = load_spec(args.engine)
+    load_start = os.getloadavg()[0]  # other work on the machine shows in every number below
     images = load_images(args.images, args.n_images, spec.img_size)
     print(f"serve_load: {len(images)} images {images[0].shape}; in-process baseline ...", flush=True)
     base = in_process(args.engine, args.backend, images, args.max_batch, args.baseline_rounds)
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"engine": str(args.engine), "img_size": spec.img_size, "image_shape": list(images[0].shape),
               "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us, "in_process": base,
               "runs": runs, "largest_batch": largest, "passed": passed, "server_exit_code": rc,
-              "environment": environment()}
+              "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]}, "environment": environment()}
     text = markdown(report)
     print(text)
     stem = args.name or f"serve_load_{spec.img_size}"
