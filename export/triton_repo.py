@@ -18,7 +18,8 @@ The resize to ``S`` and back and the decision (``score > threshold``, the normal
 documented CLIENT step, not an ensemble: stock Triton images have no OpenCV in the Python backend.
 The client resizes with :func:`stlm_deploy.preprocess.prepare_batch`, maps the anomaly map back with
 :func:`stlm_deploy.preprocess.resize_map` and decides with the ``stlm.*`` parameters
-(:mod:`stlm_deploy.normalization`); ``stlm-serve`` does all of it on the server instead.
+(:mod:`stlm_deploy.normalization`): :class:`stlm_deploy.client.RemoteDetector` does exactly that when it
+finds such a model (``stlm-infer --url`` too); ``stlm-serve`` does all of it on the server instead.
 
 Config text is written here without tritonclient (the export extra does not need it); the tests parse
 every generated file with Triton's own ``model_config_pb2``.

@@ -235,3 +235,53 @@ def test_bad_engine_is_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: ") and "missing" in proc.stderr
+
+
+def test_client_step_for_a_raw_repository_model(engine: Path, local: Detector, tmp_path: Path) -> None:
+    """``stlm-export --target triton`` models serve the raw graph; RemoteDetector does the documented client
+    step (resize, resize back, decide with the config's ``stlm.*`` parameters). Stand-in for Triton's
+    onnxruntime backend: the same model.onnx run by ONNX Runtime behind a real Triton with the same tensors."""
+    import onnxruntime as ort
+    from google.protobuf import json_format, text_format
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from stlm_deploy.client import _thresholds_from
+    from stlm_deploy.serve import python_library_env, wait_model_ready
+    from stlm_export.triton_repo import write_triton_repository
+
+    repo = tmp_path / "repo"
+    write_triton_repository(engine, repo)
+    cfg = text_format.Parse((repo / "tiny" / "config.pbtxt").read_text(), mc.ModelConfig())
+    as_served = json_format.MessageToDict(cfg, preserving_proto_field_name=True)  # what get_model_config returns
+    params = {k: v["string_value"] for k, v in as_served["parameters"].items()}
+    assert _thresholds_from(params) == local.spec.thresholds
+    session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def raw(requests):
+        out = []
+        for req in requests:
+            m, s = session.run(["anomaly_map", "score"], {"image": req.data["image"]})
+            out.append({"anomaly_map": m, "score": s.reshape(-1, 1)})
+        return out
+
+    python_library_env()
+    p = ports()
+    triton = Triton(config=TritonConfig(http_address="127.0.0.1", grpc_address="127.0.0.1", metrics_address="127.0.0.1",
+                                        http_port=p["http_port"], grpc_port=p["grpc_port"],
+                                        metrics_port=p["metrics_port"]))
+    try:
+        triton.bind("tiny_raw", raw, inputs=[Tensor(name="image", dtype=np.uint8, shape=(64, 64, 3))],
+                    outputs=[Tensor(name="anomaly_map", dtype=np.float32, shape=(64, 64)),
+                             Tensor(name="score", dtype=np.float32, shape=(1,))],
+                    config=ModelConfig(max_batch_size=8, batcher=DynamicBatcher()))
+        triton.run()
+        wait_model_ready(f"http://127.0.0.1:{p['http_port']}", "tiny_raw", 90, alive=triton.is_alive)
+        imgs = images(2) + [sample_image(100, 40, 5)]
+        with RemoteDetector(f"http://127.0.0.1:{p['http_port']}", "tiny_raw", thresholds=_thresholds_from(params)) as rd:
+            assert rd.raw and rd.img_size == 64
+            got = rd.predict(imgs)
+        assert_same(got, local.predict(imgs))
+    finally:
+        triton.stop()
