@@ -27,6 +27,7 @@ LIBDIR first in ``LD_LIBRARY_PATH``, which PyTriton passes on to the server proc
 from __future__ import annotations
 
 import os
+import socket
 import sysconfig
 import time
 import urllib.error
@@ -59,6 +60,16 @@ def python_library_env(env: dict[str, str] | None = None) -> dict[str, str]:
         parts = [p for p in target.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
         target["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *parts])
     return target  # type: ignore[return-value]
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """One line naming the flag when ``host:port`` is taken (Triton would otherwise fail late and obscurely)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            raise DeployError(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror or e}); pick a free port")
 
 
 def wait_model_ready(url: str, name: str, timeout_s: float, alive: Any = None) -> None:
@@ -217,6 +228,8 @@ class StlmServer:
 
         python_library_env()
         o = self.opts
+        for flag, port in (("--http-port", o.http_port), ("--grpc-port", o.grpc_port), ("--metrics-port", o.metrics_port)):
+            check_port_free(o.host, port, flag)
         config = TritonConfig(http_address=o.host, grpc_address=o.host, metrics_address=o.host,
                               http_port=o.http_port, grpc_port=o.grpc_port, metrics_port=o.metrics_port,
                               log_verbose=o.log_verbose, allow_gpu_metrics=False, exit_on_error=True)

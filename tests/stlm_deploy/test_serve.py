@@ -230,6 +230,20 @@ def test_stlm_serve_command_starts_serves_and_stops_cleanly(engine: Path, local:
             proc.wait(10)
 
 
+def test_port_in_use_is_one_line(engine: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = ports()
+        proc = subprocess.run([sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort",
+                               "--http-port", str(p["http_port"]), "--grpc-port", str(port),
+                               "--metrics-port", str(p["metrics_port"])], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: --grpc-port {port}: cannot listen on 127.0.0.1")
+
+
 def test_bad_engine_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "stlm_deploy.serve_cli", str(tmp_path / "missing")], cwd=REPO,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
