@@ -230,6 +230,15 @@ def test_stlm_serve_command_starts_serves_and_stops_cleanly(engine: Path, local:
             proc.wait(10)
 
 
+def test_client_errors_are_one_line(server: StlmServer) -> None:
+    with pytest.raises(DeployError, match="cannot list the served models .*name the model"):
+        RemoteDetector(server.http_url)  # the repository index needs PyTriton's token
+    with pytest.raises(DeployError, match="bottle"):
+        RemoteDetector(server.http_url, "bottle")  # no such model
+    with pytest.raises(DeployError, match=r"expected http://HOST:PORT or grpc://HOST:PORT"):
+        RemoteDetector("ftp://127.0.0.1:1", "tiny")
+
+
 def test_port_in_use_is_one_line(engine: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
