@@ -5,6 +5,10 @@ exactly one ``Error: ...`` line on stderr and a non-zero exit status, never a tr
 (:func:`stlm_deploy.console.run_command`): exit 2 for bad flags (click's usage errors) and for a
 missing ``export`` extra (checked before anything is loaded), 1 for everything else, 3 for a failed
 parity gate.
+
+``--target triton --out REPO``: the engine is exported as for ``--target all`` (into ``--engine-out``,
+default ``engines/<name>``), then REPO is written as a Triton model repository
+(:mod:`stlm_export.triton_repo`) with a KServe InferenceService manifest, ``REPO/inferenceservice.json``.
 """
 from __future__ import annotations
 
@@ -41,8 +45,18 @@ def _echo(msg: str) -> None:
               help="Folder of images (searched recursively) for the parity gate / calibration.")
 @click.option("--parity-images", type=int, default=DEFAULT_MAX_IMAGES, show_default=True,
               help="At most this many calibration images are used by the parity gate.")
-@click.option("--target", type=click.Choice(["onnx", "openvino", "tensorrt", "all"]), default=None,
-              help="What to build (default: onnx + openvino, + tensorrt with --fp16 when TensorRT is installed).")
+@click.option("--target", type=click.Choice(["onnx", "openvino", "tensorrt", "all", "triton"]), default=None,
+              help="What to build (default: onnx + openvino, + tensorrt with --fp16 when TensorRT is installed); "
+                   "triton: everything 'all' builds, then --out is a Triton model repository.")
+@click.option("--engine-out", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="With --target triton: the engine directory (default: engines/<name>).")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --target triton: instance_group count of each model.")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="With --target triton: dynamic_batching max_queue_delay_microseconds.")
+@click.option("--storage-uri", default=None,
+              help="With --target triton: where the cluster finds REPO, for the KServe manifest "
+                   "(default: pvc://stlm-models/<name>).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (no parity.json, no Polygraphy files).")
 @click.option("--no-fuse-pre", is_flag=True, help="Input float32 NCHW already normalised (runtime normalises).")
 @click.option("--with-tlm", is_flag=True, help="Add the no-FA (TLM) map as output 'tlm_map'.")
@@ -60,7 +74,8 @@ def _echo(msg: str) -> None:
 def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, batch: str, opset: int, fp16: bool,
          int8: bool, calib_data: str | None, parity_images: int, target: str | None, no_verify: bool,
          no_fuse_pre: bool, with_tlm: bool, no_simplify: bool, max_batch: int, opt_batch: int, workspace_mb: int,
-         timing_cache: str | None, version_compatible: bool, hardware_compatible: bool) -> None:
+         timing_cache: str | None, version_compatible: bool, hardware_compatible: bool, engine_out: str | None = None,
+         instances: int = 1, max_queue_delay_us: int = 2000, storage_uri: str | None = None) -> None:
     """Export an STLM checkpoint to a verified engine directory (ONNX, fp16 ONNX, OpenVINO, TensorRT)."""
     require_extra("stlm-export", "export")
     if not no_verify:  # the parity gate runs every artifact through the runtime's ONNX Runtime backend
@@ -69,6 +84,11 @@ def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, bat
 
     from .pipeline import ExportError, ExportOptions, ParityGateError, export_engine
 
+    repo = None
+    if target == "triton":
+        if out is None:
+            raise CommandError("--target triton: --out REPO (the model repository to write) is required", EXIT_USAGE)
+        repo, out, target = out, engine_out, "all"
     opts = ExportOptions(ckpt=ckpt, out=out, name=name, img_size=img_size, batch=batch, opset=opset, fp16=fp16,
                          int8=int8, target=target, verify=not no_verify, fuse_pre=not no_fuse_pre,
                          with_tlm=with_tlm, calib_data=calib_data, parity_images=parity_images,
@@ -83,6 +103,22 @@ def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, bat
         raise CommandError(str(e), EXIT_ERROR) from None
     except (ValueError, OSError, RuntimeError) as e:
         raise CommandError(f"{type(e).__name__}: {e}", EXIT_ERROR) from None
+    if repo is not None:
+        import json
+
+        from stlm_deploy.files import atomic_write_text
+
+        from .triton_repo import TritonRepoOptions, kserve_manifest, write_triton_repository
+
+        written = write_triton_repository(result.engine_dir, repo, TritonRepoOptions(
+            max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances))
+        model = result.spec["name"]
+        manifest = kserve_manifest(model, storage_uri or f"pvc://stlm-models/{model}")
+        atomic_write_text(f"{repo}/inferenceservice.json", json.dumps(manifest, indent=2) + "\n")
+        _echo(f"triton repository {repo}: models {', '.join(written['models'])}; KServe manifest "
+              f"{repo}/inferenceservice.json")
+        click.echo(str(repo))
+        return
     click.echo(str(result.engine_dir))
 
 

@@ -223,7 +223,11 @@ def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, wi
     if trained_size is not None and trained_size != img_size:
         method += f" (chosen at img_size {trained_size}; engine exported at {img_size})"
     tlm = {k: num(th.get(k)) for k in ("tlm_image", "tlm_pixel") if with_tlm and num(th.get(k)) is not None}
-    return Thresholds(image=num(th.get("image")), pixel=num(th.get("pixel")), method=method, extra=tlm)
+    lo, hi = num(th.get("score_min")), num(th.get("score_max"))
+    if lo is None or hi is None or not hi > lo:  # older checkpoints: the runtime's documented fallback span
+        lo = hi = None
+    return Thresholds(image=num(th.get("image")), pixel=num(th.get("pixel")), method=method, score_min=lo,
+                      score_max=hi, extra=tlm)
 
 
 def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ Results stream: each image's row is appended to ``scores.csv`` and ``scores.json
 soon as it is finished (a run killed after 10,000 images keeps those 10,000 rows); ``scores.json``
 (everything + the backend) is written at the end. Overlays and maps go through a temp file and a rename:
 
-    OUT/scores.csv    path,score,is_anomalous,backend,precision  (rows appended as they complete; rewritten per run)
+    OUT/scores.csv    path,score,normalized_score,is_anomalous,backend,precision  (rows appended as they complete; rewritten per run)
     OUT/scores.jsonl  one JSON object per line: a result, or {"path", "error"} for a failure
     OUT/scores.json   results + failures + backend (at the end; strict JSON, never NaN)
     OUT/overlays/<key>.png  (overlays=True)           OUT/maps/<key>.npy + .png  (save_maps=True)
@@ -43,6 +43,8 @@ __all__ = ["BatchResult", "ResultStream", "collect_inputs", "read_image", "score
            "strict_json"]
 
 _GLOB_CHARS = set("*?[")
+#: scores.csv columns: every row says what ran (backend and precision), not only the run's summary
+CSV_HEADER = ["path", "score", "normalized_score", "is_anomalous", "backend", "precision"]
 
 
 @dataclass
@@ -263,8 +265,8 @@ def score_files(det: Detector, files: Sequence[tuple[Path, str]], out_dir: str |
         except Exception as e:  # noqa: BLE001 - MemoryError included
             fail(path, f"{path}: cannot write outputs (unexpected {type(e).__name__}: {_one_line(e)})")
             return
-        row = {"path": str(path), "score": pred.score, "is_anomalous": pred.is_anomalous, "backend": pred.backend,
-               "precision": pred.precision, **written}
+        row = {"path": str(path), "score": pred.score, "normalized_score": pred.normalized_score,
+               "is_anomalous": pred.is_anomalous, "backend": pred.backend, "precision": pred.precision, **written}
         result.results.append(row)
         rows.result(row)
 
@@ -294,13 +296,11 @@ def _fmt_bool(v: bool | None) -> str:
     return "" if v is None else ("true" if v else "false")
 
 
-#: scores.csv columns: every row says what ran (backend and precision), not only the run's summary
-CSV_HEADER = ("path", "score", "is_anomalous", "backend", "precision")
-
-
 def _csv_row(r: dict[str, Any]) -> list[str]:
-    return [r["path"], f"{r['score']:.8g}", _fmt_bool(r["is_anomalous"]), r.get("backend") or "",
-            r.get("precision") or ""]
+    """Every row says what ran (backend and precision), not only the run's summary."""
+    norm = r.get("normalized_score")
+    return [r["path"], f"{r['score']:.8g}", "" if norm is None else f"{norm:.8g}", _fmt_bool(r["is_anomalous"]),
+            r.get("backend") or "", r.get("precision") or ""]
 
 
 def write_scores(out_dir: str | Path, det: Detector, result: BatchResult, *, csv_file: bool = True) -> None:

@@ -2,9 +2,14 @@
 
     stlm-infer --engine engines/bottle [--backend auto|ort|openvino|tensorrt] [--precision P]
                [--threads N] [--batch-size N] [--max-pixels N] [--no-overlays] [--save-maps] INPUT... --out DIR
+    stlm-infer --url http://HOST:PORT [--model NAME] [--engine ENGINE_DIR] ... INPUT... --out DIR
+
+With ``--url`` the images are scored by a running stlm-serve / Triton (:mod:`stlm_deploy.client`, HTTP
+or gRPC) and the same files are written; ``--engine`` then only supplies the pixel threshold that
+outlines defects in overlays and maps (optional).
 
 INPUT: image files, folders (searched recursively for images) and glob patterns. Streams
-DIR/scores.csv (path,score,is_anomalous,backend,precision) and DIR/scores.jsonl (one line per result or
+DIR/scores.csv (path,score,normalized_score,is_anomalous,backend,precision) and DIR/scores.jsonl (one line per result or
 failure, naming the backend and precision that ran), each row appended and flushed as its image
 completes; DIR/scores.json (results + failures + backend info) at the end; DIR/overlays/<name>.png
 unless --no-overlays, DIR/maps/<name>.npy + 8-bit .png with --save-maps (each written atomically).
@@ -22,7 +27,7 @@ from typing import Any
 import click
 
 from .batch import ResultStream, collect_inputs, read_image, score_files, write_scores
-from .console import CommandError, OneLineCommand, missing_modules
+from .console import CommandError, OneLineCommand, missing_modules, require_extra
 from .files import IMAGE_EXTENSIONS
 from .images import DEFAULT_MAX_PIXELS
 from .spec import display_path
@@ -58,9 +63,34 @@ class _Progress:
             self.bar.close()
 
 
+def _local(engine: str | None, backend: str, precision: str | None, threads: int | None, no_verify: bool,
+           max_pixels: int) -> Any:
+    if engine is None:
+        raise CommandError("--engine ENGINE (or --url URL of a server) is required", 2)
+    from .detector import Detector
+
+    try:
+        return Detector.load(engine, backend=backend, precision=precision, threads=threads, verify=not no_verify,
+                             max_pixels=max_pixels)
+    except OSError as e:
+        raise CommandError(f"{engine}: {e.strerror or e}") from None
+
+
+def _remote(url: str, model: str | None, engine: str | None, max_pixels: int) -> Any:
+    require_extra("stlm-infer --url", "client")
+    from .client import RemoteDetector
+    from .spec import load_spec
+
+    thresholds = load_spec(engine).thresholds if engine else None
+    return RemoteDetector(url, model, thresholds=thresholds, max_pixels=max_pixels or None)
+
+
 @click.command(name="stlm-infer", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engine", required=True, metavar="ENGINE",
+@click.option("--engine", default=None, metavar="ENGINE",
               help="Engine directory (engines/<name>) or an artifact file inside it.")
+@click.option("--url", default=None, metavar="URL",
+              help="Score on a server instead: http://HOST:PORT or grpc://HOST:PORT (stlm-serve / Triton).")
+@click.option("--model", default=None, help="With --url: the model name (the name stlm-serve printed; needed unless the server lists its models).")
 @click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "tensorrt"]), default="auto",
               show_default=True, help="Runtime; auto = tensorrt > ort-cuda > openvino > ort-cpu.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "f32", "f16"]), default=None,
@@ -78,33 +108,35 @@ class _Progress:
               help="Output directory.")
 @click.option("-v", "--verbose", is_flag=True, help="Log backend selection details.")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-def main(engine: str, backend: str, precision: str | None, threads: int | None, batch_size: int,
-         max_pixels: int, no_overlays: bool, save_maps: bool, no_verify: bool, out_dir: Path, verbose: bool,
-         inputs: tuple[str, ...]) -> None:
+def main(engine: str | None, url: str | None, model: str | None, backend: str, precision: str | None,
+         threads: int | None, batch_size: int, max_pixels: int, no_overlays: bool, save_maps: bool, no_verify: bool,
+         out_dir: Path, verbose: bool, inputs: tuple[str, ...]) -> None:
     """Score images with an exported STLM engine; write scores, overlays and maps to --out."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
     import cv2
 
     # OpenCV's codec warnings are multi-line and per file: our one line per failed image says it all
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    cv_log = getattr(cv2.utils, "logging", None)  # OpenCV >= 4.11; older wheels (the serve extra's) lack it
+    if cv_log is not None:
+        cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)
+    else:
+        cv2.setLogLevel(0)  # 0 = LOG_LEVEL_SILENT
     if not inputs:
         raise CommandError("no INPUT given: pass image files, folders or glob patterns", 2)
     files, problems = collect_inputs(inputs)
     if not files:
         raise CommandError("no input images found in " + ", ".join(inputs) +
                            (" (" + "; ".join(problems) + ")" if problems else ""), 2)
-    from .detector import Detector
-
-    try:
-        det = Detector.load(engine, backend=backend, precision=precision, threads=threads, verify=not no_verify,
-                            max_pixels=max_pixels)
-    except OSError as e:
-        raise CommandError(f"{engine}: {e.strerror or e}") from None
+    det = _remote(url, model, engine, max_pixels) if url else _local(engine, backend, precision, threads,
+                                                                      no_verify, max_pixels)
     try:
         info = det.info()
-        click.echo(f"stlm-infer: {det.spec.name} on {info['backend']} ({info['precision'] or 'default'}, "
-                   f"{info['device']}), chosen by {info['selected_by']}; artifact {display_path(det.artifact)}",
-                   err=True)
+        if url:
+            click.echo(f"stlm-infer: model '{info['model']}' on {info['url']}", err=True)
+        else:
+            click.echo(f"stlm-infer: {det.spec.name} on {info['backend']} ({info['precision'] or 'default'}, "
+                       f"{info['device']}), chosen by {info['selected_by']}; artifact {display_path(det.artifact)}",
+                       err=True)
         try:
             stream = ResultStream(out_dir)
         except OSError as e:

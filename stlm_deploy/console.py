@@ -1,6 +1,6 @@
 """What every command line of the toolkit shares: one-line errors and the optional-dependency check.
 
-All five commands (``stlm-train``, ``stlm-eval``, ``stlm-export``, ``stlm-bench``, ``stlm-infer``) run
+All six commands (``stlm-train``, ``stlm-eval``, ``stlm-export``, ``stlm-bench``, ``stlm-infer``, ``stlm-serve``) run
 through :func:`run_command`, so a user error is always exactly one ``Error: ...`` line on stderr and
 a non-zero exit, never a traceback (``STLM_DEBUG=1`` shows one). Exit codes: 0 success, 1 an error,
 2 a usage error or a missing extra, 130 interrupted; a ``click.ClickException`` may carry its own.
@@ -30,6 +30,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "bench": ("matplotlib",),
     "cpu": ("onnxruntime",),
     "openvino": ("openvino",),
+    "serve": ("pytriton", "tritonclient"),
+    "client": ("tritonclient",),
 }
 
 

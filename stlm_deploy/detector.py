@@ -30,6 +30,7 @@ import numpy as np
 from .backends import Backend, backend_class
 from .errors import BackendUnavailable, DeployError, NonFiniteOutput, SpecError
 from .images import DEFAULT_MAX_PIXELS
+from .normalization import normalized_score
 from .preprocess import make_input, prepare_batch, resize_map, split_images
 from .selection import (BACKEND_CHOICES, Planner, accepted_options, artifact_hint, auto_candidates,
                         explicit_candidates)
@@ -50,7 +51,9 @@ class Prediction:
 
     ``is_anomalous`` is ``score > thresholds.image`` and ``mask`` is ``anomaly_map > thresholds.pixel``;
     both are None when the engine has no such threshold. ``extra_maps`` holds further per-pixel
-    outputs of the graph (e.g. ``tlm_map``), also at the original size.
+    outputs of the graph (e.g. ``tlm_map``), also at the original size. ``normalized_score`` is the
+    score mapped to [0, 1] with the threshold at 0.5 (:mod:`stlm_deploy.normalization`); the raw
+    ``score`` is kept.
     """
 
     score: float
@@ -61,6 +64,7 @@ class Prediction:
     #: what ran: the backend ("openvino", "ort", "tensorrt") and the precision it really used
     backend: str = ""
     precision: str | None = None
+    normalized_score: float | None = None
 
     @property
     def tlm_map(self) -> np.ndarray | None:
@@ -251,6 +255,7 @@ class Detector:
                 is_anomalous=None if t_img is None else bool(score > t_img),
                 mask=None if t_pix is None else m > t_pix,
                 extra_maps={k: resize_map(np.asarray(outs[k][j], np.float32), size) for k in extra_names},
+                normalized_score=normalized_score(score, self.spec.thresholds),
                 backend=self.backend.name, precision=self.backend.precision))
         return preds
 

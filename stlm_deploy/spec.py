@@ -282,17 +282,30 @@ class Thresholds:
     image: float | None = None
     pixel: float | None = None
     method: str = "none"
+    #: lowest/highest image score seen at calibration: the span of the normalized score (absent in older files)
+    score_min: float | None = None
+    score_max: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def _parse(cls, f: _Fields) -> "Thresholds":
         obj = cls(image=f.float_("image", nullable=True), pixel=f.float_("pixel", nullable=True),
-                  method=f.str_("method", "none"))
+                  method=f.str_("method", "none"), score_min=f.float_("score_min", None, nullable=True),
+                  score_max=f.float_("score_max", None, nullable=True))
+        if (obj.score_min is None) != (obj.score_max is None):
+            raise f.fail("score_max" if obj.score_max is None else "score_min",
+                         "given together with its partner (score_min/score_max) or both null",
+                         obj.score_max if obj.score_min is None else obj.score_min)
+        if obj.score_min is not None and obj.score_max is not None and not obj.score_max > obj.score_min:
+            raise f.fail("score_max", f"greater than score_min ({obj.score_min})", obj.score_max)
         obj.extra = f.extra()
         return obj
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "pixel": self.pixel, "method": self.method, **self.extra}
+        out = {"image": self.image, "pixel": self.pixel, "method": self.method}
+        if self.score_min is not None or self.score_max is not None:
+            out.update(score_min=self.score_min, score_max=self.score_max)
+        return {**out, **self.extra}
 
 
 @dataclass

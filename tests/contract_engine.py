@@ -75,8 +75,11 @@ def build_onnx(path: Path, *, img_size: int = IMG, top_k: int = TOP_K, fused: bo
 def make_engine(root: Path, name: str = "tiny", *, fused: bool = True, batch: int | str = "dynamic",
                 with_tlm: bool = False, fp16: bool = False, openvino_ir: bool = False, half_input: bool = False,
                 image_threshold: float | None = None, pixel_threshold: float | None = None,
-                nan_on_white: bool = False) -> Path:
-    """An engine directory exactly as the exporter writes it (stlm.json via write_spec + checksums)."""
+                nan_on_white: bool = False, score_range: tuple[float, float] | None = None) -> Path:
+    """An engine directory exactly as the exporter writes it (stlm.json via write_spec + checksums).
+
+    ``score_range``: the calibration (score_min, score_max) behind the normalized score (None: an older
+    engine without them)."""
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     b = None if batch == "dynamic" else int(batch)
@@ -89,6 +92,8 @@ def make_engine(root: Path, name: str = "tiny", *, fused: bool = True, batch: in
         spec.input.dtype = "float16"
     spec.thresholds.image, spec.thresholds.pixel = image_threshold, pixel_threshold
     spec.thresholds.method = "test" if image_threshold is not None else "none"
+    if score_range is not None:
+        spec.thresholds.score_min, spec.thresholds.score_max = map(float, score_range)
     spec.source.checkpoint, spec.source.sha256 = "runs/tiny/model.ckpt", "0" * 64
     spec.add_artifact(d, "model.onnx", "onnx", "fp32")
     if fp16:

@@ -8,7 +8,9 @@ uninterrupted one would.
 
 Held-out thresholds: a deterministic part of train/good (``holdout``, at least one image) is never
 trained on; the image threshold is a high quantile of their FA scores and the pixel threshold a high
-quantile of their FA map pixels.
+quantile of their FA map pixels. The lowest/highest image score over those images and their
+pseudo-anomalous versions (one synthetic defect each) is recorded as ``score_min``/``score_max``: the
+span of the normalized score (stlm_deploy/normalization.py), which maps the image threshold to 0.5.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer
+from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer, sample_rng
 from ..checkpoint import init_students_from_mobile_sam, load_teacher, save_checkpoint
 from ..config import STLMConfig, get_config
 from ..data import DataError, build_dataset
@@ -38,6 +40,8 @@ from .sampling import EpochBatchSampler, holdout_split, resolve_augmentation
 from .state import LOSS_KEYS, load_run_state, save_run_state, set_rng_state, summarize_history
 
 Log = Callable[[str], None]
+#: the "epoch" key of the pseudo-anomalies drawn for the calibration score range (never a training epoch)
+CALIBRATION_STREAM = 2**32 - 1
 
 
 @dataclass
@@ -122,14 +126,43 @@ def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Itera
 
 
 @torch.no_grad()
+def pseudo_anomaly_scores(model: STLM, images: Sequence[np.ndarray], synth: PseudoAnomalySynthesizer, seed: int,
+                          batch_size: int, device: torch.device) -> np.ndarray:
+    """FA image scores of ``images`` each with one synthetic defect (``synth`` should apply it always)."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    try:
+        for start in range(0, len(images), max(1, int(batch_size))):
+            pseudo = [synth(im, sample_rng(seed, CALIBRATION_STREAM, start + j))[1]
+                      for j, im in enumerate(images[start:start + batch_size])]
+            x = torch.from_numpy(np.stack(pseudo)).to(device)
+            scores.append(model(model.normalize(x)).score.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+
+
+@torch.no_grad()
 def held_out_thresholds(model: STLM, dataset: Any, indices: Sequence[int], opts: TrainOptions,
-                        device: torch.device) -> dict[str, Any]:
-    """Image/pixel thresholds from held-out good images only (FA map; TLM image threshold too)."""
+                        device: torch.device, synth: PseudoAnomalySynthesizer | None = None) -> dict[str, Any]:
+    """Image/pixel thresholds from held-out good images only (FA map; TLM image threshold too), plus the
+    calibration score range (good held-out scores and, with ``synth``, their pseudo-anomalous versions)."""
     pred = predict_dataset(model, dataset, batch_size=opts.eval_batch_size, indices=indices, device=device)
     iq, pq = opts.image_quantile, opts.pixel_quantile
+    seen = pred.fa_scores
+    if synth is not None:
+        seen = np.concatenate([seen, pseudo_anomaly_scores(model, [dataset[i].image for i in indices], synth,
+                                                           opts.seed, opts.eval_batch_size, device)])
+    image_threshold = threshold_from_good(pred.fa_scores, iq)
+    lo, hi = float(min(seen.min(), image_threshold)), float(max(seen.max(), image_threshold))
+    if not hi > lo:  # a single constant score: keep a non-empty span so the normalized score is defined
+        hi = lo + 1e-6
     return {
-        "image": threshold_from_good(pred.fa_scores, iq),
+        "image": image_threshold,
         "pixel": float(np.quantile(pred.fa_maps, pq)),
+        "score_min": lo,
+        "score_max": hi,
         "method": (f"held-out good: quantile {iq} of FA image scores (+1e-6) and quantile {pq} of FA map pixels "
                    f"over {len(indices)} train/good images never trained on"),
         "tlm_image": threshold_from_good(pred.tlm_scores, iq),
@@ -331,7 +364,10 @@ class _Run:
         epochs = self.step / self.spe
         if not self.info.main:
             return TrainResult(self.out, None, None, self.step, epochs, self.seconds, terms, None, None, model.eval())
-        thresholds = held_out_thresholds(model, self.train_ds, self.held_idx, opts, self.device)
+        calib_synth = PseudoAnomalySynthesizer(cfg.img_size, anomaly_source=opts.anomaly_source, augmentation="none",
+                                               probability=1.0, seed=opts.seed, texture_bank=opts.texture_bank,
+                                               resize=cfg.resize, augment_before_resize=False)
+        thresholds = held_out_thresholds(model, self.train_ds, self.held_idx, opts, self.device, calib_synth)
         say(f"thresholds: image {thresholds['image']:.5f}, pixel {thresholds['pixel']:.5f} "
             f"({len(self.held_idx)} held-out good image(s))")
         info = self.train_info()

@@ -86,7 +86,8 @@ def cpp_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pytest.importorskip("openvino")
     root = tmp_path_factory.mktemp("cpp_engines")
     return {
-        "fused": make_engine(root, "fused", openvino_ir=True, with_tlm=True, image_threshold=0.74, pixel_threshold=0.55),
+        "fused": make_engine(root, "fused", openvino_ir=True, with_tlm=True, image_threshold=0.74, pixel_threshold=0.55,
+                             score_range=(0.62, 0.81)),
         "unfused": make_engine(root, "unfused", openvino_ir=True, fused=False, image_threshold=0.45, pixel_threshold=0.55),
         "unfused16": make_engine(root, "unfused16", openvino_ir=True, fused=False, half_input=True),
         "fixed": make_engine(root, "fixed", openvino_ir=True, batch=2),

@@ -84,6 +84,10 @@ def compare_with_python(build: CppBuild, engine: Path, images: list[Path], tmp: 
             d_map = max(d_map, float(np.abs(cmap - ref.anomaly_map).max()))
             d_analytic = max(d_analytic, abs(r["score"] - analytic(bgr)))
             assert r["is_anomalous"] == ref.is_anomalous, r["path"]
+            if ref.normalized_score is None:
+                assert r["normalized_score"] is None
+            else:  # same formula and fallback span (engines without score_min/score_max) as the Python runtime
+                d_score = max(d_score, abs(r["normalized_score"] - ref.normalized_score))
     finally:
         det.close()
     assert d_score <= TOL, f"max |dscore| {d_score:.3g} > {TOL}"
@@ -148,9 +152,10 @@ def test_text_output_and_decisions(cpp_build: CppBuild, cpp_engines: dict[str, P
     assert len(lines) == len(images)
     with Detector.load(cpp_engines["fused"], backend="openvino", precision="fp32") as det:
         for line, path in zip(lines, images):
-            p, score, decision = line.split(" ")
+            p, score, decision, normalized = line.split(" ")
             ref = det.predict(cv2.imread(str(path)), bgr=True)
             assert p == str(path) and abs(float(score) - ref.score) < 1e-6
+            assert abs(float(normalized) - ref.normalized_score) < 1e-6
             assert decision == ("anomalous" if ref.is_anomalous else "normal")
     uncalibrated = run_app(cpp_build, cpp_engines["fixed"], images[0])  # thresholds.image is null
     assert uncalibrated.returncode == 0 and uncalibrated.stdout.split()[-1] == "none"

@@ -71,6 +71,7 @@ def test_stlm_json_fields(full_engine, small_ckpt):
                                      "std": [58.395, 57.12, 57.375]}
     assert spec["thresholds"]["image"] == THRESHOLDS["image"] and spec["thresholds"]["pixel"] == THRESHOLDS["pixel"]
     assert spec["thresholds"]["method"] == THRESHOLDS["method"] and spec["thresholds"]["tlm_image"] == 0.2
+    assert (spec["thresholds"]["score_min"], spec["thresholds"]["score_max"]) == (0.4, 0.9)  # normalized-score span
     assert spec["source"] == {"checkpoint": str(small_ckpt), "sha256": sha256_file(small_ckpt), "kind": "project"}
     assert {"torch", "onnx", "onnxruntime", "openvino", "onnxslim", "onnxconverter_common"} <= set(spec["tools"])
     assert spec["trtexec"].startswith("trtexec --onnx=model.onnx --saveEngine=model.plan --minShapes=image:1x128x128x3")

@@ -54,7 +54,7 @@ def test_folder_glob_and_outputs(engines, image_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _csv(out)
     assert [Path(x["path"]).name for x in rows] == ["a.png", "b.png", "c.bmp", "a.png"]
-    assert list(rows[0]) == ["path", "score", "is_anomalous", "backend", "precision"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "is_anomalous", "backend", "precision"]
     assert {(x["backend"], x["precision"]) for x in rows} == {("ort", "fp32")}  # every row says what ran
     jsonl = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert {(x["backend"], x["precision"]) for x in jsonl} == {("ort", "fp32")} and len(jsonl) == 4
@@ -64,6 +64,7 @@ def test_folder_glob_and_outputs(engines, image_dir, tmp_path):
         pred = det.predict(rgb)
         assert abs(float(row["score"]) - pred.score) < 1e-6
         assert row["is_anomalous"] == ("true" if pred.is_anomalous else "false")
+        assert abs(float(row["normalized_score"]) - pred.normalized_score) < 1e-6
     report = json.loads((out / "scores.json").read_text())
     assert report["backend"]["backend"] == "ort" and report["backend"]["artifact"].endswith("model.onnx")
     assert report["failed"] == [] and len(report["results"]) == 4

@@ -128,6 +128,8 @@ def test_outputs_thresholds_and_metrics(data_root, tmp_path):
     thr = ckpt["thresholds"]
     assert {"image", "pixel", "method"} <= set(thr) and "held-out good" in thr["method"]
     assert thr["n_images"] == 2 and len(thr["held_out"]) == 2  # 20 % of 8, never trained on
+    # calibration range of the normalized score: held-out good + their pseudo-anomalous versions, threshold inside
+    assert thr["score_min"] <= thr["image"] <= thr["score_max"] and thr["score_max"] > thr["score_min"]
     tr = ckpt["train"]
     for key in ("steps", "epochs", "seconds", "seed", "teacher", "config", "data", "category", "losses"):
         assert key in tr, key

@@ -456,6 +456,7 @@ int main(int argc, char** argv) {
                 {"height", bgr.rows}, {"width", bgr.cols}, {"backend", pred.backend},
                 {"precision", pred.precision}};
       if (pred.is_anomalous) r["is_anomalous"] = *pred.is_anomalous;
+      r["normalized_score"] = pred.normalized_score ? json(*pred.normalized_score) : json(nullptr);
       double median_ms = -1;
       if (args.bench > 0) {
         det->predict(bgr, true);  // warm-up
@@ -483,6 +484,7 @@ int main(int argc, char** argv) {
       if (!args.json) {
         std::string decision = pred.is_anomalous ? (*pred.is_anomalous ? "anomalous" : "normal") : "none";
         std::cout << in.path << " " << fmt_score(pred.score) << " " << decision;
+        if (pred.normalized_score) std::cout << " " << fmt_score(*pred.normalized_score);
         if (args.bench > 0) {
           char buf[32];
           std::snprintf(buf, sizeof buf, "%.3f", median_ms);

@@ -39,6 +39,15 @@ void require_artifact(const BackendConfig& config, const char* what) {
 
 namespace {
 
+// stlm_deploy/normalization.py: span = score_max - score_min (1 when not recorded), computed in double.
+float normalized_score(float score, const EngineSpec& spec) {
+  const double span = (spec.score_min && spec.score_max && *spec.score_max > *spec.score_min)
+                          ? *spec.score_max - *spec.score_min
+                          : 1.0;
+  const double v = (static_cast<double>(score) - *spec.threshold_image) / span + 0.5;
+  return static_cast<float>(std::min(1.0, std::max(0.0, v)));
+}
+
 const char* kOnnxByPrecision(const std::string& p) {
   if (p == "fp16") return "model.fp16.onnx";
   if (p == "int8") return "model.int8.onnx";
@@ -416,7 +425,10 @@ struct Detector::Impl {
       p.score = score.data[j];
       p.backend = backend->name;
       p.precision = backend->precision;
-      if (spec.threshold_image) p.is_anomalous = static_cast<double>(p.score) > *spec.threshold_image;
+      if (spec.threshold_image) {
+        p.is_anomalous = static_cast<double>(p.score) > *spec.threshold_image;
+        p.normalized_score = normalized_score(p.score, spec);
+      }
       if (spec.threshold_pixel)  // numpy compares a float32 map with the threshold cast to float32
         p.mask = p.anomaly_map > static_cast<float>(*spec.threshold_pixel);
       for (const auto& [name, out] : outs) {
@@ -593,7 +605,8 @@ int Detector::chunk_size() const { return impl_->chunk_size(); }
 std::vector<std::string> Detector::notes() const { return impl_->notes; }
 
 Thresholds Detector::thresholds() const {
-  return {impl_->spec.threshold_image, impl_->spec.threshold_pixel, impl_->spec.threshold_method};
+  const auto& s = impl_->spec;
+  return {s.threshold_image, s.threshold_pixel, s.threshold_method, s.score_min, s.score_max};
 }
 
 }  // namespace stlm

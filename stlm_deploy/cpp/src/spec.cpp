@@ -348,6 +348,14 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
     s.threshold_image = t.number_or_null("image");
     s.threshold_pixel = t.number_or_null("pixel");
     s.threshold_method = t.str("method");
+    if (t.has("score_min")) s.score_min = t.number_or_null("score_min");
+    if (t.has("score_max")) s.score_max = t.number_or_null("score_max");
+    if (s.score_min.has_value() != s.score_max.has_value())
+      throw Error(where + ": field 'thresholds." + std::string(s.score_min ? "score_max" : "score_min") +
+                  "' must be given together with its partner (score_min/score_max) or both null");
+    if (s.score_min && !(*s.score_max > *s.score_min))
+      throw Error(where + ": field 'thresholds.score_max' must be greater than score_min (" +
+                  std::to_string(*s.score_min) + "), got " + std::to_string(*s.score_max));
   }
   if (f.has("source")) Fields(f.get("source"), where, "source");
   s.opset = static_cast<int>(f.integer("opset", 1));

@@ -57,6 +57,8 @@ struct EngineSpec {
   std::optional<double> threshold_image;
   std::optional<double> threshold_pixel;
   std::string threshold_method;
+  std::optional<double> score_min;  // thresholds.score_min/score_max: calibration range (normalized score)
+  std::optional<double> score_max;
   std::vector<std::pair<std::string, ArtifactDesc>> artifacts;  // in listing order
   int batch = 0;                                                // 0 = "dynamic"
   int opset = 0;

@@ -51,6 +51,9 @@ struct Prediction {
   cv::Mat anomaly_map;                     // CV_32FC1 at the original image size, values in [0, 1]
   std::optional<bool> is_anomalous;        // score > thresholds.image; nullopt when not calibrated
   cv::Mat mask;                            // CV_8UC1 255 where anomaly_map > thresholds.pixel; empty if none
+  // clip((score - thresholds.image) / (score_max - score_min) + 0.5, 0, 1): the threshold maps to 0.5
+  // (span 1 when stlm.json has no score_min/score_max); nullopt when not calibrated. Same as Python.
+  std::optional<float> normalized_score;
   std::map<std::string, cv::Mat> extra_maps;  // other [N,S,S] outputs (e.g. "tlm_map"), image size
   std::string backend;                     // what ran: "openvino", "ort" or "tensorrt"
   std::string precision;                   // and at which precision ("fp32", "bf16", "fp16", "int8")
@@ -60,6 +63,8 @@ struct Thresholds {
   std::optional<double> image;  // decision threshold on Prediction::score
   std::optional<double> pixel;  // threshold on anomaly_map pixels (defect outline / mask)
   std::string method;           // how export chose them ("none" when not calibrated)
+  std::optional<double> score_min;  // calibration score range (normalized score); nullopt in older engines
+  std::optional<double> score_max;
 };
 
 struct LoadOptions {
