@@ -58,8 +58,8 @@ class STFPM(nn.Module):
     def __init__(self, cfg: STFPMConfig, teacher_generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.student = ResNet18Features(cfg.layers)  # first: the teacher's build never shifts the students' init
         self.teacher = ResNet18Features(cfg.layers, generator=teacher_generator).requires_grad_(False)
-        self.student = ResNet18Features(cfg.layers)
         self.normalize = Normalize(cfg.pixel_mean, cfg.pixel_std)
         self.teacher.eval()
 
