@@ -155,7 +155,7 @@ def test_error_missing_file(tmp_path):
 
 def test_error_not_stlm(tmp_path):
     p = _save(tmp_path, {"model": {}})
-    with pytest.raises(CheckpointError, match=r"bad\.pth: not an STLM checkpoint"):
+    with pytest.raises(CheckpointError, match=r"bad\.pth: not a model checkpoint"):
         load_model(p)
 
 
