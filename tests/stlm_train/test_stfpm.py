@@ -16,32 +16,9 @@ from torch import nn
 
 from stlm_train import CheckpointError, get_config, load_model, save_checkpoint
 from stlm_train.checkpoint import read_file
-from stlm_train.modeling import STFPM, ResNet18Features, stfpm_loss
-from tests.stlm_train.helpers import randomize
-
-_PREFIX = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
-
-
-def full_resnet18(seed: int) -> ResNet18Features:
-    """All four stages, seeded non-trivial weights: what a torchvision resnet18 holds (minus fc)."""
-    return randomize(ResNet18Features((1, 2, 3, 4)), seed).eval()
-
-
-def torchvision_sd(net: ResNet18Features, with_fc: bool = True) -> dict[str, torch.Tensor]:
-    sd = {k: v.clone() for k, v in net.state_dict().items()}
-    if with_fc:  # the ImageNet head, which STFPM never uses
-        sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
-    return sd
-
-
-def official_snapshot(net: ResNet18Features) -> dict:
-    """The official ``{'category', 'state_dict'}`` of ResNet18_MS3 (nn.Sequential of torchvision's children)."""
-    sd = {}
-    for k, v in net.state_dict().items():
-        head, rest = k.split(".", 1)
-        sd[f"model.{_PREFIX[head]}.{rest}"] = v.clone()
-    return {"category": "bottle", "state_dict": sd}
-
+from stlm_train.modeling import STFPM, stfpm_loss
+from tests.stlm_train.helpers import built_stfpm as built_model
+from tests.stlm_train.helpers import full_resnet18, official_snapshot, torchvision_sd
 
 def official_test(teacher: nn.Module, student: nn.Module, images: torch.Tensor, cfg) -> tuple[np.ndarray, np.ndarray]:
     """gdwang08/STFPM main.py test() + the reported map, longhand: children 4..6 of a Sequential trunk,
@@ -73,15 +50,6 @@ def official_test(teacher: nn.Module, student: nn.Module, images: torch.Tensor, 
             maps.append(m)
             scores.append(m.max())
     return np.stack(maps), np.asarray(scores)
-
-
-def built_model(seed_t: int = 1, seed_s: int = 2, img_size: int = 256) -> STFPM:
-    model = STFPM(get_config("stfpm", img_size))
-    model.teacher.load_state_dict({k: v for k, v in full_resnet18(seed_t).state_dict().items()
-                                   if not k.startswith("layer4.")})
-    model.student.load_state_dict({k: v for k, v in full_resnet18(seed_s).state_dict().items()
-                                   if not k.startswith("layer4.")})
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
