@@ -383,3 +383,20 @@ def test_max_pixels_reads_the_header_of_each_format(cpp_build: CppBuild, cpp_eng
     [line] = stderr_lines(refused)
     assert line.startswith(f"{img}: image is too large to decode (53x37 = 1,961 pixels, limit 1,960;")
     assert run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1961").returncode == 0
+
+
+def test_stfpm_engine_runs_unchanged_and_matches_python(cpp_build: CppBuild, tmp_path: Path) -> None:
+    """An STFPM engine (teacher + student in one graph, score = max in-graph) through the same C++ app."""
+    pytest.importorskip("torch")
+    from stlm_export.pipeline import ExportOptions, export_engine
+    from stlm_train import save_checkpoint
+    from tests.stlm_train.helpers import built_stfpm
+
+    ckpt = tmp_path / "stfpm_run" / "model.ckpt"
+    save_checkpoint(ckpt, built_stfpm(img_size=64), thresholds={"image": 5.0, "pixel": 4.0, "method": "test"})
+    engine = export_engine(ExportOptions(ckpt=ckpt, out=tmp_path / "stfpm", target="openvino",
+                                         parity_images=2)).engine_dir
+    assert json.loads((engine / "stlm.json").read_text())["model_family"] == "stfpm"
+    images = write_images(tmp_path / "imgs", SIZES[:3], gray=False)
+    # the analytic score belongs to the fixture graphs; here the Python runtime is the reference
+    compare_with_python(cpp_build, engine, images, tmp_path, analytic_tol=float("inf"))
