@@ -189,3 +189,22 @@ def test_stfpm_distributed_two_processes_end_identical(sample_dir, tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     ckpt = read_file(out / "model.ckpt")
     assert ckpt["train"]["world_size"] == 2 and ckpt["train"]["model_family"] == "stfpm"
+
+
+def test_stlm_eval_reports_the_one_map_of_an_official_snapshot(sample_dir, tmp_path, capsys):
+    import json
+
+    from stlm_train.cli import eval_main
+
+    torch.save(torchvision_sd(full_resnet18(1)), tmp_path / "r18.pth")
+    torch.save(official_snapshot(full_resnet18(2)), tmp_path / "best.pth.tar")
+    out = tmp_path / "eval.json"
+    code = eval_main(["--ckpt", str(tmp_path / "best.pth.tar"), "--teacher", str(tmp_path / "r18.pth"), "--data",
+                      str(sample_dir), "--img-size", "64", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "STFPM" in text and "TLM" not in text
+    res = json.loads(out.read_text())
+    assert res["model_family"] == "stfpm" and res["tlm"] is None and 0.0 <= res["fa"]["i_auroc"] <= 1.0
+    assert eval_main(["--ckpt", str(tmp_path / "best.pth.tar"), "--data", str(sample_dir)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs its ImageNet teacher" in err[0]
