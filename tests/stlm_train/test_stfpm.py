@@ -208,3 +208,16 @@ def test_stlm_eval_reports_the_one_map_of_an_official_snapshot(sample_dir, tmp_p
     assert eval_main(["--ckpt", str(tmp_path / "best.pth.tar"), "--data", str(sample_dir)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs its ImageNet teacher" in err[0]
+
+
+def test_a_checkpoint_config_of_an_unknown_family_or_foreign_fields_is_one_line(tmp_path):
+    model = STFPM(get_config("stfpm", 64))
+    for name, change, pattern in (("fam.ckpt", {"family": "patchcore"}, r"unknown model family 'patchcore'"),
+                                  ("fields.ckpt", {"fa_head": {}}, r"unknown STFPMConfig fields \['fa_head'\]")):
+        save_checkpoint(tmp_path / name, model)
+        obj = read_file(tmp_path / name)
+        obj["config"].update(change)
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match=pattern) as e:
+            load_model(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: invalid 'config'") and "\n" not in str(e.value)
