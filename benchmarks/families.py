@@ -98,7 +98,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# Model families: {meta['data']} ({meta['budget']} of training each, {meta['img_size']} px)", "",
              f"Same data, same time budget, same machine ({meta['machine']}). Accuracy: the deployed map on the "
              "test split (eager fp32). ms/img: p50 of one `predict` call on one image (batch 1) incl. "
-             f"pre/post-processing. Command: `{meta['command']}`", "",
+             f"pre/post-processing. 1-minute load average (other jobs share this machine, so absolute ms and "
+             f"steps vary between runs): {', '.join(f'{k} {v}' for k, v in meta['load_average_1min'].items())}. "
+             f"Command: `{meta['command']}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v: Any, fmt: str) -> str:
@@ -147,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.out_dir) / f"{name}.json"
     meta = {"data": args.data, "img_size": args.img_size, "budget": f"{args.time_budget:g} min",
             "seed": args.seed, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "command": "python -m stlm_bench.families " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "command": "python -m stlm_bench.families " + " ".join(sys.argv[1:] if argv is None else argv),
+            "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="stlm-families-") as tmp:
         for config in configs:
             row = run_family(config, args, Path(tmp))
             rows.append(row)
+            meta["load_average_1min"][f"after_{config}"] = round(os.getloadavg()[0], 2)
             print(f"{row['family']:6s} ({config}): I-AUROC {row['i_auroc']:.3f} P-AUROC {row['p_auroc']:.3f} "
                   f"AUPRO {row['aupro']:.3f}, {row['steps']} steps, {row['params'] / 1e6:.2f} M params, "
                   f"{row['gflop']:.2f} GFLOP, " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms_per_image"].items()
