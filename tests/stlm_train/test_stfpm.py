@@ -221,3 +221,12 @@ def test_a_checkpoint_config_of_an_unknown_family_or_foreign_fields_is_one_line(
         with pytest.raises(CheckpointError, match=pattern) as e:
             load_model(tmp_path / name)
         assert str(e.value).startswith(f"{tmp_path / name}: invalid 'config'") and "\n" not in str(e.value)
+
+
+def test_stfpm_amp_bf16_on_cpu_runs_with_finite_losses(sample_dir, tmp_path):
+    from stlm_train.training import train
+
+    r = train(_opts(str(sample_dir), tmp_path / "amp", steps=1, amp=True))
+    assert set(r.losses) == {"layer1", "layer2", "layer3", "total"}
+    assert all(np.isfinite(v) for v in r.losses.values())
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
