@@ -78,8 +78,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides}
-    for m, k in METRICS:
-        row[f"{m}_{k}"] = res.metrics[m][k]
+    for m, k in METRICS:  # STFPM has no TLM map: its tlm_* columns are None
+        row[f"{m}_{k}"] = (res.metrics[m] or {}).get(k)
     return row
 
 
@@ -92,8 +92,9 @@ def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
         s: dict[str, Any] = {"variant": v, "n": len(rs), "seeds": [r["seed"] for r in rs],
                              "steps": statistics.mean(r["steps"] for r in rs)}
         for m, k in METRICS:
-            vals = [float(r[f"{m}_{k}"]) for r in rs]
-            s[f"{m}_{k}"] = [statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0]
+            vals = [float(r[f"{m}_{k}"]) for r in rs if r[f"{m}_{k}"] is not None]
+            s[f"{m}_{k}"] = ([statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0] if vals
+                             else [None, None])
         out.append(s)
     return out
 
@@ -106,7 +107,8 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["variant"], str(s["n"]), f"{s['steps']:.0f}",
-                 *(f"{s[f'{m}_{k}'][0]:.3f} +- {s[f'{m}_{k}'][1]:.3f}" for m, k in METRICS)]
+                 *("–" if s[f"{m}_{k}"][0] is None else f"{s[f'{m}_{k}'][0]:.3f} +- {s[f'{m}_{k}'][1]:.3f}"
+                   for m, k in METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_one(v, seed, args, Path(tmp))
                 rows.append(row)
                 print(f"{v:32s} seed {seed}: FA I-AUROC {row['fa_i_auroc']:.3f} P-AUROC {row['fa_p_auroc']:.3f} "
-                      f"AUPRO {row['fa_aupro']:.3f} | TLM I-AUROC {row['tlm_i_auroc']:.3f} "
+                      f"AUPRO {row['fa_aupro']:.3f} | TLM I-AUROC {float('nan') if row['tlm_i_auroc'] is None else row['tlm_i_auroc']:.3f} "
                       f"({row['steps']} steps, {row['wall_seconds']:.0f} s)", flush=True)
                 publish()
     print(publish())

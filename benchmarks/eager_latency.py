@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from stlm_train import STLM, get_config
+    from stlm_train import get_config
+    from stlm_train.modeling import build_model
 
     torch.set_num_threads(args.threads)
     rows = []
     print("| config | img | params | eager fp32 ms/img (p50) | mean | min |\n|---|---|---|---|---|---|")
     for size in args.sizes:
-        model = STLM(get_config(args.config, size)).eval()
+        model = build_model(get_config(args.config, size)).eval()  # any family (--config stfpm)
         x = torch.randint(0, 256, (1, size, size, 3), dtype=torch.uint8)
         t = time_fn(lambda: model.predict(x), runs=args.runs, warmup=1)
         n = sum(p.numel() for p in model.parameters())

@@ -17,7 +17,6 @@ when any request failed or was lost, or when no batch larger than 1 was formed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket

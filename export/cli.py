@@ -31,7 +31,7 @@ def _echo(msg: str) -> None:
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Project checkpoint (model.ckpt) or an official STLM state dict.")
+              help="Project checkpoint (model.ckpt, STLM or STFPM) or an official STLM state dict.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Engine directory to write (default: engines/<name>). Replaced atomically.")
 @click.option("--name", default=None, help="Engine name (default: the run folder of model.ckpt, else the file stem).")

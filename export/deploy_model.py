@@ -1,7 +1,8 @@
-"""``DeployModel``: the student-only STLM inference graph with pre/post-processing fused in.
+"""``DeployModel``: a model's inference graph with pre/post-processing fused in.
 
-It wraps an :class:`stlm_train.STLM` (sharing its submodules, no copies) so that one traced graph
-goes from the camera's uint8 RGB batch to the outputs the runtime needs:
+It wraps an :class:`stlm_train.STLM` or :class:`stlm_train.modeling.STFPM` (sharing its submodules, no
+copies) so that one traced graph goes from the camera's uint8 RGB batch to the outputs the runtime
+needs. STLM (student-only):
 
     image uint8 (N, S, S, 3) RGB --cast, NHWC->NCHW, (x - mean) / std-->  (N, 3, S, S)
       -> Sp and Sd (two TinyViTs), one decoder call on both streams stacked on the batch axis
@@ -12,6 +13,15 @@ goes from the camera's uint8 RGB batch to the outputs the runtime needs:
 The teacher and the decoder parts that never reach the map (output upscaling, hypernetworks, IoU
 head) are not part of ``STLM`` in the first place, so they cannot leak into the export. Everything
 size-dependent uses ``cfg.img_size`` as a Python constant, so only the batch axis is symbolic.
+
+STFPM (both networks are needed at inference, so both are in the graph):
+
+    image -> normalise -> teacher and student ResNet-18 trunks (layer1..3) -> per stage
+      sum_c (n(t) - n(s))^2 -> bilinear to S/4 -> product -> bilinear to S x S -> anomaly_map
+      -> maximum -> score (N,)
+
+The score is computed in the graph for both families, so runtimes never need to know which family
+an engine holds (``stlm.json`` says it in ``model_family``, and ``top_k`` is 1 for STFPM's maximum).
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ import torch
 from torch import nn
 
 from stlm_train import STLM
-from stlm_train.modeling import fa_input, tlm_map, topk_score, upsample
+from stlm_train.modeling import STFPM, fa_input, tlm_map, topk_score, upsample
 
 __all__ = ["DeployModel", "INPUT_NAME", "OUTPUT_NAMES", "TLM_OUTPUT"]
 
@@ -29,17 +39,20 @@ TLM_OUTPUT = "tlm_map"
 
 
 class DeployModel(nn.Module):
-    """Fused inference graph around a (shared, not copied) ``STLM``.
+    """Fused inference graph around a (shared, not copied) ``STLM`` or ``STFPM``.
 
     Args:
-        stlm: the trained student-only model (eval mode is forced).
+        stlm: the trained model (eval mode is forced).
         fuse_pre: True: input uint8 NHWC RGB, normalisation inside the graph. False: input is the
             already normalised float32 NCHW tensor (for runtimes that do their own preprocessing).
-        with_tlm: also output the no-FA (TLM) map, e.g. for evaluation or a second opinion.
+        with_tlm: also output STLM's no-FA (TLM) map, e.g. for evaluation or a second opinion.
     """
 
-    def __init__(self, stlm: STLM, fuse_pre: bool = True, with_tlm: bool = False) -> None:
+    def __init__(self, stlm: STLM | STFPM, fuse_pre: bool = True, with_tlm: bool = False) -> None:
         super().__init__()
+        self.family = getattr(stlm.cfg, "family", "stlm")
+        if with_tlm and self.family != "stlm":
+            raise ValueError(f"with_tlm: a {self.family} model has a single map (the TLM map is STLM's)")
         self.stlm = stlm
         self.fuse_pre = bool(fuse_pre)
         self.with_tlm = bool(with_tlm)
@@ -67,6 +80,9 @@ class DeployModel(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """uint8 (N, S, S, 3) RGB (or normalised float32 (N, 3, S, S)) -> anomaly_map, score[, tlm_map]."""
         x = self.stlm.normalize(image) if self.fuse_pre else image  # (N, 3, S, S)
+        if self.family == "stfpm":
+            out = self.stlm(x)  # map at S x S and its maximum, both from the model's own forward
+            return out.anomaly_map, out.score
         plain, denoising = self.stlm.student_features(x)  # one batched decoder call for both streams
         size = (self.img_size, self.img_size)
         anomaly_map = upsample(self.stlm.fa_head(fa_input(plain, denoising)), size)  # (N, S, S)

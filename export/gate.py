@@ -150,7 +150,7 @@ def _padded(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def reference_outputs(stlm: STLM, images: np.ndarray, with_tlm: bool = True, chunk: int = 4) -> dict[str, np.ndarray]:
-    """PyTorch reference (``STLM.predict``) on uint8 (N, S, S, 3): anomaly_map, score[, tlm_map]."""
+    """PyTorch reference (the model's ``predict``, STLM or STFPM) on uint8 (N, S, S, 3): anomaly_map, score[, tlm_map]."""
     import torch
 
     maps, scores, tlms = [], [], []
@@ -159,7 +159,8 @@ def reference_outputs(stlm: STLM, images: np.ndarray, with_tlm: bool = True, chu
             out = stlm.predict(torch.from_numpy(np.ascontiguousarray(images[sl])))
         maps.append(out.anomaly_map.float().cpu().numpy())
         scores.append(out.score.float().cpu().numpy())
-        tlms.append(out.tlm_map.float().cpu().numpy())
+        if with_tlm:
+            tlms.append(out.tlm_map.float().cpu().numpy())
     ref = {"anomaly_map": np.concatenate(maps), "score": np.concatenate(scores)}
     if with_tlm:
         ref["tlm_map"] = np.concatenate(tlms)

@@ -1,4 +1,4 @@
-"""STLM -> one fused, checked, simplified ONNX graph (``model.onnx``).
+"""STLM or STFPM -> one fused, checked, simplified ONNX graph (``model.onnx``).
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. Why not the dynamo
 exporter (torch's default since 2.9): it needs ``onnxscript``, which is not a dependency of this
@@ -23,6 +23,7 @@ import onnx
 import torch
 
 from stlm_train import STLM
+from stlm_train.modeling import STFPM
 
 from .deploy_model import DeployModel
 from .opset import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, check_opset
@@ -68,8 +69,9 @@ class OnnxExport:
     notes: list[str] = field(default_factory=list)
 
 
-def torch_param_count(stlm: STLM) -> int:
-    """Parameters of the student-only model (every one reaches the map)."""
+def torch_param_count(stlm: STLM | STFPM) -> int:
+    """Parameters of the deployed model, every one of which reaches the map (STLM: the students, decoder and
+    FA head; STFPM: teacher and student)."""
     return sum(p.numel() for p in stlm.parameters())
 
 
@@ -183,7 +185,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
-def export_onnx(stlm: STLM, *, opset: int = DEFAULT_OPSET, batch: int | str = "dynamic", fuse_pre: bool = True,
+def export_onnx(stlm: STLM | STFPM, *, opset: int = DEFAULT_OPSET, batch: int | str = "dynamic", fuse_pre: bool = True,
                 with_tlm: bool = False, simplify: bool = True, probe: Probe | None = None) -> OnnxExport:
     """Trace, check and (parity-probed) simplify the fused graph; returns it in memory.
 

@@ -270,12 +270,18 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
 
     obj, ckpt_sha = read_file_and_sha256(ckpt)  # read once: the sha256 is that of the bytes loaded
     kind = checkpoint_kind(obj)
+    if kind == "official_stfpm":
+        raise ExportError(f"{ckpt}: an official STFPM snapshot needs its ImageNet teacher: save a project checkpoint "
+                          "first (stlm_train.save_checkpoint(PATH, stlm_train.load_model(SNAPSHOT, teacher=...)))")
     stlm = model_from_checkpoint(obj, ckpt, img_size).cpu().eval()  # errors name the file
+    family = getattr(stlm.cfg, "family", "stlm")
+    if opts.with_tlm and family != "stlm":
+        raise ExportError(f"--with-tlm: {ckpt} is a {family} model, which has a single map (no TLM map)")
     saved_cfg = obj.get("config") if kind == "project" else None
     trained_size = saved_cfg.get("img_size") if isinstance(saved_cfg, Mapping) else None
     cfg = stlm.cfg
     s = cfg.img_size
-    say(f"{ckpt}: {kind} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
+    say(f"{ckpt}: {kind} {family} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
         f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
 
     # calibration images and the PyTorch reference
@@ -316,7 +322,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                 fp32_layer_names=fp32_names if trt_major < 11 else ())
 
     spec = EngineSpec.create(
-        name, s, opset=opts.opset, fused_preprocessing=opts.fuse_pre, batch=batch, with_tlm=opts.with_tlm,
+        name, s, opset=opts.opset, model_family=family, fused_preprocessing=opts.fuse_pre, batch=batch, with_tlm=opts.with_tlm,
         preprocessing=Preprocessing(resize=cfg.resize, mean=[float(v) for v in cfg.pixel_mean], std=[float(v) for v in cfg.pixel_std]),
         top_k=int(cfg.top_k), thresholds=_thresholds(obj, kind, trained_size, s, opts.with_tlm),
         source=Source(checkpoint=str(ckpt), sha256=ckpt_sha, kind=kind),

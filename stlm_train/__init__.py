@@ -1,4 +1,4 @@
-"""stlm_train: the PyTorch side of STLM — model, checkpoints, training and evaluation.
+"""stlm_train: the PyTorch side of STLM (and the STFPM family) — models, checkpoints, training, evaluation.
 
 The names below are imported on first use, so ``stlm-train --help`` and the missing-extra message
 work where torch is not installed (``pip install 'stlm-deploy[train]'`` brings it).
@@ -10,9 +10,10 @@ from typing import Any
 
 _EXPORTS = {"CheckpointError": "checkpoint", "load_model": "checkpoint", "load_official_stlm": "checkpoint",
             "save_checkpoint": "checkpoint", "CONFIGS": "config", "STLMConfig": "config", "get_config": "config",
-            "STLM": "modeling", "InferenceOutput": "modeling"}
+            "STLM": "modeling", "InferenceOutput": "modeling", "STFPM": "modeling", "STFPMConfig": "config",
+            "load_official_stfpm": "stfpm_checkpoint"}
 
-__all__ = ["STLM", "STLMConfig", "InferenceOutput", "CONFIGS", "get_config", "load_model", "load_official_stlm",
+__all__ = ["STLM", "STLMConfig", "STFPM", "STFPMConfig", "load_official_stfpm", "InferenceOutput", "CONFIGS", "get_config", "load_model", "load_official_stlm",
            "save_checkpoint", "CheckpointError"]
 __version__ = "0.1.0"
 

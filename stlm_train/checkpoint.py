@@ -1,4 +1,5 @@
-"""Checkpoints: the project's own format and the official STLM / SAM / MobileSAM files.
+"""Checkpoints: the project's own format (either model family) and the official STLM / SAM / MobileSAM files
+(official STFPM files: :mod:`stlm_train.stfpm_checkpoint`).
 
 Foreign layouts are converted with key maps (data, timm ``checkpoint_filter_fn`` style): an ordered
 list of (foreign prefix -> our prefix) rules, plus the prefixes that are known not to reach the map
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SAM_VIT_CONFIGS, STLMConfig, get_config, validate_img_size
+from .config import SAM_VIT_CONFIGS, STLMConfig, config_from_dict, get_config, validate_img_size
+from .modeling import build_model
+from .modeling.stfpm import STFPM
 from .modeling.stlm import STLM
 from .modeling.teacher import Teacher, build_tinyvit_teacher, build_vit_teacher
 
@@ -276,8 +279,11 @@ def init_students_from_mobile_sam(model: STLM, path: str | os.PathLike) -> STLM:
     return model
 
 
-def save_checkpoint(path: str | os.PathLike, model: STLM, **extra: Any) -> Path:
-    """Project checkpoint: weights + config + preprocessing + whatever the trainer adds (thresholds...)."""
+def save_checkpoint(path: str | os.PathLike, model: STLM | STFPM, **extra: Any) -> Path:
+    """Project checkpoint: weights + config + preprocessing + whatever the trainer adds (thresholds...).
+
+    An STFPM checkpoint holds the teacher's weights too (both networks run at inference).
+    """
     from stlm_deploy.files import atomic_output
 
     cfg = model.cfg
@@ -299,16 +305,24 @@ def checkpoint_kind(obj: Any) -> str:
         return "project"
     if isinstance(obj, Mapping) and {"twostream", "segmentation_net"} <= set(obj):
         return "official"
+    from .stfpm_checkpoint import is_official_stfpm
+
+    if is_official_stfpm(obj):
+        return "official_stfpm"
     return "unknown"
 
 
-def load_model(path: str | os.PathLike, img_size: int | None = None, device: str | torch.device = "cpu") -> STLM:
-    """Any STLM checkpoint (project or official layout) -> STLM in eval mode on ``device``."""
-    return model_from_checkpoint(read_file(path), path, img_size).to(device)
+def load_model(path: str | os.PathLike, img_size: int | None = None, device: str | torch.device = "cpu",
+               teacher: str | os.PathLike | None = None) -> STLM | STFPM:
+    """Any checkpoint -> model in eval mode on ``device``: a project checkpoint of either family, an
+    official STLM state dict, or an official STFPM student snapshot (``teacher``: its ImageNet
+    ResNet-18 file, e.g. ``resnet18-f37072fd.pth``; official STFPM default size 256)."""
+    return model_from_checkpoint(read_file(path), path, img_size, teacher).to(device)
 
 
-def model_from_checkpoint(obj: Any, path: str | os.PathLike, img_size: int | None = None) -> STLM:
-    """An already-read checkpoint (:func:`read_file`) -> STLM in eval mode; errors name ``path``.
+def model_from_checkpoint(obj: Any, path: str | os.PathLike, img_size: int | None = None,
+                          teacher: str | os.PathLike | None = None) -> STLM | STFPM:
+    """An already-read checkpoint (:func:`read_file`) -> model in eval mode; errors name ``path``.
 
     For callers that also need the checkpoint's other entries (thresholds, config) without
     reading the file twice.
@@ -316,20 +330,25 @@ def model_from_checkpoint(obj: Any, path: str | os.PathLike, img_size: int | Non
     kind = checkpoint_kind(obj)
     if kind == "official":
         return _load_official_obj(obj, path, img_size or 1024)
+    if kind == "official_stfpm":
+        from .stfpm_checkpoint import load_official_stfpm
+
+        return load_official_stfpm(obj, img_size or 256, teacher, source=path)
     if kind != "project":
-        raise CheckpointError(f"{path}: not an STLM checkpoint: expected a project checkpoint (format "
-                              f"'{FORMAT}') or an official state dict with 'twostream' and 'segmentation_net'")
+        raise CheckpointError(f"{path}: not a model checkpoint: expected a project checkpoint (format "
+                              f"'{FORMAT}'), an official STLM state dict with 'twostream' and 'segmentation_net' "
+                              "or an official STFPM snapshot with 'state_dict'")
     version = obj.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {version!r} is newer than supported "
                               f"({FORMAT_VERSION}); upgrade stlm-deploy")
     try:
-        cfg = STLMConfig.from_dict(obj["config"])
+        cfg = config_from_dict(obj["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid 'config': {e}") from None
     if img_size is not None:
         cfg = cfg.with_img_size(_checked_size(img_size, path))
-    model = STLM(cfg)
+    model = build_model(cfg)
     sd = obj.get("state_dict")
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: missing 'state_dict'")

@@ -33,14 +33,16 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--category", default=None, help="Category sub-folder / VisA object / DAGM class.")
 @click.option("--out", required=True, metavar="RUN_DIR", help="Run folder: last.ckpt, model.ckpt, metrics.json.")
 @click.option("--config", type=click.Choice(sorted(CONFIGS)), default="paper", show_default=True,
-              help="Model size ('small' is for tests and demos).")
+              help="Model: STLM 'paper' or 'small' (tests and demos), or 'stfpm' (the STFPM family; official "
+              "recipe: --img-size 256 --batch-size 32).")
 @click.option("--img-size", type=int, default=None, help="Input size, a multiple of 64 [default: the config's].")
 @click.option("--epochs", type=int, default=None, help="Train this many epochs (total, resumes included).")
 @click.option("--steps", type=int, default=None, help="Train this many steps (total, resumes included).")
 @click.option("--time-budget", type=float, default=None, metavar="MIN",
               help="Train for this many minutes of training-loop wall clock.")
 @click.option("--teacher", default="builtin", show_default=True, metavar="builtin|PATH",
-              help="'builtin' (weightless, calibrated on the training images) or sam_vit_*.pth / mobile_sam.pt.")
+              help="'builtin' (weightless, calibrated on the training images) or a file: sam_vit_*.pth / "
+              "mobile_sam.pt (STLM), resnet18-*.pth (torchvision) or timm resnet18 (STFPM).")
 @click.option("--anomaly-source", default=None, metavar="DIR",
               help="Texture images for pseudo anomalies (e.g. DTD); default: procedural textures.")
 @click.option("--augmentation", type=click.Choice(("auto", "none", "slight", "rotation")), default="auto",
@@ -67,7 +69,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, epochs, steps, time_budget,
               teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
               init_mobile_sam, save_every, holdout, do_eval, quiet) -> int:
-    """Train an STLM model (students + shared decoder + FA head) on the good images of a data set."""
+    """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
+    (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
     from .training import TrainError, TrainOptions, train
 
@@ -91,8 +94,8 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
 
 
 @click.command(name="stlm-eval", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--ckpt", required=True, metavar="CKPT", help="A project checkpoint (model.ckpt) or an official "
-              "STLM state dict.")
+@click.option("--ckpt", required=True, metavar="CKPT", help="A project checkpoint (model.ckpt, either family), an "
+              "official STLM state dict, or an official STFPM snapshot (with --teacher).")
 @click.option("--data", required=True, metavar="ROOT", help="Data-set root, or 'builtin' (the generated set).")
 @click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), default="mvtec", show_default=True)
 @click.option("--category", default=None)
@@ -101,9 +104,12 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
 @click.option("--img-size", type=int, default=None, help="Evaluate at another size (multiple of 64) "
               "[default: the checkpoint's; official state dicts: 1024].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--teacher", default=None, metavar="PATH", help="The ImageNet ResNet-18 (resnet18-*.pth) an official "
+              "STFPM student snapshot was trained against.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors (use with --json).")
-def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, quiet) -> int:
-    """Evaluate a checkpoint on a data set's test split: FA map and TLM map metrics."""
+def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, teacher, quiet) -> int:
+    """Evaluate a checkpoint on a data set's test split: the deployed map (STLM: FA, and its TLM map;
+    STFPM: its one map)."""
     require_extra("stlm-eval", "train")
     from .evaluate import evaluate_checkpoint, format_table
     from .training import resolve_device
@@ -117,11 +123,13 @@ def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, dev
             raise click.BadParameter(str(e), param_hint="'--img-size'") from None
     if not os.path.isfile(ckpt):
         raise click.BadParameter(f"'{ckpt}': no such checkpoint file", param_hint="'--ckpt'")
+    if teacher is not None and not os.path.isfile(teacher):
+        raise click.BadParameter(f"'{teacher}': no such file", param_hint="'--teacher'")
     if data.lower() not in ("builtin", "generated") and not os.path.isdir(data):
         raise click.BadParameter(f"data root '{data}' does not exist or is not a folder", param_hint="'--data'")
     dev = resolve_device(device)
     result = evaluate_checkpoint(ckpt, data, format_, category, batch_size=batch_size, device=dev,
-                                 img_size=img_size, json_path=json_path)
+                                 img_size=img_size, json_path=json_path, teacher=teacher)
     if not quiet:
         click.echo(format_table(result))
         if json_path:

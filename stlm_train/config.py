@@ -1,11 +1,12 @@
-"""Model configuration: one dataclass that fully describes an STLM model, and one registry of sizes.
+"""Model configuration: one dataclass per model family that fully describes a model, and one registry.
 
-The config is saved inside every checkpoint, so a checkpoint alone rebuilds its model.
+The config is saved inside every checkpoint (with its ``family``), so a checkpoint alone rebuilds its
+model. Families: ``stlm`` (:class:`STLMConfig`) and ``stfpm`` (:class:`STFPMConfig`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Union
 
 from stlm_deploy.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
 
@@ -74,6 +75,7 @@ class STLMConfig:
 
     name: str = "paper"
     img_size: int = 1024
+    family: str = "stlm"
     student: TinyViTConfig = field(default_factory=TinyViTConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     fa_head: FAHeadConfig = field(default_factory=FAHeadConfig)
@@ -102,11 +104,7 @@ class STLMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "STLMConfig":
         """Inverse of ``to_dict``; unknown keys are an error so a foreign file is not half-read."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown STLMConfig fields {unknown}")
-        kw = {"resize": "bilinear", **d}
+        kw = {"resize": "bilinear", **_known_fields(cls, d)}
         for key, sub in (("student", TinyViTConfig), ("decoder", DecoderConfig), ("fa_head", FAHeadConfig)):
             if key in kw and isinstance(kw[key], dict):
                 kw[key] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[key].items()})
@@ -116,13 +114,77 @@ class STLMConfig:
         return cls(**kw)
 
 
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+    if d.get("family", cls.family) != cls.family:
+        raise ValueError(f"{cls.__name__}: family must be {cls.family!r}, got {d.get('family')!r}")
+    return dict(d)
+
+
+@dataclass(frozen=True)
+class STFPMConfig:
+    """STFPM (Wang et al., BMVC 2021): a frozen ResNet-18 teacher and a same-shape student, compared on
+    layer1..layer3. ``top_k`` 1: the image score is the maximum of the map (official evaluation)."""
+
+    name: str = "stfpm"
+    img_size: int = 256
+    family: str = "stfpm"
+    layers: tuple[int, ...] = (1, 2, 3)  # ResNet stages whose outputs are matched
+    top_k: int = 1
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN  # ImageNet, on the 0..255 scale
+    pixel_std: tuple[float, float, float] = PIXEL_STD
+    resize: str = DEFAULT_RESIZE
+
+    def __post_init__(self) -> None:
+        validate_img_size(self.img_size)
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        if not self.layers or any(i not in (1, 2, 3, 4) for i in self.layers):
+            raise ValueError(f"layers must be a non-empty subset of (1, 2, 3, 4), got {self.layers!r}")
+
+    @property
+    def map_size(self) -> int:
+        """Side of the per-layer maps before the product: layer1's resolution (64 at 256 px, as official)."""
+        return self.img_size // 4
+
+    def with_img_size(self, img_size: int) -> "STFPMConfig":
+        return replace(self, img_size=img_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "STFPMConfig":
+        kw = _known_fields(cls, d)
+        for key in ("layers", "pixel_mean", "pixel_std"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+ModelConfig = Union[STLMConfig, STFPMConfig]
+FAMILIES: dict[str, type] = {"stlm": STLMConfig, "stfpm": STFPMConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A checkpoint's ``config`` -> the config of its family (no ``family`` key: STLM, older checkpoints)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config must be a dict, got {type(d).__name__}")
+    family = d.get("family", "stlm")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[family].from_dict(d)
+
+
 def validate_img_size(img_size: int) -> int:
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0 or img_size % 64:
         raise ValueError(f"img_size must be a positive multiple of 64 (e.g. 256, 512, 1024), got {img_size!r}")
     return img_size
 
 
-CONFIGS: dict[str, STLMConfig] = {
+CONFIGS: dict[str, ModelConfig] = {
     # The paper / official code: MobileSAM TinyViT students at 1024 px.
     "paper": STLMConfig(name="paper", img_size=1024),
     # A tiny model with the same topology, for tests and quick demos.
@@ -134,10 +196,12 @@ CONFIGS: dict[str, STLMConfig] = {
         decoder=DecoderConfig(dim=64, depth=2, num_heads=4, mlp_dim=128),
         fa_head=FAHeadConfig(channels=32),
     ),
+    # STFPM, the official recipe (ResNet-18 teacher/student, 256 px).
+    "stfpm": STFPMConfig(),
 }
 
 
-def get_config(name: str, img_size: int | None = None) -> STLMConfig:
+def get_config(name: str, img_size: int | None = None) -> ModelConfig:
     """Look up a registered config, optionally at another image size."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")

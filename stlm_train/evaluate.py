@@ -1,9 +1,10 @@
-"""Evaluation of an STLM model on a data set's test split (``stlm-eval``; also run by ``stlm-train``).
+"""Evaluation of a model on a data set's test split (``stlm-eval``; also run by ``stlm-train``).
 
-For both maps the model produces — the FA map (what the deployed graph outputs) and the no-FA TLM
-map — it reports I-AUROC, P-AUROC, AUPRO@0.3, P-AP and F1-max, plus FNR/FPR at the checkpoint's
-stored image threshold. Image scores are the mean of the top-k pixels of the full-size map, as in
-the official evaluation, for both maps.
+For every map the model produces — the deployed map under ``fa`` (STLM's FA map, STFPM's one map)
+and STLM's no-FA TLM map under ``tlm`` (null for STFPM) — it reports I-AUROC, P-AUROC, AUPRO@0.3,
+P-AP and F1-max, plus FNR/FPR at the checkpoint's stored image threshold. Image scores are the
+family's own (STLM: mean of the top-k pixels of the full-size map; STFPM: its maximum), as in the
+official evaluations.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from .checkpoint import checkpoint_kind, load_model, read_file
 from .config import validate_img_size
 from .metrics import compute_metrics
+from .modeling.stfpm import STFPM
 from .modeling.stlm import STLM, topk_score
 
 METRIC_NAMES = ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max")
@@ -31,9 +33,9 @@ class Predictions(NamedTuple):
     """Model outputs over a data set, at the model's img_size."""
 
     fa_scores: np.ndarray  # (N,) float64
-    tlm_scores: np.ndarray  # (N,) float64
-    fa_maps: np.ndarray  # (N, H, W) float32
-    tlm_maps: np.ndarray  # (N, H, W) float32
+    tlm_scores: np.ndarray | None  # (N,) float64; None: the model has no TLM map (STFPM)
+    fa_maps: np.ndarray  # (N, H, W) float32 (the deployed map)
+    tlm_maps: np.ndarray | None  # (N, H, W) float32
     labels: np.ndarray  # (N,) int64
     masks: np.ndarray  # (N, H, W) uint8 in {0, 1}
     paths: list[str]
@@ -45,7 +47,7 @@ def _batches(dataset: Any, indices: Sequence[int], batch_size: int):
 
 
 @torch.no_grad()
-def predict_dataset(model: STLM, dataset: Any, batch_size: int = 8, indices: Sequence[int] | None = None,
+def predict_dataset(model: STLM | STFPM, dataset: Any, batch_size: int = 8, indices: Sequence[int] | None = None,
                     device: str | torch.device | None = None) -> Predictions:
     """Run ``model`` (switched to eval) over ``dataset`` samples (image uint8 HxWx3 at img_size)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -58,9 +60,10 @@ def predict_dataset(model: STLM, dataset: Any, batch_size: int = 8, indices: Seq
             images = torch.from_numpy(np.stack([s.image for s in samples])).to(device)  # (B, H, W, 3) uint8
             out = model(model.normalize(images))
             fa_s.append(out.score.float().cpu().numpy())
-            tlm_s.append(topk_score(out.tlm_map, model.cfg.top_k).float().cpu().numpy())
             fa_m.append(out.anomaly_map.float().cpu().numpy())
-            tlm_m.append(out.tlm_map.float().cpu().numpy())
+            if out.tlm_map is not None:
+                tlm_s.append(topk_score(out.tlm_map, model.cfg.top_k).float().cpu().numpy())
+                tlm_m.append(out.tlm_map.float().cpu().numpy())
             labels += [int(s.label) for s in samples]
             masks += [np.asarray(s.mask, dtype=np.uint8) for s in samples]
             paths += [str(s.path) for s in samples]
@@ -68,8 +71,10 @@ def predict_dataset(model: STLM, dataset: Any, batch_size: int = 8, indices: Seq
         model.train(was_training)
     if not idx:
         raise ValueError("predict_dataset: no samples")
-    return Predictions(np.concatenate(fa_s).astype(np.float64), np.concatenate(tlm_s).astype(np.float64),
-                       np.concatenate(fa_m), np.concatenate(tlm_m), np.asarray(labels, dtype=np.int64),
+    return Predictions(np.concatenate(fa_s).astype(np.float64),
+                       np.concatenate(tlm_s).astype(np.float64) if tlm_s else None,
+                       np.concatenate(fa_m), np.concatenate(tlm_m) if tlm_m else None,
+                       np.asarray(labels, dtype=np.int64),
                        np.stack(masks), paths)
 
 
@@ -89,18 +94,20 @@ def clean_json(v: Any) -> Any:
 
 def metrics_from_predictions(pred: Predictions, thresholds: dict[str, Any] | None = None,
                              pixel_labels: bool = True) -> dict[str, Any]:
-    """{"fa": {...}, "tlm": {...}} from predictions; FNR/FPR where a threshold for that map is known."""
+    """{"fa": {...}, "tlm": {...} or None} from predictions; FNR/FPR where a threshold for that map is known."""
     thresholds = thresholds or {}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"tlm": None}
     for name, scores, maps, thr in (("fa", pred.fa_scores, pred.fa_maps, thresholds.get("image")),
                                     ("tlm", pred.tlm_scores, pred.tlm_maps, thresholds.get("tlm_image"))):
+        if scores is None:
+            continue
         out[name] = compute_metrics(scores, pred.labels, maps if pixel_labels else None,
                                     pred.masks if pixel_labels else None,
                                     image_threshold=float(thr) if thr is not None else None)
     return out
 
 
-def evaluate_model(model: STLM, dataset: Any, thresholds: dict[str, Any] | None = None, batch_size: int = 8,
+def evaluate_model(model: STLM | STFPM, dataset: Any, thresholds: dict[str, Any] | None = None, batch_size: int = 8,
                    device: str | torch.device | None = None) -> dict[str, Any]:
     """Predict the whole test split and compute every metric for the FA and TLM maps."""
     t0 = time.perf_counter()
@@ -111,7 +118,8 @@ def evaluate_model(model: STLM, dataset: Any, thresholds: dict[str, Any] | None 
     result = {
         "data": getattr(dataset, "name", ""),
         "n_images": int(len(pred.labels)), "n_anomalous": n_bad, "n_good": int(len(pred.labels)) - n_bad,
-        "img_size": int(model.cfg.img_size), "pixel_metrics": pixel_labels,
+        "img_size": int(model.cfg.img_size), "model_family": getattr(model.cfg, "family", "stlm"),
+        "pixel_metrics": pixel_labels,
         "fa": metrics["fa"], "tlm": metrics["tlm"],
         "thresholds": thresholds or None,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -125,7 +133,10 @@ def format_table(result: dict[str, Any]) -> str:
     head = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "aupro": "AUPRO@0.3", "p_ap": "P-AP", "f1_max": "F1-max",
             "fnr": "FNR@thr", "fpr": "FPR@thr"}
     rows = [["map"] + [head[c] for c in cols]]
-    for name, label in (("fa", "FA"), ("tlm", "TLM")):
+    primary = "STFPM" if result.get("model_family") == "stfpm" else "FA"
+    for name, label in (("fa", primary), ("tlm", "TLM")):
+        if name == "tlm" and result.get("tlm") is None and "tlm" in result:
+            continue  # the family has one map
         m = result.get(name) or {}
         rows.append([label] + ["-" if m.get(c) is None else f"{100 * m[c]:.2f}" for c in cols])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -148,25 +159,26 @@ def resolve_eval_data(data: str | os.PathLike, img_size: int, workdir: str | os.
     return Path(data)
 
 
-def load_for_eval(ckpt: str | os.PathLike, img_size: int | None = None,
-                  device: str | torch.device = "cpu") -> tuple[STLM, dict[str, Any] | None]:
+def load_for_eval(ckpt: str | os.PathLike, img_size: int | None = None, device: str | torch.device = "cpu",
+                  teacher: str | os.PathLike | None = None) -> tuple[STLM | STFPM, dict[str, Any] | None]:
     """A checkpoint -> (model in eval mode, stored thresholds or None)."""
     if img_size is not None:
         validate_img_size(img_size)
     obj = read_file(ckpt)
     thresholds = obj.get("thresholds") if checkpoint_kind(obj) == "project" else None
     del obj
-    model = load_model(ckpt, img_size=img_size, device=device)
+    model = load_model(ckpt, img_size=img_size, device=device, teacher=teacher)
     return model, (dict(thresholds) if isinstance(thresholds, dict) else None)
 
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format: str = "mvtec",
                         category: str | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
-                        img_size: int | None = None, json_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                        img_size: int | None = None, json_path: str | os.PathLike | None = None,
+                        teacher: str | os.PathLike | None = None) -> dict[str, Any]:
     """Library form of ``stlm-eval``: load, run the test split, optionally write JSON atomically."""
     from .data import build_dataset
 
-    model, thresholds = load_for_eval(ckpt, img_size, device)
+    model, thresholds = load_for_eval(ckpt, img_size, device, teacher)
     with tempfile.TemporaryDirectory(prefix="stlm-eval-") as tmp:
         root = resolve_eval_data(data, model.cfg.img_size, Path(tmp) / "data")
         fmt = "mvtec" if str(data).lower() in BUILTIN_DATA else format

@@ -6,30 +6,17 @@ module with fused pre/post-processing (``stlm_export.deploy_model``).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from stlm_deploy.preprocess import resize_image
 
 from ..config import STLMConfig
 from .common import Normalize
 from .decoder import FeatureDecoder
 from .fa_head import FAHead
+from .predict import InferenceOutput, predict_images, upsample
 from .tiny_vit import TinyViT
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (feature1, feature2), each (B, C, h, w)
-
-
-class InferenceOutput(NamedTuple):
-    """Field names are the ONNX output names."""
-
-    anomaly_map: torch.Tensor  # (B, H, W) FA map in [0, 1]
-    score: torch.Tensor  # (B,) mean of the top-k map pixels
-    tlm_map: torch.Tensor  # (B, H, W) no-FA map
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
@@ -50,11 +37,6 @@ def tlm_map(plain: Features, denoising: Features) -> torch.Tensor:
         out = m if out is None else out * m
     assert out is not None
     return out
-
-
-def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, h, w) -> (B, H, W), bilinear with align_corners=False as in the official evaluation."""
-    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def topk_score(anomaly_map: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,24 +76,6 @@ class STLM(nn.Module):
         return InferenceOutput(anomaly_map, topk_score(anomaly_map, self.cfg.top_k),
                                upsample(tlm_map(plain, denoising), size))
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceOutput:
-        """uint8 RGB (N, H, W, 3) of any size -> maps at (H, W); resized to img_size on the way in.
-
-        Scores are always taken on the img_size map (what the exported graph computes).
-        """
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
-                or images.shape[-1] != 3:
-            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images: expected a uint8 tensor (N, H, W, 3) RGB, got {got}")
-        device = next(self.parameters()).device
-        h, w = images.shape[1:3]
-        s = self.cfg.img_size
-        if (h, w) != (s, s):  # the runtime's own resize, so eager and engine see the same pixels
-            small = [resize_image(im, s, self.cfg.resize) for im in images.cpu().numpy()]
-            images = torch.from_numpy(np.stack(small))
-        out = self(self.normalize(images.to(device)))
-        if (h, w) != (s, s):
-            out = InferenceOutput(upsample(out.anomaly_map[:, None], (h, w)), out.score,
-                                  upsample(out.tlm_map[:, None], (h, w)))
-        return out
+        """uint8 RGB (N, H, W, 3) of any size -> maps at (H, W) (:func:`predict_images`)."""
+        return predict_images(self, images)

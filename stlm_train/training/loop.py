@@ -1,4 +1,5 @@
-"""One training step (paper section 3, official ``trainSTLM.py``), built for steps per second.
+"""One training step, built for steps per second: the plumbing every family shares (:class:`StepRunner`)
+and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stfpm_step`).
 
 1. teacher features T(I_a) and T(N) from ONE batched teacher call under ``no_grad`` (N and I_a stacked
    on the batch axis; samples with no pasted anomaly, where I_a == N, are sent once);
@@ -68,19 +69,21 @@ def build_optimizers(model: STLM, opts: TrainOptions) -> tuple[torch.optim.Adam,
     return opt_students, opt_fa
 
 
-class Trainer:
-    """Owns the optimisers and performs steps; ``model`` is updated in place."""
+class StepRunner:
+    """What every family's trainer shares: the DDP wrapper, AMP/GradScaler, the non-finite policy, the
+    update of its optimisers, their state and the BatchNorm broadcast. A family's ``step`` computes its
+    loss terms (``total`` plus named parts) and hands them to :meth:`update`."""
 
-    def __init__(self, model: STLM, teacher: nn.Module, device: torch.device, opts: TrainOptions,
+    def __init__(self, model: nn.Module, graph: nn.Module, device: torch.device, opts: TrainOptions,
                  info: DistInfo = DistInfo()) -> None:
-        self.model, self.teacher, self.device, self.info = model, teacher, device, info
-        self.graph: nn.Module = TrainGraph(model)
+        self.model, self.device, self.info = model, device, info
+        self.graph: nn.Module = graph
         if info.world_size > 1:
             # depthwise-conv weights (C, 1, k, k) have ambiguous strides: harmless DDP layout warning
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ids = [device.index] if device.type == "cuda" else None
-            self.graph = nn.parallel.DistributedDataParallel(self.graph, device_ids=ids)
-        self.opt_students, self.opt_fa = build_optimizers(model, opts)
+            self.graph = nn.parallel.DistributedDataParallel(graph, device_ids=ids)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.amp = bool(opts.amp)
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
@@ -88,6 +91,59 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def update(self, total: torch.Tensor, terms: Any) -> None:
+        """Backward ``total`` and step every optimiser, after every rank agreed the loss is finite.
+
+        Without a GradScaler a NaN/inf loss stops the run with the weights untouched; with one (CUDA
+        AMP) it is an fp16 overflow the scaler skips, up to MAX_SKIPPED_STEPS in a row.
+        """
+        finite = all_ranks_all(bool(torch.isfinite(total.detach())), self.info, self.device)
+        if not finite and not self.scaler.is_enabled():
+            raise NonFiniteLoss(f"loss is {terms.as_floats()}")
+        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row > MAX_SKIPPED_STEPS:
+            raise NonFiniteLoss(f"loss non-finite for {self.skipped_in_a_row} steps in a row under AMP")
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        for opt in self.optimizers.values():
+            self.scaler.step(opt)
+        self.scaler.update()
+
+    def end_of_epoch(self) -> None:
+        """Called by the run after the last step of every epoch (model selection hooks in here)."""
+
+    def finalize(self) -> dict[str, Any] | None:
+        """Called once after the loop; returns a description of what it changed (or None)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: o.state_dict() for k, o in self.optimizers.items()}, "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for k, o in self.optimizers.items():
+            o.load_state_dict(sd[k])
+        if sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """BatchNorm running statistics drift per rank between DDP broadcasts: take rank 0's."""
+        if self.info.world_size > 1:
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
+
+
+class Trainer(StepRunner):
+    """STLM: owns the two official optimisers and performs steps; ``model`` is updated in place."""
+
+    def __init__(self, model: STLM, teacher: nn.Module, device: torch.device, opts: TrainOptions,
+                 info: DistInfo = DistInfo()) -> None:
+        super().__init__(model, TrainGraph(model), device, opts, info)
+        self.teacher = teacher
+        self.opt_students, self.opt_fa = build_optimizers(model, opts)
+        self.optimizers = {"opt_students": self.opt_students, "opt_fa": self.opt_fa}
 
     def step(self, clean: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor) -> LossTerms:
         """clean/pseudo uint8 (B, S, S, 3), mask float (B, S, S) -> loss terms (after the update)."""
@@ -101,35 +157,5 @@ class Trainer:
             t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
             plain, denoising, logits = self.graph(x_pseudo)
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask)
-        # Every rank agrees before anything changes: without a GradScaler a NaN/inf loss stops the run
-        # with the weights untouched; with one (CUDA AMP) it is an fp16 overflow the scaler skips.
-        finite = all_ranks_all(bool(torch.isfinite(terms.total.detach())), self.info, self.device)
-        if not finite and not self.scaler.is_enabled():
-            raise NonFiniteLoss(f"loss is {terms.as_floats()}")
-        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
-        if self.skipped_in_a_row > MAX_SKIPPED_STEPS:
-            raise NonFiniteLoss(f"loss non-finite for {self.skipped_in_a_row} steps in a row under AMP")
-        self.opt_students.zero_grad(set_to_none=True)
-        self.opt_fa.zero_grad(set_to_none=True)
-        self.scaler.scale(terms.total).backward()
-        self.scaler.step(self.opt_students)
-        self.scaler.step(self.opt_fa)
-        self.scaler.update()
+        self.update(terms.total, terms)
         return terms
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"opt_students": self.opt_students.state_dict(), "opt_fa": self.opt_fa.state_dict(),
-                "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.opt_students.load_state_dict(sd["opt_students"])
-        self.opt_fa.load_state_dict(sd["opt_fa"])
-        if sd.get("scaler"):
-            self.scaler.load_state_dict(sd["scaler"])
-
-    @torch.no_grad()
-    def sync_buffers(self) -> None:
-        """BatchNorm running statistics drift per rank between DDP broadcasts: take rank 0's."""
-        if self.info.world_size > 1:
-            for b in self.model.buffers():
-                dist.broadcast(b, 0)

@@ -38,7 +38,7 @@ class TrainOptions:
     epochs: int | None = None  # exactly one of epochs / steps / time_budget (none: DEFAULT_STEPS)
     steps: int | None = None
     time_budget: float | None = None  # minutes of training-loop wall clock (all sessions of a run)
-    teacher: str = "builtin"  # "builtin" or a sam_vit_*.pth / mobile_sam.pt path
+    teacher: str = "builtin"  # "builtin" or a sam_vit_*.pth / mobile_sam.pt path (STFPM: resnet18-*.pth)
     anomaly_source: str | None = None  # texture folder (DTD); None: the procedural texture bank
     augmentation: str = "auto"  # none | slight | rotation | auto (from the category / folder name)
     device: str = "cpu"
@@ -126,7 +126,7 @@ class TrainOptions:
             raise TrainError(f"--init-mobile-sam: {self.init_mobile_sam}: no such file")
         if not self.builtin_teacher and not Path(self.teacher).is_file():
             raise TrainError(f"--teacher: '{self.teacher}': no such file (use builtin or a sam_vit_*.pth / "
-                             "mobile_sam.pt)")
+                             "mobile_sam.pt for STLM, a resnet18-*.pth for --config stfpm)")
         if self.augmentation != "auto" and self.augmentation not in AUGMENTATIONS:
             raise TrainError(f"--augmentation must be auto or one of {', '.join(AUGMENTATIONS)}, "
                              f"got {self.augmentation!r}")

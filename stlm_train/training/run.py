@@ -1,5 +1,8 @@
 """One training run, start to finish: data, model, teacher, the step loop, thresholds, checkpoint, eval.
 
+The same run serves every model family; what differs (model, teacher, step, loss terms, selection) is
+the family's strategy (:mod:`.family`), picked by the config's ``family``.
+
 Everything random is seeded: the students' init (``seed``), the built-in teacher (its own seed,
 ``seed + 1000``, never the students' stream), the data order (``DistributedSampler`` shuffling with
 ``seed`` + epoch) and every synthesised sample (a numpy generator from (seed, epoch, index)). The same
@@ -26,18 +29,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer, sample_rng
-from ..checkpoint import init_students_from_mobile_sam, load_teacher, save_checkpoint
-from ..config import STLMConfig, get_config
+from ..checkpoint import load_teacher, save_checkpoint
+from ..config import ModelConfig, STLMConfig, get_config
 from ..data import DataError, build_dataset
 from ..evaluate import BUILTIN_DATA, clean_json, evaluate_model, format_table, predict_dataset
 from ..metrics import threshold_from_good
+from ..modeling.stfpm import STFPM
 from ..modeling.stlm import STLM
 from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
 from .distributed import DistInfo, all_ranks_max, barrier, resolve_device, setup_distributed, teardown
-from .loop import NonFiniteLoss, Trainer
+from .family import family_of
+from .loop import NonFiniteLoss
 from .options import TrainError, TrainOptions, merge_resume_options
-from .sampling import EpochBatchSampler, holdout_split, resolve_augmentation
-from .state import LOSS_KEYS, load_run_state, save_run_state, set_rng_state, summarize_history
+from .sampling import EpochBatchSampler, holdout_split
+from .state import load_run_state, save_run_state, set_rng_state, summarize_history
 
 Log = Callable[[str], None]
 #: the "epoch" key of the pseudo-anomalies drawn for the calibration score range (never a training epoch)
@@ -55,7 +60,7 @@ class TrainResult:
     losses: dict[str, float]
     thresholds: dict[str, Any] | None
     metrics: dict[str, Any] | None
-    model: STLM = field(repr=False)
+    model: STLM | STFPM = field(repr=False)
 
 
 def train(opts: TrainOptions, explicit: set[str] | None = None, log: Log | None = None) -> TrainResult:
@@ -75,7 +80,7 @@ def train(opts: TrainOptions, explicit: set[str] | None = None, log: Log | None 
         teardown(info)
 
 
-def resolve_data(opts: TrainOptions, cfg: STLMConfig, info: DistInfo) -> tuple[Path, str]:
+def resolve_data(opts: TrainOptions, cfg: ModelConfig, info: DistInfo) -> tuple[Path, str]:
     """The data root and format; ``builtin`` generates the procedural set into RUN_DIR/data."""
     if opts.data.lower() in BUILTIN_DATA:
         from ..data import make_generated_dataset
@@ -144,12 +149,13 @@ def pseudo_anomaly_scores(model: STLM, images: Sequence[np.ndarray], synth: Pseu
 
 
 @torch.no_grad()
-def held_out_thresholds(model: STLM, dataset: Any, indices: Sequence[int], opts: TrainOptions,
+def held_out_thresholds(model: STLM | STFPM, dataset: Any, indices: Sequence[int], opts: TrainOptions,
                         device: torch.device, synth: PseudoAnomalySynthesizer | None = None) -> dict[str, Any]:
-    """Image/pixel thresholds from held-out good images only (FA map; TLM image threshold too), plus the
+    """Image/pixel thresholds from held-out good images only (the deployed map; STLM's TLM map too), plus the
     calibration score range (good held-out scores and, with ``synth``, their pseudo-anomalous versions)."""
     pred = predict_dataset(model, dataset, batch_size=opts.eval_batch_size, indices=indices, device=device)
     iq, pq = opts.image_quantile, opts.pixel_quantile
+    which = "FA" if pred.tlm_maps is not None else "anomaly"
     seen = pred.fa_scores
     if synth is not None:
         seen = np.concatenate([seen, pseudo_anomaly_scores(model, [dataset[i].image for i in indices], synth,
@@ -158,26 +164,26 @@ def held_out_thresholds(model: STLM, dataset: Any, indices: Sequence[int], opts:
     lo, hi = float(min(seen.min(), image_threshold)), float(max(seen.max(), image_threshold))
     if not hi > lo:  # a single constant score: keep a non-empty span so the normalized score is defined
         hi = lo + 1e-6
-    return {
+    out = {
         "image": image_threshold,
         "pixel": float(np.quantile(pred.fa_maps, pq)),
         "score_min": lo,
         "score_max": hi,
-        "method": (f"held-out good: quantile {iq} of FA image scores (+1e-6) and quantile {pq} of FA map pixels "
-                   f"over {len(indices)} train/good images never trained on"),
-        "tlm_image": threshold_from_good(pred.tlm_scores, iq),
-        "tlm_pixel": float(np.quantile(pred.tlm_maps, pq)),
-        "n_images": len(indices),
-        "held_out": [Path(p).name for p in pred.paths],
+        "method": (f"held-out good: quantile {iq} of {which} image scores (+1e-6) and quantile {pq} of {which} map "
+                   f"pixels over {len(indices)} train/good images never trained on"),
     }
+    if pred.tlm_maps is not None:
+        out.update(tlm_image=threshold_from_good(pred.tlm_scores, iq), tlm_pixel=float(np.quantile(pred.tlm_maps, pq)))
+    return {**out, "n_images": len(indices), "held_out": [Path(p).name for p in pred.paths]}
 
 
 class _Run:
     """The state of one run, so the phases below share it without closures."""
 
-    def __init__(self, opts: TrainOptions, cfg: STLMConfig, state: dict[str, Any] | None, info: DistInfo,
+    def __init__(self, opts: TrainOptions, cfg: ModelConfig, state: dict[str, Any] | None, info: DistInfo,
                  log: Log | None) -> None:
         self.opts, self.cfg, self.state, self.info = opts, cfg, state, info
+        self.family = family_of(cfg)
         self.device = resolve_device(opts.device, info)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -185,6 +191,7 @@ class _Run:
         quiet = not (info.main and opts.progress)
         self.say: Log = (lambda s: None) if quiet else (log or (lambda s: print(s, flush=True)))
         self.step, self.seconds, self.history = 0, 0.0, []
+        self.selection: dict[str, Any] | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -193,36 +200,33 @@ class _Run:
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
         # a teacher file is read first: a bad one fails before any data work
-        early = None if opts.builtin_teacher else build_teacher(opts, cfg, lambda: iter(()), self.device, None, say)
+        early = self.family.early_teacher(self)
 
         # data: train split minus a deterministic held-out part
         self.root, self.fmt = resolve_data(opts, cfg, info)
         self.train_ds = build_dataset(self.root, self.fmt, opts.category, "train", cfg.img_size, cfg.resize)
         self.train_idx, self.held_idx = holdout_split(len(self.train_ds), opts.holdout)
         self.category = opts.category or (getattr(self.train_ds, "root", None) or self.root).name
-        self.augmentation = resolve_augmentation(opts.augmentation, self.category)
+        self.augmentation = self.family.augmentation(opts, self.category)
         full_res = opts.augment_before_resize and self.augmentation != "none"
         synth = PseudoAnomalySynthesizer(cfg.img_size, anomaly_source=opts.anomaly_source,
-                                         augmentation=self.augmentation, probability=0.5, seed=opts.seed,
+                                         augmentation=self.augmentation, probability=self.family.anomaly_probability,
+                                         seed=opts.seed,
                                          texture_bank=opts.texture_bank, resize=cfg.resize,
                                          augment_before_resize=full_res)
         source = build_dataset(self.root, self.fmt, opts.category, "train", None) if full_res else self.train_ds
         self.triples = PseudoAnomalyDataset(source, synth, seed=opts.seed, indices=self.train_idx)
+        textures = (f", textures {opts.anomaly_source or 'procedural (' + opts.texture_bank + ' bank)'}"
+                    if self.family.anomaly_probability else ", no pseudo anomalies")
         say(f"data: {self.train_ds.name}: {len(self.train_idx)} training images, {len(self.held_idx)} held out "
-            f"for thresholds; augmentation '{self.augmentation}', textures "
-            f"{opts.anomaly_source or 'procedural (' + opts.texture_bank + ' bank)'}")
+            f"for thresholds; augmentation '{self.augmentation}'{textures}")
 
-        # model (seeded init), optional MobileSAM init, teacher (its own seed)
+        # model (seeded init), teacher (its own seed), the family's trainer
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed % 2**32)
         random.seed(opts.seed)
-        self.model = STLM(cfg)
-        if opts.init_mobile_sam and self.state is None:
-            init_students_from_mobile_sam(self.model, opts.init_mobile_sam)
-        self.model.to(self.device)
-        self.teacher, self.teacher_desc = early or build_teacher(
-            opts, cfg, self._calibration_batches, self.device, self.state.get("teacher") if self.state else None, say)
-        self.trainer = Trainer(self.model, self.teacher, self.device, opts, info)
+        self.model, self.teacher, self.teacher_desc, self.trainer = self.family.setup(self, early)
+        self.loss_keys = self.family.loss_keys(self.model)
 
         if self.state is not None:
             st = self.state
@@ -241,6 +245,13 @@ class _Run:
         self.target_steps = int(value) * self.spe if kind == "epochs" else int(value) if kind == "steps" else None
         self.budget_s = value * 60.0 if kind == "time_budget" else None
         self.stop_text = f"{self.target_steps} steps" if self.target_steps is not None else f"{value:g} min"
+
+    def _held_out_batches(self) -> Iterator[torch.Tensor]:
+        """The held-out good images, normalised, for a family's model selection."""
+        bs = max(1, self.opts.eval_batch_size)
+        for s in range(0, len(self.held_idx), bs):
+            imgs = np.stack([self.train_ds[i].image for i in self.held_idx[s:s + bs]])
+            yield self.model.normalize(torch.from_numpy(imgs).to(self.device))
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
         """Clean training images (evenly spread, never held-out ones) for the teacher's BatchNorm."""
@@ -265,10 +276,8 @@ class _Run:
                              f"{self.out / 'last.ckpt'} keeps the last good state")
         if not self.info.main:
             return
-        desc = self.teacher_desc
-        tstate = ({"kind": "builtin", "state_dict": self.teacher.state_dict(),
-                   "calibration_images": desc.get("calibration_images")} if desc["kind"] == "builtin" else dict(desc))
-        save_run_state(self.out / "last.ckpt", options=self.opts.identity(), config=self.cfg.to_dict(),
+        tstate = self.family.teacher_state(self.teacher, self.teacher_desc)
+        save_run_state(self.out / "last.ckpt", self.loss_keys, options=self.opts.identity(), config=self.cfg.to_dict(),
                        model=self.model.state_dict(), optim=self.trainer.state_dict(), step=self.step,
                        epoch=self.step / self.spe, seconds=self.seconds, history=self.history, teacher=tstate,
                        world_size=self.info.world_size)
@@ -300,17 +309,18 @@ class _Run:
                     raise TrainError(f"{e} at step {self.step + 1}; stopped before the update, "
                                      f"{self.out / 'last.ckpt'} keeps the last saved state (try without --amp, "
                                      "a lower learning rate or another seed)") from None
-                dt = time.perf_counter() - t0
                 self.step += 1
+                if self.step % self.spe == 0:
+                    self.trainer.end_of_epoch()  # model selection, where the family has one
+                dt = time.perf_counter() - t0
                 self.seconds += dt
-                self.history.append([self.step, *(terms[k] for k in LOSS_KEYS), self.seconds])
+                self.history.append([self.step, *(terms[k] for k in self.loss_keys), self.seconds])
                 consistent = True
                 rate = imgs_per_step / max(dt, 1e-9)
                 ema_rate = rate if ema_rate is None else 0.8 * ema_rate + 0.2 * rate
                 if bar is not None:
-                    bar.set_postfix_str(f"loss {terms['total']:.3f} (Lp {terms['plain']:.3f} Lde "
-                                        f"{terms['denoising']:.3f} foc {terms['focal']:.4f} l1 {terms['l1']:.3f}) "
-                                        f"{ema_rate:.2f} img/s ep {self.step / self.spe:.1f}", refresh=False)
+                    bar.set_postfix_str(f"{self.family.postfix(terms)} {ema_rate:.2f} img/s ep "
+                                        f"{self.step / self.spe:.1f}", refresh=False)
                     bar.update(1 if self.budget_s is None else min(dt, max(0.0, self.budget_s - bar.n)))
                 if opts.save_every and self.step % opts.save_every == 0 and not self.done():
                     self.save_state()
@@ -345,6 +355,7 @@ class _Run:
         return {
             "steps": self.step, "epochs": round(self.step / self.spe, 4), "steps_per_epoch": self.spe,
             "seconds": round(self.seconds, 2), "seed": opts.seed, "teacher": self.teacher_desc, "config": cfg.name,
+            "model_family": self.family.name,
             "img_size": cfg.img_size, "data": str(opts.data), "format": self.fmt, "category": self.category,
             "augmentation": self.augmentation, "anomaly_source": opts.anomaly_source,
             "texture_bank": opts.texture_bank, "resize": cfg.resize,
@@ -352,16 +363,19 @@ class _Run:
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
             "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),
             "n_held_out": len(self.held_idx),
-            "optimizers": {"students": {"type": "Adam", "lr": opts.lr_students, "betas": [0.5, 0.999]},
-                           "fa": {"type": "SGD", "lr_res": opts.lr_fa_res, "lr_head": opts.lr_fa_head,
-                                  "momentum": 0.9, "weight_decay": 1e-4}},
-            "losses": summarize_history(self.history),
+            "optimizers": self.family.optimizers(opts),
+            "selection": self.selection,
+            "losses": summarize_history(self.history, loss_keys=self.loss_keys),
         }
 
     def finish(self, terms: dict[str, float]) -> TrainResult:
         """Thresholds on held-out good images, the final checkpoint, the test split (rank 0 only)."""
         opts, cfg, say, model = self.opts, self.cfg, self.say, self.model
         epochs = self.step / self.spe
+        self.selection = self.trainer.finalize()  # e.g. STFPM: back to the best held-out student (every rank)
+        if self.selection is not None:
+            say(f"selection: the student of step {self.selection['selected_step']} "
+                f"(held-out error {self.selection['validation_error']:.6f})")
         if not self.info.main:
             return TrainResult(self.out, None, None, self.step, epochs, self.seconds, terms, None, None, model.eval())
         calib_synth = PseudoAnomalySynthesizer(cfg.img_size, anomaly_source=opts.anomaly_source, augmentation="none",

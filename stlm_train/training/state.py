@@ -16,7 +16,7 @@ from .options import TrainError
 
 STATE_FORMAT = "stlm-train-state"
 STATE_VERSION = 1
-LOSS_KEYS = ("plain", "denoising", "focal", "l1", "total")
+LOSS_KEYS = ("plain", "denoising", "focal", "l1", "total")  # STLM's; every family names its own terms
 HISTORY_KEYS = ("step", *LOSS_KEYS, "seconds")  # one row per step; seconds = training time so far
 
 
@@ -54,29 +54,33 @@ def load_run_state(run_dir: str | os.PathLike) -> dict[str, Any]:
     return st
 
 
-def save_run_state(path: Path, **payload: Any) -> None:
-    """Write last.ckpt atomically (temp file + rename): a kill mid-save keeps the previous state."""
+def save_run_state(path: Path, loss_keys: tuple[str, ...] = LOSS_KEYS, **payload: Any) -> None:
+    """Write last.ckpt atomically (temp file + rename): a kill mid-save keeps the previous state.
+
+    ``history`` rows are (step, *loss_keys, seconds).
+    """
     from stlm_deploy.files import atomic_output
 
     history = payload.pop("history")
     payload.update(format=STATE_FORMAT, version=STATE_VERSION, rng=rng_state(),
-                   history=torch.tensor(history, dtype=torch.float64).reshape(-1, len(HISTORY_KEYS)))
+                   history=torch.tensor(history, dtype=torch.float64).reshape(-1, len(loss_keys) + 2))
     with atomic_output(path, clean_stale=True) as tmp:  # removes temps of killed saves
         torch.save(payload, tmp)
 
 
-def summarize_history(history: list[list[float]], points: int = 50) -> dict[str, Any]:
-    """Rows of HISTORY_KEYS -> {first, last: mean loss terms over the first/last 10 % of the steps
-    (at least one), s_per_step: median step time, curve: at most ``points`` rows}."""
-    keys = list(HISTORY_KEYS)
+def summarize_history(history: list[list[float]], points: int = 50,
+                      loss_keys: tuple[str, ...] = LOSS_KEYS) -> dict[str, Any]:
+    """Rows of (step, *loss_keys, seconds) -> {first, last: mean loss terms over the first/last 10 % of the
+    steps (at least one), s_per_step: median step time, curve: at most ``points`` rows}."""
+    keys = ["step", *loss_keys, "seconds"]
     if not history:
         return {"keys": keys, "first": None, "last": None, "s_per_step_median": None, "curve": []}
-    h = np.asarray(history, dtype=np.float64)  # (n, 7): step, 5 terms, seconds
+    h = np.asarray(history, dtype=np.float64)  # (n, 2 + terms): step, terms, seconds
     k = max(1, len(h) // 10)
-    terms = slice(1, 1 + len(LOSS_KEYS))
+    terms = slice(1, 1 + len(loss_keys))
 
     def mean(rows: np.ndarray) -> dict[str, float]:
-        return {key: round(float(v), 6) for key, v in zip(LOSS_KEYS, rows[:, terms].mean(axis=0))}
+        return {key: round(float(v), 6) for key, v in zip(loss_keys, rows[:, terms].mean(axis=0))}
     dts = np.diff(np.r_[0.0, h[:, -1]])
     stride = max(1, math.ceil(len(h) / points))
     curve = [[int(r[0]), *(round(float(v), 5) for v in r[1:-1]), round(float(r[-1]), 2)] for r in h[::stride]]

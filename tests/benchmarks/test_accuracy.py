@@ -33,3 +33,15 @@ def test_two_seeds_of_two_variants_train_evaluate_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert accuracy.main(argv) == 0  # everything is already there: nothing is trained again
     assert "seed 0:" not in capsys.readouterr().out
+
+
+def test_an_stfpm_run_has_no_tlm_columns(tmp_path, sample_dir, capsys):
+    argv = ["--data", str(sample_dir), "--config", "stfpm", "--img-size", "64", "--steps", "1", "--seeds", "0",
+            "--name", "s", "--out-dir", str(tmp_path)]
+    assert accuracy.main(argv) == 0
+    d = json.loads((tmp_path / "s.json").read_text())
+    [run] = d["runs"]
+    assert run["tlm_i_auroc"] is None and 0.0 <= run["fa_i_auroc"] <= 1.0
+    assert d["summary"][0]["tlm_i_auroc"] == [None, None]
+    assert "| current | 1 | 1 |" in (tmp_path / "s.md").read_text()
+    capsys.readouterr()

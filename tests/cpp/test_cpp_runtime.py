@@ -469,3 +469,20 @@ def test_a_bad_recorded_inference_precision_is_refused_naming_the_field(cpp_buil
     assert proc.returncode == 1 and field in line, line
     with pytest.raises(SpecError, match=re.escape(field)):
         Detector.load(engine)
+
+
+def test_stfpm_engine_runs_unchanged_and_matches_python(cpp_build: CppBuild, tmp_path: Path) -> None:
+    """An STFPM engine (teacher + student in one graph, score = max in-graph) through the same C++ app."""
+    pytest.importorskip("torch")
+    from stlm_export.pipeline import ExportOptions, export_engine
+    from stlm_train import save_checkpoint
+    from tests.stlm_train.helpers import built_stfpm
+
+    ckpt = tmp_path / "stfpm_run" / "model.ckpt"
+    save_checkpoint(ckpt, built_stfpm(img_size=64), thresholds={"image": 5.0, "pixel": 4.0, "method": "test"})
+    engine = export_engine(ExportOptions(ckpt=ckpt, out=tmp_path / "stfpm", target="openvino",
+                                         parity_images=2)).engine_dir
+    assert json.loads((engine / "stlm.json").read_text())["model_family"] == "stfpm"
+    images = write_images(tmp_path / "imgs", SIZES[:3], gray=False)
+    # the analytic score belongs to the fixture graphs; here the Python runtime is the reference
+    compare_with_python(cpp_build, engine, images, tmp_path, analytic_tol=float("inf"))

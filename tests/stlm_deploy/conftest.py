@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 
 from tests.contract_engine import IMG, OPSET, TOP_K, build_onnx, make_engine, sample_image  # noqa: F401 (re-exported)

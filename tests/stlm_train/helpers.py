@@ -1,9 +1,13 @@
-"""Test-only helpers: deterministic non-trivial weights and an independent naive STLM reference."""
+"""Test-only helpers: deterministic non-trivial weights, an independent naive STLM reference, and STFPM
+weights in the torchvision / official layouts."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stlm_train import get_config
+from stlm_train.modeling import STFPM, ResNet18Features
 
 
 @torch.no_grad()
@@ -50,3 +54,39 @@ def naive_reference(model, images_uint8: torch.Tensor, k: int = 100):
         tlms.append(tlm[0, 0])
         scores.append(torch.sort(fa.flatten(), descending=True).values[:k].mean())
     return torch.stack(maps), torch.stack(scores), torch.stack(tlms)
+
+
+# ---- STFPM: ResNet-18 weights in the layouts users have
+_PREFIX = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+
+
+def full_resnet18(seed: int) -> ResNet18Features:
+    """All four stages, seeded non-trivial weights: what a torchvision resnet18 holds (minus fc)."""
+    return randomize(ResNet18Features((1, 2, 3, 4)), seed).eval()
+
+
+def torchvision_sd(net: ResNet18Features, with_fc: bool = True) -> dict[str, torch.Tensor]:
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    if with_fc:  # the ImageNet head, which STFPM never uses
+        sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    return sd
+
+
+def official_snapshot(net: ResNet18Features) -> dict:
+    """The official ``{'category', 'state_dict'}`` of ResNet18_MS3 (nn.Sequential of torchvision's children)."""
+    sd = {}
+    for k, v in net.state_dict().items():
+        head, rest = k.split(".", 1)
+        sd[f"model.{_PREFIX[head]}.{rest}"] = v.clone()
+    return {"category": "bottle", "state_dict": sd}
+
+
+def built_stfpm(seed_t: int = 1, seed_s: int = 2, img_size: int = 256) -> STFPM:
+    model = STFPM(get_config("stfpm", img_size))
+    model.teacher.load_state_dict({k: v for k, v in full_resnet18(seed_t).state_dict().items()
+                                   if not k.startswith("layer4.")})
+    model.student.load_state_dict({k: v for k, v in full_resnet18(seed_s).state_dict().items()
+                                   if not k.startswith("layer4.")})
+    return model.eval()
+
+

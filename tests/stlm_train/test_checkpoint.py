@@ -8,7 +8,7 @@ import torch
 
 from stlm_train import STLM, CheckpointError, get_config, load_model, load_official_stlm, save_checkpoint
 from stlm_train.checkpoint import (MOBILE_SAM_STUDENT_KEYMAP, OFFICIAL_STLM_KEYMAP, SAM_TEACHER_KEYMAP, _vit_variant,
-                                   init_students_from_mobile_sam, load_sam_teacher, load_teacher, official_state_dict)
+                                   init_students_from_mobile_sam, load_teacher, official_state_dict)
 from stlm_train.config import SAM_VIT_CONFIGS
 from stlm_train.modeling import build_tinyvit_teacher, build_vit_teacher
 
@@ -161,7 +161,7 @@ def test_error_missing_file(tmp_path):
 
 def test_error_not_stlm(tmp_path):
     p = _save(tmp_path, {"model": {}})
-    with pytest.raises(CheckpointError, match=r"bad\.pth: not an STLM checkpoint"):
+    with pytest.raises(CheckpointError, match=r"bad\.pth: not a model checkpoint"):
         load_model(p)
 
 

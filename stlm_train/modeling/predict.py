@@ -1,0 +1,53 @@
+"""``predict`` for every model family: uint8 RGB batch of any size -> maps at that size and scores.
+
+The images are resized to the model's ``img_size`` with the runtime's own resize (so eager PyTorch and
+an exported engine see the same pixels), normalised as the fused graph does, run through the model's
+``forward`` (normalised (B, 3, S, S) -> :class:`InferenceOutput`), and the maps are resized back.
+Scores are always taken on the ``img_size`` map, which is what the exported graph computes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stlm_deploy.preprocess import resize_image
+
+
+class InferenceOutput(NamedTuple):
+    """Field names are the ONNX output names; ``tlm_map`` exists for STLM only (None for STFPM)."""
+
+    anomaly_map: torch.Tensor  # (B, H, W) the deployed map
+    score: torch.Tensor  # (B,) image score taken on that map
+    tlm_map: torch.Tensor | None = None  # (B, H, W) STLM's no-FA map
+
+
+def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, H, W), bilinear with align_corners=False as in the official evaluations."""
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def check_images(images: object) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+            or images.shape[-1] != 3:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a uint8 tensor (N, H, W, 3) RGB, got {got}")
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: torch.Tensor) -> InferenceOutput:
+    """uint8 RGB (N, H, W, 3) -> :class:`InferenceOutput` at (H, W); ``model`` has ``cfg`` and ``normalize``."""
+    check_images(images)
+    device = next(model.parameters()).device
+    h, w = images.shape[1:3]
+    s = model.cfg.img_size
+    if (h, w) != (s, s):
+        small = [resize_image(im, s, model.cfg.resize) for im in images.cpu().numpy()]
+        images = torch.from_numpy(np.stack(small))
+    out = model(model.normalize(images.to(device)))
+    if (h, w) != (s, s):
+        out = InferenceOutput(*(m if m is None or m.ndim == 1 else upsample(m[:, None], (h, w)) for m in out))
+    return out
