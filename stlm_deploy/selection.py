@@ -126,6 +126,9 @@ class Planner:
             label = "ort[" + ",".join(providers) + "]"
         elif backend == "openvino":
             opts = {"precision": self.precision, "artifact_precision": art_prec}
+            if art_prec == "int8" and self.precision in (None, "int8") and entry is not None:
+                # the float remainder of an INT8 IR runs at the precision its gate passed at
+                opts["precision"] = entry.extra.get("inference_precision") or "fp32"
         elif backend == "tensorrt":
             opts = {"precision": self.precision, "artifact_precision": art_prec,
                     "onnx_sha256s": _onnx_shas(self.spec)}
