@@ -26,13 +26,14 @@ import numpy as np
 from stlm_deploy.spec import EngineSpec
 
 from .gate import backend_outputs, ort_outputs
+from .calib import CalibSet
 from .int8_data import ValSet, int8_calibration, int8_validation
 from .int8_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
 from .onnx_export import save_onnx, set_metadata
 from .quantize_ort import INT8_ONNX, ORT_INT8_POLICY, quantize_qdq
 from .quantize_ov import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
 
-__all__ = ["Int8Outcome", "build_gated_int8"]
+__all__ = ["Int8Outcome", "build_gated_int8", "int8_data"]
 
 
 @dataclass
@@ -63,7 +64,13 @@ def _gate_summary(rec: Int8Record) -> dict[str, Any]:
             "n_images": rec.n_images, "report": "parity.json"}
 
 
-def build_gated_int8(tmp: Path, spec: EngineSpec, ckpt_obj: Any, *, calib_data: Any, val_data: Any, targets: tuple[str, ...],
+def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str) -> tuple[CalibSet, ValSet]:
+    """Calibration and validation images at ``s`` px (ValueError naming the flag when there are none)."""
+    calib = int8_calibration(calib_data, ckpt_obj, s, resize)
+    return calib, int8_validation(val_data, ckpt_obj, s, resize, calib)
+
+
+def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, *, targets: tuple[str, ...],
                      metadata: dict[str, str], tolerance: Int8Tolerance | None = None, accuracy_control: bool = True,
                      max_reverts: int = DEFAULT_MAX_REVERTS, trt_build: Callable[[], Any] | None = None,
                      say: Callable[[str], None] = print) -> Int8Outcome:
@@ -77,9 +84,6 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, ckpt_obj: Any, *, calib_data: 
     from .openvino_build import cpu_capabilities, preferred_precision
 
     tol = tolerance or INT8_TOLERANCE
-    s, resize = spec.img_size, spec.preprocessing.resize
-    calib = int8_calibration(calib_data, ckpt_obj, s, resize)
-    val: ValSet = int8_validation(val_data, ckpt_obj, s, resize, calib)
     out = Int8Outcome(data={"calibration": {"source": calib.source, "n_images": len(calib), "images": calib.paths},
                             "validation": {"source": val.source, "n_images": len(val), "images": val.paths,
                                            "labelled": val.two_classes, "pixel_labels": val.masks is not None,

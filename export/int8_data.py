@@ -84,7 +84,7 @@ def int8_calibration(calib_data: str | os.PathLike | None, ckpt_obj: Any, img_si
             raise ValueError(f"--calib-data {root}: not a directory")
         base = root / "train" / "good" if (root / "train" / "good").is_dir() else root
         paths = find_images(base)
-        bad = [p for p in paths if _TEST_PARTS & {q.lower() for q in p.relative_to(base).parts[:-1]}]
+        bad = [p for p in paths if _TEST_PARTS & {q.lower() for q in (base.name, *p.relative_to(base).parts[:-1])}]
         if bad:
             raise ValueError(f"--calib-data {root}: contains test/mask images (e.g. {bad[0]}); calibration uses "
                              "good training images only: point it at train/good")

@@ -47,7 +47,7 @@ from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
 from .gate import (POLYGRAPHY_RUNNER, Gate, ParityGateError, Tolerance, normalize_images, ort_outputs,
                    polygraphy_command, reference_outputs, write_polygraphy_files)
-from .int8_build import Int8Outcome, build_gated_int8
+from .int8_build import Int8Outcome, build_gated_int8, int8_data
 from .int8_gate import Int8Tolerance
 from .openvino_build import build_gated_openvino
 from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
@@ -55,7 +55,8 @@ from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKS
                              tensorrt_version)
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "TARGETS", "export_engine", "parse_batch",
-           "resolve_targets", "default_name", "check_img_size", "ParityGateError", "Int8GateError", "spec_metadata"]
+           "resolve_targets", "default_name", "check_img_size", "ParityGateError", "Int8GateError", "spec_metadata",
+           "int8_only"]
 
 log_ = logging.getLogger("stlm_export")
 
@@ -271,6 +272,14 @@ def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
     return props
 
 
+def int8_only(opts: ExportOptions) -> bool:
+    """``--int8`` was the only thing asked for (no --fp16, no --target): a failing INT8 gate exits non-zero.
+
+    The fp32 ``model.onnx`` (and its default OpenVINO IR) are the base every export writes, not a request.
+    """
+    return bool(opts.int8) and not opts.fp16 and opts.target is None
+
+
 # ---------------------------------------------------------------------------------------- the export
 def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
@@ -297,6 +306,13 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     ckpt_sha = sha256_file(ckpt)
     say(f"{ckpt}: {kind} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
         f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
+
+    int8_sets = None
+    if opts.int8:  # before any work: a bad --calib-data/--val-data fails fast
+        try:
+            int8_sets = int8_data(opts.calib_data, opts.val_data, obj, s, cfg.resize)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
 
     # calibration images and the PyTorch reference
     calib: CalibSet | None = None
@@ -388,13 +404,10 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                     build_engine(int8_settings, tmp, log=say)
                     return int8_settings.plan_file, TensorRTBackend(tmp / int8_settings.plan_file,
                                                                     onnx_sha256s=[sha256_file(tmp / "model.int8.onnx")])
-            try:
-                int8 = build_gated_int8(tmp, spec, obj, calib_data=opts.calib_data, val_data=opts.val_data,
-                                        targets=targets, metadata=spec_metadata(spec, "int8"),
-                                        tolerance=opts.int8_tolerance, accuracy_control=opts.int8_accuracy_control,
-                                        trt_build=trt_int8, say=say)
-            except ValueError as e:  # data problems: one line naming the flag
-                raise ExportError(str(e)) from None
+            assert int8_sets is not None
+            int8 = build_gated_int8(tmp, spec, *int8_sets, targets=targets, metadata=spec_metadata(spec, "int8"),
+                                    tolerance=opts.int8_tolerance, accuracy_control=opts.int8_accuracy_control,
+                                    trt_build=trt_int8, say=say)
 
         summary: dict[str, Any] = {"verified": False, "passed": None, "summary": {}}
         if opts.verify:
@@ -438,7 +451,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     if int8 is not None and int8.failures:
         msg = ("INT8 gate failed, INT8 artifact(s) not published (the other artifacts were): "
                + " | ".join(r.line() for r in int8.failures))
-        if opts.int8 and not opts.fp16 and opts.target is None:  # --int8 was the only thing asked for
+        if int8_only(opts):
             raise Int8GateError(msg, result)
         say(msg)
     return result
