@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,24 +120,6 @@ def test_int8_option_errors(small_ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------- real artifacts
-@pytest.fixture(scope="session")
-def int8_engine(full_engine, sample_dir, tmp_path_factory):
-    """full_engine + INT8 artifacts built with a tolerance every artifact passes (runtime tests need them)."""
-    from stlm_deploy.spec import load_spec, write_spec
-    from stlm_export.int8_build import build_gated_int8, int8_data
-    from stlm_export.pipeline import spec_metadata
-
-    d = tmp_path_factory.mktemp("int8") / "bottle"
-    shutil.copytree(full_engine.engine_dir, d)
-    spec = load_spec(d)
-    sets = int8_data(sample_dir, sample_dir, {}, spec.img_size, spec.preprocessing.resize)
-    out = build_gated_int8(d, spec, *sets, targets=("onnx", "openvino"),
-                           metadata=spec_metadata(spec, "int8"), tolerance=Int8Tolerance(auroc_drop=1.0, min_agreement=0.0),
-                           accuracy_control=True, say=lambda _m: None)
-    write_spec(d, spec)
-    return d, out
-
-
 def test_int8_artifacts_are_listed_with_their_gate(int8_engine):
     d, out = int8_engine
     spec = json.loads((d / "stlm.json").read_text())
@@ -158,21 +139,6 @@ def test_int8_artifacts_are_listed_with_their_gate(int8_engine):
     data = out.to_dict()["data"]
     assert all("/train/good/" in p for p in data["calibration"]["images"])
     assert all("/test/" in p for p in data["validation"]["images"])
-
-
-@pytest.mark.parametrize("backend,artifact", [("ort", "model.int8.onnx"), ("openvino", "openvino/model.int8.xml")])
-def test_detector_loads_int8(int8_engine, backend, artifact, small_images):
-    from stlm_deploy import Detector
-
-    d, _ = int8_engine
-    with Detector.load(d, backend=backend, precision="int8", threads=1) as det:
-        assert det.info()["precision"] == "int8" and det.artifact == d / artifact
-        preds = det.predict(small_images.images[:2])
-    with Detector.load(d, backend=backend, precision="fp32" if backend == "ort" else None, threads=1) as ref:
-        assert ref.artifact != d / artifact  # the fp32 IR / ONNX is still what plain loads pick
-        ref_preds = ref.predict(small_images.images[:2])
-    for p, q in zip(preds, ref_preds):
-        assert np.isfinite(p.anomaly_map).all() and np.abs(p.anomaly_map - q.anomaly_map).max() < 0.05
 
 
 def test_failing_int8_gate_keeps_the_other_artifacts(small_ckpt, sample_dir, tmp_path):
