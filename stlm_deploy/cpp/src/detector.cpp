@@ -499,6 +499,7 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
       cfg.precision = precision;
       const ArtifactDesc* entry = spec.artifact(art);
       cfg.artifact_precision = entry && entry->precision ? *entry->precision : "";
+      cfg.artifact_inference_precision = entry ? entry->inference_precision : "";
       cfg.threads = opt.threads;
       cfg.device = opt.device;
       cfg.gpu = opt.gpu;

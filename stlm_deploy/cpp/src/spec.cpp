@@ -316,6 +316,8 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
     d.kind = a.str("kind", kArtifactKinds);
     d.precision = a.str_or_null("precision", kPrecisions);
     d.bytes = a.integer("bytes", 0);
+    if (a.has("inference_precision") && a.get("inference_precision").is_string())
+      d.inference_precision = a.get("inference_precision").get<std::string>();
     s.artifacts.emplace_back(key, std::move(d));
   }
   if (f.has("tools")) {

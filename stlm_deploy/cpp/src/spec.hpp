@@ -39,6 +39,7 @@ struct ArtifactDesc {
   std::string kind;                      // onnx | openvino | tensorrt | json
   std::optional<std::string> precision;  // fp32 | fp16 | bf16 | int8 | null
   int64_t bytes = 0;
+  std::string inference_precision;       // OpenVINO IR: float precision its gate passed at ("" = not recorded)
 };
 
 struct EngineSpec {
