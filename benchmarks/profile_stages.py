@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,6 +137,21 @@ def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, pr
     return out
 
 
+def _unpublished_qdq(engine_dir: Path, spec: Any) -> Path:
+    """The export's Q/DQ graph rebuilt in a temp folder (same policy, same calibration images)."""
+    from stlm_export.calib import load_images
+    from stlm_export.quantize_ort import ORT_INT8_POLICY, quantize_qdq
+
+    parity = json.loads((engine_dir / "parity.json").read_text())
+    paths = [Path(p) for p in ((parity.get("int8") or {}).get("data") or {}).get("calibration", {}).get("images", [])]
+    if not paths:
+        raise SystemExit(f"Error: {engine_dir}/parity.json: no int8 calibration images (export with --int8)")
+    out = Path(tempfile.mkdtemp(prefix="stlm-prof-")) / "model.int8.onnx"
+    quantize_qdq(engine_dir / "model.onnx", out, load_images(paths, spec.img_size, spec.preprocessing.resize),
+                 ORT_INT8_POLICY)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", required=True, help="engine directory whose model.onnx is profiled")
@@ -146,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
     ap.add_argument("--ops", type=int, default=0, help="show the N op types with the most kernel time per runtime")
     ap.add_argument("--no-eager", action="store_true", help="skip the PyTorch row")
+    ap.add_argument("--quantize-ort", action="store_true",
+                    help="engines without model.int8.onnx (e.g. it failed its gate): build the Q/DQ graph with the "
+                         "export's policy from the calibration images listed in parity.json, and profile that")
     args = ap.parse_args(argv)
     from stlm_deploy.spec import load_spec, resolve_engine
 
@@ -159,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["pytorch eager fp32"] = eager_profile(args.ckpt, s, args.runs, args.threads)
     rows["onnxruntime fp32"] = ort_profile(onnx_path, s, args.runs, args.threads, ops["onnxruntime fp32"])
     int8_onnx = engine_dir / "model.int8.onnx"
+    if not int8_onnx.is_file() and args.quantize_ort:
+        int8_onnx = _unpublished_qdq(engine_dir, spec)
     if int8_onnx.is_file():
         rows["onnxruntime int8 (Q/DQ)"] = ort_profile(int8_onnx, s, args.runs, args.threads,
                                                       ops["onnxruntime int8 (Q/DQ)"])

@@ -383,3 +383,25 @@ def test_max_pixels_reads_the_header_of_each_format(cpp_build: CppBuild, cpp_eng
     [line] = stderr_lines(refused)
     assert line.startswith(f"{img}: image is too large to decode (53x37 = 1,961 pixels, limit 1,960;")
     assert run_app(cpp_build, cpp_engines["fused"], img, "--max-pixels", "1961").returncode == 0
+
+
+def test_int8_ir_parity_with_python(cpp_build: CppBuild, int8_engine, sample_dir: Path, tmp_path: Path):
+    """The NNCF INT8 IR is just another IR: --precision int8 picks it, runs its float remainder at the
+    recorded inference_precision (as Python does), and matches the Python runtime on the real sample."""
+    from stlm_deploy import Detector
+
+    engine, _ = int8_engine
+    images = sorted((sample_dir / "test").rglob("*.png"))[:3]
+    maps = tmp_path / "maps_int8"
+    proc = run_app(cpp_build, engine, *images, "--json", "--save-maps", maps, "--backend", "openvino",
+                   "--precision", "int8", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["failed"] == [] and doc["precision"] == "int8" and doc["artifact"].endswith("model.int8.xml")
+    with Detector.load(engine, backend="openvino", precision="int8") as det:
+        assert det.info()["precision"] == "int8"
+        for r in doc["results"]:
+            bgr = cv2.imread(r["path"], cv2.IMREAD_COLOR)
+            ref = det.predict(bgr, bgr=True)
+            assert abs(r["score"] - ref.score) <= TOL
+            assert float(np.abs(np.load(r["map"]) - ref.anomaly_map).max()) <= TOL
