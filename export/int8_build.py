@@ -30,7 +30,7 @@ from .calib import CalibSet
 from .int8_data import ValSet, int8_calibration, int8_validation
 from .int8_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
 from .onnx_export import save_onnx, set_metadata
-from .quantize_ort import INT8_ONNX, ORT_INT8_POLICY, quantize_qdq
+from .quantize_ort import INT8_ONNX, ORT_INT8_LADDER, quantize_qdq
 from .quantize_ov import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
 
 __all__ = ["Int8Outcome", "build_gated_int8", "int8_data"]
@@ -72,10 +72,12 @@ def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str
 
 def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, *, targets: tuple[str, ...],
                      metadata: dict[str, str], tolerance: Int8Tolerance | None = None, accuracy_control: bool = True,
-                     max_reverts: int = DEFAULT_MAX_REVERTS, trt_build: Callable[[], Any] | None = None,
+                     max_reverts: int = DEFAULT_MAX_REVERTS, ort_rungs: int = len(ORT_INT8_LADDER),
+                     trt_build: Callable[[], Any] | None = None,
                      say: Callable[[str], None] = print) -> Int8Outcome:
     """Build, gate and list the INT8 artifacts in ``tmp`` (see the module docstring).
 
+    ``ort_rungs``: how many policies of :data:`ORT_INT8_LADDER` to try before giving up on the Q/DQ file.
     ``trt_build()`` (optional) builds the TensorRT INT8 plan from ``model.int8.onnx`` and returns
     (plan name, TensorRT backend); it is called only after the ORT Q/DQ file passed its gate.
     """
@@ -110,14 +112,22 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
     # ONNX Runtime static Q/DQ
     import onnx
 
-    summary = quantize_qdq(tmp / "model.onnx", tmp / INT8_ONNX, calib.images, ORT_INT8_POLICY)
-    q = onnx.load(str(tmp / INT8_ONNX))
-    set_metadata(q, metadata)
-    save_onnx(q, tmp / INT8_ONNX)
-    say(f"{INT8_ONNX}: {summary['quantize_linear']} QuantizeLinear, int8 ops "
-        + ", ".join(f"{k} {v}" for k, v in summary["quantized_by_op"].items()))
-    ort_rec = gate(INT8_ONNX, "onnxruntime-cpu", ort_outputs(tmp / INT8_ONNX, val.images, spec.batch),
-                   {"qdq": summary})
+    rungs: list[Int8Record] = []
+    for policy in ORT_INT8_LADDER[:max(1, ort_rungs)]:
+        summary = quantize_qdq(tmp / "model.onnx", tmp / INT8_ONNX, calib.images, policy)
+        q = onnx.load(str(tmp / INT8_ONNX))
+        set_metadata(q, metadata)
+        save_onnx(q, tmp / INT8_ONNX)
+        say(f"{INT8_ONNX}: {'+'.join(policy.op_types)} -> {summary['quantize_linear']} QuantizeLinear, int8 ops "
+            + ", ".join(f"{k} {v}" for k, v in summary["quantized_by_op"].items()))
+        rungs.append(gate(INT8_ONNX, "onnxruntime-cpu", ort_outputs(tmp / INT8_ONNX, val.images, spec.batch),
+                          {"qdq": summary}))
+        if rungs[-1].passed:
+            break
+        say(f"int8 gate {INT8_ONNX} with {'+'.join(policy.op_types)}: " + "; ".join(rungs[-1].failures))
+    ort_rec = rungs[-1]
+    if len(rungs) > 1:
+        ort_rec.details["fallback_from"] = [r.to_dict() for r in rungs[:-1]]
     publish(ort_rec, [(INT8_ONNX, "onnx")])
 
     if "openvino" in targets:

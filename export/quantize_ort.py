@@ -7,7 +7,9 @@ symmetric, the CPU's VNNI path) with per-channel weights, MinMax ranges from goo
 Which ops are quantised is :data:`ORT_INT8_POLICY`, chosen by measured sensitivity
 (:func:`op_type_sensitivity`, numbers in docs/int8.md): the compute ops (MatMul, Conv, Gemm) are
 quantised; normalisations, softmax, elementwise residual adds/muls, the l2 normalisation and the
-FA head stay float. The same Q/DQ file is the input of explicit-quantisation TensorRT builds.
+FA head stay float. Sensitivity is a property of the checkpoint, so the export walks
+:data:`ORT_INT8_LADDER` (all compute ops -> matmuls only -> convolutions only) and publishes the first
+rung that passes the gate. The same Q/DQ file is the input of explicit-quantisation TensorRT builds.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["QdqPolicy", "ORT_INT8_POLICY", "quantize_qdq", "op_type_sensitivity", "qdq_histogram", "INT8_ONNX"]
+__all__ = ["QdqPolicy", "ORT_INT8_POLICY", "ORT_INT8_LADDER", "quantize_qdq", "op_type_sensitivity", "qdq_histogram", "INT8_ONNX"]
 
 INT8_ONNX = "model.int8.onnx"
 
@@ -40,6 +42,14 @@ class QdqPolicy:
 
 
 ORT_INT8_POLICY = QdqPolicy()
+# What the export tries, in order, until one passes the INT8 gate: the measured sensitivity
+# (docs/int8.md) is per checkpoint, so it is measured at export time too. Ordered fastest first;
+# the first rung that passes is published and the numbers of the rungs above it stay in parity.json.
+ORT_INT8_LADDER: tuple[QdqPolicy, ...] = (
+    ORT_INT8_POLICY,
+    QdqPolicy(op_types=("MatMul", "Gemm"), reason="fallback: convolutions float"),
+    QdqPolicy(op_types=("Conv",), reason="fallback: attention/MLP matmuls float"),
+)
 
 
 class _Reader:

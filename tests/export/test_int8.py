@@ -154,5 +154,10 @@ def test_failing_int8_gate_keeps_the_other_artifacts(small_ckpt, sample_dir, tmp
     rec = parity["int8"]["artifacts"][0]
     assert not rec["pass"] and not parity["int8"]["passed"]
     assert any("short by" in f and "decisions agree" in f for f in rec["failures"])
+    # every rung of the ORT ladder was tried (fastest first) and is on record
+    from stlm_export.quantize_ort import ORT_INT8_LADDER
+
+    tried = [r["qdq"]["policy"]["op_types"] for r in rec["fallback_from"]] + [rec["qdq"]["policy"]["op_types"]]
+    assert tried == [list(p.op_types) for p in ORT_INT8_LADDER]
     assert spec["parity"]["int8_passed"] is False and spec["parity"]["summary"]["model.int8.onnx"]["pass"] is False
     assert res.int8 is not None and not res.int8["passed"]
