@@ -120,7 +120,7 @@ def _labelled_split(root: Path, fmt: str, category: str | None, img_size: int, r
 
 
 def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
-                    calib: CalibSet, max_images: int = DEFAULT_VAL_IMAGES) -> ValSet:
+                    calib: CalibSet | None, max_images: int = DEFAULT_VAL_IMAGES) -> ValSet:
     """The gate's images: ``--val-data``, else the held-out split, else the calibration images (said in ``note``)."""
     from stlm_train.data.io import DataError
 
@@ -144,6 +144,8 @@ def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size:
             return ValSet(load_images(paths, img_size, resize), np.zeros(len(paths), np.int64), None,
                           f"held-out:{ds.root}", [str(p) for p in paths],
                           "held-out split (good images only): AUROC not gated, decisions/maps/ranks gated")
+    if calib is None:
+        raise ValueError("--val-data: needed here (no held-out split recorded in the checkpoint)")
     return ValSet(calib.images, np.zeros(len(calib), np.int64), None, calib.source, list(calib.paths),
                   "no --val-data and no held-out split recorded: gated on the calibration images (good only); "
                   "AUROC not gated")

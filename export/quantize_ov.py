@@ -11,8 +11,10 @@ The FA head stays float (as in the ORT policy). Which ops were quantised is read
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -85,18 +87,20 @@ def quantize_openvino(fp32_onnx: str | os.PathLike, out_xml: str | os.PathLike, 
             return gate_margin(ref, got, labels[idx], None if masks is None else masks[idx], threshold,
                                tolerance), per_item
 
-        q = nncf.quantize_with_accuracy_control(
-            model, calib_ds, nncf.Dataset(items, lambda item: item[0]), validate,
-            max_drop=tolerance.auroc_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-            model_type=nncf.ModelType.TRANSFORMER, ignored_scope=ignored,
-            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                max_num_iterations=max_reverts, ranking_subset_size=min(len(items), 8), num_ranking_workers=1))
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the CLI's result line
+            q = nncf.quantize_with_accuracy_control(
+                model, calib_ds, nncf.Dataset(items, lambda item: item[0]), validate,
+                max_drop=tolerance.auroc_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+                model_type=nncf.ModelType.TRANSFORMER, ignored_scope=ignored,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=max_reverts, ranking_subset_size=min(len(items), 8), num_ranking_workers=1))
         method = "quantize_with_accuracy_control"
     else:
         if accuracy_control and not two_classes:
             notes.append("accuracy control needs labelled validation images of both classes: plain nncf.quantize")
-        q = nncf.quantize(model, calib_ds, subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER,
-                          ignored_scope=ignored)
+        with contextlib.redirect_stdout(sys.stderr):
+            q = nncf.quantize(model, calib_ds, subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER,
+                              ignored_scope=ignored)
         method = "quantize"
     out_xml = Path(out_xml)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
