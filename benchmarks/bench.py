@@ -77,9 +77,11 @@ def default_variants(engine_dir: Path) -> list[Variant]:
         out.append(Variant("ort", "fp16"))
     if spec.find_artifacts("onnx", "int8"):
         out.append(Variant("ort", "int8"))
-    if spec.find_artifacts("openvino"):
+    if [a for a in spec.find_artifacts("openvino") if spec.artifacts[a].precision != "int8"]:
         out.append(Variant("openvino", "fp32"))
         out.append(Variant("openvino", "bf16"))
+    if spec.find_artifacts("openvino", "int8"):
+        out.append(Variant("openvino", "int8"))
     if spec.find_artifacts("tensorrt"):
         out.append(Variant("tensorrt", None))
     return out
@@ -127,11 +129,19 @@ def load_labelled(root: str, fmt: str, category: str | None, img_size: int, resi
                        np.stack([s.mask for s in samples]), f"{fmt}:{root}")
 
 
-def accuracy(scores: np.ndarray, maps: np.ndarray, data: LabelledSet) -> dict[str, float]:
+def accuracy(scores: np.ndarray, maps: np.ndarray, data: LabelledSet, ref_scores: np.ndarray | None = None,
+             threshold: float | None = None) -> dict[str, float]:
+    """Metrics on the labelled set, plus ``agreement``: the share of images whose decision at the stored
+    image threshold (the export gate's rule, :func:`stlm_export.int8_gate.decision_threshold`) matches
+    the eager fp32 reference's."""
+    from stlm_export.int8_gate import decision_threshold
     from stlm_train.metrics import compute_metrics
 
-    m = compute_metrics(scores, data.labels, maps, data.masks)
-    return {k: float(v) for k, v in m.items()}
+    m = {k: float(v) for k, v in compute_metrics(scores, data.labels, maps, data.masks).items()}
+    if ref_scores is not None:
+        thr, _ = decision_threshold(threshold, ref_scores)
+        m["agreement"] = float(np.mean((np.asarray(ref_scores) > thr) == (np.asarray(scores) > thr)))
+    return m
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -223,6 +233,8 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
                               "environment": environment(threads), "results": []}
     ref_maps = ref_scores = None
     ref_acc = None
+    ref_data_scores = None
+    threshold = spec.thresholds.image
     ref_t: dict[int, Timing] = {}
     if reference:
         _reset_peak_rss()
@@ -234,8 +246,8 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
         for b in batches:
             ref_t[b] = time_fn(ref.timer(_batch_of(parity_images, b)), runs=runs, warmup=warmup)
         if data is not None:
-            dm, ds = ref.predict(data.images)
-            ref_acc = accuracy(ds, dm, data)
+            dm, ref_data_scores = ref.predict(data.images)
+            ref_acc = accuracy(ref_data_scores, dm, data, ref_data_scores, threshold)
         peak = _rss_kib("VmHWM")
         report["reference"] = {"label": "pytorch/fp32 (eager)", "checkpoint": reference, "sha256": ref.sha256,
                                "is_engine_source": same_source,
@@ -266,7 +278,7 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
                 res.timings[b] = time_fn(partial(det.predict, x), runs=runs, warmup=warmup)
             if data is not None:
                 dm, ds = _predict_arrays(det, data.images, max(batches))
-                res.accuracy = accuracy(ds, dm, data)
+                res.accuracy = accuracy(ds, dm, data, ref_data_scores, threshold)
             peak = _rss_kib("VmHWM")
             res.peak_rss_mib = peak / 1024 if peak else None
             res.rss_delta_mib = (peak - before) / 1024 if peak and before else None
@@ -329,8 +341,9 @@ def markdown(report: dict[str, Any]) -> str:
     acc_rows = [("pytorch/fp32 (eager)", ref.get("accuracy"))] if ref and ref.get("accuracy") else []
     acc_rows += [(r["label"], r["accuracy"]) for r in report["results"] if r["accuracy"]]
     if acc_rows:
-        keys = [k for k in ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max") if k in acc_rows[0][1]]
-        lines += ["", f"Accuracy on {report['accuracy_data']}", "",
+        keys = [k for k in ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max", "agreement") if k in acc_rows[0][1]]
+        lines += ["", f"Accuracy on {report['accuracy_data']} (agreement: decisions at the stored image threshold "
+                      "equal to eager fp32's)", "",
                   "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         lines += [f"| {lab} | " + " | ".join(_f(a.get(k), '.4f') for k in keys) + " |" for lab, a in acc_rows]
     pk = env.get("packages", {})

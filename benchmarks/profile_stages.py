@@ -1,6 +1,11 @@
 """Where the time goes: per-stage latency of one image in PyTorch eager, ONNX Runtime and OpenVINO.
 
-    python -m stlm_bench.profile_stages --engine engines/demo --img-size 1024 --json benchmarks/results/profile_1024.json
+    python -m stlm_bench.profile_stages --engine engines/demo --json benchmarks/results/profile_1024.json
+
+Rows: eager fp32, ORT fp32 (and ``model.int8.onnx`` when the engine has it), OpenVINO f32/bf16 of the
+fp32 graph and the INT8 IR (``openvino/model.int8.xml``) with its float remainder at f32 and bf16.
+``--ops`` adds, per runtime, where the kernel time goes by op type (e.g. QLinearMatMul vs the
+DequantizeLinear/Transpose/Reshape left around it), which is what says why INT8 is or is not faster.
 
 Stages: preprocessing (normalize), plain encoder, denoising encoder, shared decoder, FA head, and
 post-processing (l2 products, TLM map, upsampling, top-k). Eager stages are timed with forward hooks;
@@ -17,6 +22,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +77,9 @@ def eager_profile(ckpt: str | None, img_size: int, runs: int, threads: int) -> d
     return out
 
 
-def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int) -> dict[str, float]:
+def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int,
+                ops: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-stage kernel time; ``ops`` (if given) is filled with kernel time per ORT op type."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -92,17 +100,23 @@ def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int) -> dict
     for ev in events:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
             per[stage_of(ev["args"].get("node_name", ev["name"]))] += ev["dur"] / 1000
+            if ops is not None:
+                op = ev["args"].get("op_name", "?")
+                ops[op] = ops.get(op, 0.0) + ev["dur"] / 1000 / (runs + 1)
     n_runs = runs + 1  # the profiler saw the warm-up too
     out = {k: per[k] / n_runs for k in STAGES}
     out["total"] = total
     return out
 
 
-def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, precision: str) -> dict[str, float]:
+def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, precision: str,
+                     ops: dict[str, float] | None = None, hint: str = "LATENCY") -> dict[str, float]:
+    """Per-stage time from the CPU plugin's counters; ``ops`` gets time per executed layer type
+    (e.g. ``MatMul_I8`` style names appear as the ``exec_type`` the plugin chose)."""
     import openvino as ov
 
     core = ov.Core()
-    cfg = {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+    cfg = {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint,
            "INFERENCE_PRECISION_HINT": precision}
     compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", cfg)
     req = compiled.create_infer_request()
@@ -114,9 +128,27 @@ def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, pr
         req.infer({0: x})
         for info in req.profiling_info:
             per[stage_of(info.node_name)] += info.real_time.total_seconds() * 1000
+            if ops is not None:
+                key = f"{info.node_type}:{info.exec_type}"
+                ops[key] = ops.get(key, 0.0) + info.real_time.total_seconds() * 1000 / runs
     total = (time.perf_counter() - t0) / runs * 1000
     out = {k: per[k] / runs for k in STAGES}
     out["total"] = total
+    return out
+
+
+def _unpublished_qdq(engine_dir: Path, spec: Any) -> Path:
+    """The export's Q/DQ graph rebuilt in a temp folder (same policy, same calibration images)."""
+    from stlm_export.calib import load_images
+    from stlm_export.quantize_ort import ORT_INT8_POLICY, quantize_qdq
+
+    parity = json.loads((engine_dir / "parity.json").read_text())
+    paths = [Path(p) for p in ((parity.get("int8") or {}).get("data") or {}).get("calibration", {}).get("images", [])]
+    if not paths:
+        raise SystemExit(f"Error: {engine_dir}/parity.json: no int8 calibration images (export with --int8)")
+    out = Path(tempfile.mkdtemp(prefix="stlm-prof-")) / "model.int8.onnx"
+    quantize_qdq(engine_dir / "model.onnx", out, load_images(paths, spec.img_size, spec.preprocessing.resize),
+                 ORT_INT8_POLICY)
     return out
 
 
@@ -127,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, help="also write the tables to this file")
+    ap.add_argument("--ops", type=int, default=0, help="show the N op types with the most kernel time per runtime")
+    ap.add_argument("--no-eager", action="store_true", help="skip the PyTorch row")
+    ap.add_argument("--quantize-ort", action="store_true",
+                    help="engines without model.int8.onnx (e.g. it failed its gate): build the Q/DQ graph with the "
+                         "export's policy from the calibration images listed in parity.json, and profile that")
     args = ap.parse_args(argv)
     from stlm_deploy.spec import load_spec, resolve_engine
 
@@ -134,23 +172,51 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(engine_dir)
     onnx_path = engine_dir / "model.onnx"
     s = spec.img_size
-    rows: dict[str, dict[str, float]] = {
-        "pytorch eager fp32": eager_profile(args.ckpt, s, args.runs, args.threads),
-        "onnxruntime fp32": ort_profile(onnx_path, s, args.runs, args.threads),
-        "openvino f32": openvino_profile(onnx_path, s, args.runs, args.threads, "f32"),
-    }
-    try:
-        rows["openvino bf16"] = openvino_profile(onnx_path, s, args.runs, args.threads, "bf16")
-    except Exception as e:  # noqa: BLE001 - not every CPU runs bf16
-        print(f"openvino bf16: skipped ({str(e).splitlines()[0]})", file=sys.stderr)
-    print(f"Per-stage time of one {s}x{s} image, ms ({args.threads} threads; ORT/OpenVINO stages are summed "
-          "kernel times, 'total' is wall clock)\n")
-    print("| runtime | " + " | ".join(STAGES) + " | total |")
-    print("|---|" + "---|" * (len(STAGES) + 1))
+    ops: dict[str, dict[str, float]] = defaultdict(dict)
+    rows: dict[str, dict[str, float]] = {}
+    if not args.no_eager:
+        rows["pytorch eager fp32"] = eager_profile(args.ckpt, s, args.runs, args.threads)
+    rows["onnxruntime fp32"] = ort_profile(onnx_path, s, args.runs, args.threads, ops["onnxruntime fp32"])
+    int8_onnx = engine_dir / "model.int8.onnx"
+    if not int8_onnx.is_file() and args.quantize_ort:
+        int8_onnx = _unpublished_qdq(engine_dir, spec)
+    if int8_onnx.is_file():
+        rows["onnxruntime int8 (Q/DQ)"] = ort_profile(int8_onnx, s, args.runs, args.threads,
+                                                      ops["onnxruntime int8 (Q/DQ)"])
+    graphs = [("openvino", onnx_path)]
+    int8_ir = engine_dir / "openvino" / "model.int8.xml"
+    if int8_ir.is_file():
+        graphs.append(("openvino int8", int8_ir))
+    for label, path in graphs:
+        for prec in ("f32", "bf16"):
+            name = f"{label} {prec}" if label == "openvino" else f"{label} + {prec}"
+            try:
+                rows[name] = openvino_profile(path, s, args.runs, args.threads, prec, ops[name])
+            except Exception as e:  # noqa: BLE001 - not every CPU runs bf16
+                print(f"{name}: skipped ({str(e).splitlines()[0]})", file=sys.stderr)
+    lines = [f"Per-stage time of one {s}x{s} image, ms ({args.threads} threads; ORT/OpenVINO stages are summed "
+             "kernel times, 'total' is wall clock)", "",
+             "| runtime | " + " | ".join(STAGES) + " | total |", "|---|" + "---|" * (len(STAGES) + 1)]
     for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in STAGES) + f" | {r['total']:.1f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in STAGES) + f" | {r['total']:.1f} |")
+    if args.ops:
+        for name, per in ops.items():
+            if not per:
+                continue
+            total = sum(per.values()) or 1.0
+            top = sorted(per.items(), key=lambda kv: -kv[1])[: args.ops]
+            lines += ["", f"{name}: kernel time by op type (top {args.ops} of {len(per)})", "",
+                      "| op | ms | share |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in top]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        from stlm_deploy.files import atomic_write_text
+
+        atomic_write_text(args.markdown, text)
     if args.json:
-        write_json(args.json, {"img_size": s, "rows": rows, "environment": environment(args.threads)})
+        write_json(args.json, {"img_size": s, "rows": rows, "ops": {k: v for k, v in ops.items() if v},
+                               "environment": environment(args.threads)})
     return 0
 
 

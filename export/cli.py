@@ -4,7 +4,9 @@ Every user error (missing checkpoint, bad flag value, failed parity gate, missin
 exactly one ``Error: ...`` line on stderr and a non-zero exit status, never a traceback
 (:func:`stlm_deploy.console.run_command`): exit 2 for bad flags (click's usage errors) and for a
 missing ``export`` extra (checked before anything is loaded), 1 for everything else, 3 for a failed
-parity gate.
+parity gate (also for ``--int8`` alone when an INT8 artifact fails its accuracy gate: the other
+artifacts are published first; with more asked for, e.g. ``--int8 --fp16``, a failing INT8 artifact is
+reported and left out, exit 0).
 
 ``--target triton --out REPO``: the engine is exported as for ``--target all`` (into ``--engine-out``,
 default ``engines/<name>``), then REPO is written as a Triton model repository
@@ -40,9 +42,18 @@ def _echo(msg: str) -> None:
 @click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size N.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (17-20).")
 @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (mixed precision policy) and fp16 plans.")
-@click.option("--int8", is_flag=True, help="INT8 export (not supported yet: rejected with a message).")
+@click.option("--int8", is_flag=True,
+              help="Also write INT8 artifacts (ORT Q/DQ model.int8.onnx, OpenVINO NNCF IR, TensorRT where it runs), "
+                   "each published only if it passes the INT8 accuracy gate.")
 @click.option("--calib-data", type=click.Path(path_type=str), default=None,
-              help="Folder of images (searched recursively) for the parity gate / calibration.")
+              help="Folder of images (searched recursively) for the parity gate; with --int8 its good training images "
+                   "(DIR/train/good when present; never test images) calibrate the quantisation "
+                   "(default: the training split recorded in the checkpoint).")
+@click.option("--val-data", type=click.Path(path_type=str), default=None,
+              help="--int8: labelled MVTec-style folder (test/, ground_truth/) for the accuracy gate "
+                   "(default: the checkpoint's held-out split, good images only).")
+@click.option("--no-accuracy-control", is_flag=True,
+              help="--int8: plain nncf.quantize even with labelled --val-data (faster; the gate still runs).")
 @click.option("--parity-images", type=int, default=DEFAULT_MAX_IMAGES, show_default=True,
               help="At most this many calibration images are used by the parity gate.")
 @click.option("--target", type=click.Choice(["onnx", "openvino", "tensorrt", "all", "triton"]), default=None,
@@ -72,11 +83,11 @@ def _echo(msg: str) -> None:
 @click.option("--version-compatible", is_flag=True, help="TensorRT plan loadable by later TensorRT versions.")
 @click.option("--hardware-compatible", is_flag=True, help="TensorRT plan for any Ampere-or-newer GPU.")
 def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, batch: str, opset: int, fp16: bool,
-         int8: bool, calib_data: str | None, parity_images: int, target: str | None, no_verify: bool,
+         int8: bool, calib_data: str | None, val_data: str | None, no_accuracy_control: bool, parity_images: int, target: str | None, no_verify: bool,
          no_fuse_pre: bool, with_tlm: bool, no_simplify: bool, max_batch: int, opt_batch: int, workspace_mb: int,
          timing_cache: str | None, version_compatible: bool, hardware_compatible: bool, engine_out: str | None = None,
          instances: int = 1, max_queue_delay_us: int = 2000, storage_uri: str | None = None) -> None:
-    """Export an STLM checkpoint to a verified engine directory (ONNX, fp16 ONNX, OpenVINO, TensorRT)."""
+    """Export an STLM checkpoint to a verified engine directory (ONNX, fp16/int8 ONNX, OpenVINO, TensorRT)."""
     require_extra("stlm-export", "export")
     if not no_verify:  # the parity gate runs every artifact through the runtime's ONNX Runtime backend
         require_extra("stlm-export", "cpu", alternatives="[export,cpu]' (or '[export,gpu]' on a CUDA machine)")
@@ -91,7 +102,8 @@ def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, bat
         repo, out, target = out, engine_out, "all"
     opts = ExportOptions(ckpt=ckpt, out=out, name=name, img_size=img_size, batch=batch, opset=opset, fp16=fp16,
                          int8=int8, target=target, verify=not no_verify, fuse_pre=not no_fuse_pre,
-                         with_tlm=with_tlm, calib_data=calib_data, parity_images=parity_images,
+                         with_tlm=with_tlm, calib_data=calib_data, val_data=val_data,
+                         int8_accuracy_control=not no_accuracy_control, parity_images=parity_images,
                          simplify=not no_simplify, max_batch=max_batch, opt_batch=opt_batch,
                          workspace_mb=workspace_mb, timing_cache=timing_cache, version_compatible=version_compatible,
                          hardware_compatible=hardware_compatible)

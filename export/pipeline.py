@@ -9,6 +9,9 @@ Order of work (each step gated before the next one runs):
 4. ``--fp16``: ``model.fp16.onnx`` with the precision policy, gated;
 5. OpenVINO IR with fp16-compressed weights, gated at the inference precision actually used;
 6. TensorRT plan + sidecar (needs TensorRT and a GPU), gated through the runtime's TensorRT backend;
+6b. ``--int8``: ``model.int8.onnx`` (Q/DQ), ``openvino/model.int8.xml`` (NNCF) and, with TensorRT,
+   ``model.int8.plan``, each published only if it passes the INT8 accuracy gate
+   (:mod:`stlm_export.int8_build`); a failing INT8 artifact never stops the others;
 7. ``parity.json``, Polygraphy ``inputs.json``/``outputs.json``, ``stlm.json`` with every artifact's
    sha256.
 
@@ -35,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from stlm_deploy.files import atomic_directory, atomic_write_json
+from stlm_deploy.files import atomic_directory, atomic_write_json, sha256_file
 from stlm_deploy.spec import EngineSpec, Preprocessing, Source, Thresholds, write_spec
 
 from .calib import DEFAULT_MAX_IMAGES, CalibSet, calibration_images
@@ -44,19 +47,20 @@ from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
 from .gate import (POLYGRAPHY_RUNNER, Gate, ParityGateError, Tolerance, normalize_images, ort_outputs,
                    polygraphy_command, reference_outputs, write_polygraphy_files)
+from .int8_build import Int8Outcome, build_gated_int8, int8_data
+from .int8_gate import Int8Tolerance
 from .openvino_build import build_gated_openvino
 from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
-                             TensorRTUnavailable, build_gated_tensorrt, builder_settings, tensorrt_available,
+                             TensorRTUnavailable, build_engine, build_gated_tensorrt, builder_settings, tensorrt_available,
                              tensorrt_version)
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "TARGETS", "export_engine", "parse_batch",
-           "resolve_targets", "default_name", "check_img_size", "ParityGateError", "spec_metadata"]
+           "resolve_targets", "default_name", "check_img_size", "ParityGateError", "Int8GateError", "spec_metadata",
+           "int8_only"]
 
 log_ = logging.getLogger("stlm_export")
 
 TARGETS = ("onnx", "openvino", "tensorrt", "all")
-INT8_MESSAGE = ("--int8: INT8 export is not supported yet (static QDQ calibration is planned); export fp32 or "
-                "--fp16 instead")
 _GENERIC_STEMS = {"model", "last", "best", "checkpoint", "final"}
 
 
@@ -65,6 +69,14 @@ class ExportError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class Int8GateError(ParityGateError):
+    """``--int8`` alone was asked for and an INT8 artifact failed its gate (the rest *was* published)."""
+
+    def __init__(self, message: str, result: "ExportResult") -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -84,6 +96,9 @@ class ExportOptions:
     fuse_pre: bool = True
     with_tlm: bool = False
     calib_data: str | os.PathLike | None = None
+    val_data: str | os.PathLike | None = None  # --int8: labelled test folder for the accuracy gate
+    int8_accuracy_control: bool = True  # --int8: nncf.quantize_with_accuracy_control on labelled val data
+    int8_tolerance: Int8Tolerance | None = None  # --int8 gate limits (tests, experiments)
     parity_images: int = DEFAULT_MAX_IMAGES
     simplify: bool = True
     max_batch: int = DEFAULT_MAX_BATCH
@@ -108,6 +123,7 @@ class ExportResult:
     targets: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    int8: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------ option parsing
@@ -171,9 +187,17 @@ def _check_out(out: Path) -> None:
 
 
 def _validate(opts: ExportOptions) -> tuple[int | str, int | None]:
-    if opts.int8:
-        raise ExportError(INT8_MESSAGE)
     batch = parse_batch(opts.batch)
+    if opts.int8 and not opts.verify:
+        raise ExportError("--int8 with --no-verify: INT8 artifacts are published only through their accuracy gate")
+    if opts.int8 and not opts.fuse_pre:
+        raise ExportError("--int8 with --no-fuse-pre: INT8 calibration feeds uint8 images; use the fused graph")
+    if opts.int8 and batch not in ("dynamic", 1):
+        raise ExportError(f"--int8 with --batch {batch}: calibration feeds one image per call; use --batch dynamic or 1")
+    if not opts.int8 and opts.val_data is not None:
+        raise ExportError("--val-data: only used by --int8")
+    if opts.val_data is not None and not Path(opts.val_data).is_dir():
+        raise ExportError(f"--val-data {opts.val_data}: not a directory")
     img_size = check_img_size(opts.img_size)
     try:
         check_opset(opts.opset)
@@ -252,6 +276,14 @@ def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
     return props
 
 
+def int8_only(opts: ExportOptions) -> bool:
+    """``--int8`` was the only thing asked for (no --fp16, no --target): a failing INT8 gate exits non-zero.
+
+    The fp32 ``model.onnx`` (and its default OpenVINO IR) are the base every export writes, not a request.
+    """
+    return bool(opts.int8) and not opts.fp16 and opts.target is None
+
+
 # ---------------------------------------------------------------------------------------- the export
 def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
@@ -283,6 +315,13 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     s = cfg.img_size
     say(f"{ckpt}: {kind} {family} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
         f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
+
+    int8_sets = None
+    if opts.int8:  # before any work: a bad --calib-data/--val-data fails fast
+        try:
+            int8_sets = int8_data(opts.calib_data, opts.val_data, obj, s, cfg.resize)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
 
     # calibration images and the PyTorch reference
     calib: CalibSet | None = None
@@ -360,6 +399,25 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
             except TensorRTUnavailable as e:
                 raise ExportError(f"--target tensorrt: {e}") from None
 
+        int8: Int8Outcome | None = None
+        if opts.int8:
+            trt_int8 = None
+            if "tensorrt" in targets:
+                int8_settings = builder_settings(trt_major, opts.fp16, batch, opts.max_batch, opts.opt_batch, s,
+                                                 opts.workspace_mb, timing_cache, opts.version_compatible,
+                                                 opts.hardware_compatible, opts.fuse_pre, int8=True)
+
+                def trt_int8() -> tuple[str, Any]:
+                    from stlm_deploy.backends.tensorrt import TensorRTBackend
+
+                    build_engine(int8_settings, tmp, log=say)
+                    return int8_settings.plan_file, TensorRTBackend(tmp / int8_settings.plan_file,
+                                                                    onnx_sha256s=[sha256_file(tmp / "model.int8.onnx")])
+            assert int8_sets is not None
+            int8 = build_gated_int8(tmp, spec, *int8_sets, targets=targets, metadata=spec_metadata(spec, "int8"),
+                                    tolerance=opts.int8_tolerance, accuracy_control=opts.int8_accuracy_control,
+                                    trt_build=trt_int8, say=say)
+
         summary: dict[str, Any] = {"verified": False, "passed": None, "summary": {}}
         if opts.verify:
             assert calib is not None and graph_inputs is not None
@@ -372,6 +430,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                       "passed": all(r.passed for r in gate.records),
                       "artifacts": [r.to_dict() for r in gate.records],
                       "graph": graph, "fp16_policy": fp16_policy, "notes": notes,
+                      "int8": int8.to_dict() if int8 is not None else None,
                       "polygraphy": {"inputs": "inputs.json", "outputs": "outputs.json", "runner": POLYGRAPHY_RUNNER,
                                      "n_images": n_poly, "command": polygraphy_command()}}
             atomic_write_json(tmp / "parity.json", parity)
@@ -383,8 +442,25 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                                 "max_abs_map": r.max_abs_map, "max_abs_score": r.max_abs_score,
                                                 "spearman": r.spearman, "pass": r.passed}
                                    for r in gate.records}}
+            if int8 is not None:
+                summary["int8_passed"] = int8.passed
+                summary["summary"].update({r.artifact: {"backend": r.backend, "precision": "int8",
+                                                        "agreement": r.metrics["agreement"],
+                                                        "image_auroc_drop": r.metrics["image_auroc_drop"],
+                                                        "pixel_auroc_drop": r.metrics["pixel_auroc_drop"],
+                                                        "max_abs_map": r.metrics["max_abs_map"],
+                                                        "spearman": r.metrics["spearman"], "pass": r.passed}
+                                           for r in int8.records})
         spec.parity = summary
         write_spec(tmp, spec)
     say(f"published {out} ({len(spec.artifacts)} artifacts, {time.perf_counter() - t0:.1f} s)")
-    return ExportResult(engine_dir=out, spec=spec.to_dict(), parity=[r.to_dict() for r in gate.records], graph=graph,
-                        fp16_policy=fp16_policy, targets=targets, notes=notes, seconds=time.perf_counter() - t0)
+    result = ExportResult(engine_dir=out, spec=spec.to_dict(), parity=[r.to_dict() for r in gate.records], graph=graph,
+                          fp16_policy=fp16_policy, targets=targets, notes=notes, seconds=time.perf_counter() - t0,
+                          int8=int8.to_dict() if int8 is not None else None)
+    if int8 is not None and int8.failures:
+        msg = ("INT8 gate failed, INT8 artifact(s) not published (the other artifacts were): "
+               + " | ".join(r.line() for r in int8.failures))
+        if int8_only(opts):
+            raise Int8GateError(msg, result)
+        say(msg)
+    return result

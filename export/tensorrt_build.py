@@ -13,6 +13,12 @@ Mixed precision differs by TensorRT generation:
   (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``), the ONNX file's types are the precision, so the
   fp16 build parses ``model.fp16.onnx`` (already converted with that same policy).
 
+INT8 is explicit quantisation only: the build parses the Q/DQ ``model.int8.onnx`` written for ONNX
+Runtime (its scales are the calibration; no ``IInt8Calibrator``, the implicit calibrators are
+deprecated) into ``model.int8.plan``. TensorRT 10 needs ``BuilderFlag.INT8`` for a weakly typed
+network to pick int8 kernels at the Q/DQ boundaries (plus FP16 with ``--fp16`` for the float
+remainder); TensorRT >= 11 builds it strongly typed (the Q/DQ types are the precision).
+
 The plan is the raw ``build_serialized_network`` bytes: no header is ever prepended, so
 ``trtexec --loadEngine`` and Triton read it as is. Everything needed to check compatibility later
 (TensorRT version, GPU, compute capability, flags, profiles, source ONNX sha256) goes into the JSON
@@ -58,7 +64,7 @@ class BuildSettings:
     """Everything one TensorRT build depends on (also recorded in the sidecar)."""
 
     trt_major: int
-    precision: str  # "fp16" | "fp32"
+    precision: str  # "fp16" | "fp32" | "int8"
     onnx_file: str  # which ONNX file of the engine directory is parsed
     strongly_typed: bool
     flags: tuple[str, ...]  # trt.BuilderFlag names to set
@@ -74,6 +80,7 @@ class BuildSettings:
     hardware_compatibility_level: str  # "NONE" | "AMPERE_PLUS"
     plan_file: str = "model.plan"
     trtexec: str = ""
+    calibrator: None = None  # explicit quantisation (Q/DQ in the ONNX): never an IInt8Calibrator
 
     def profile(self) -> dict[str, list[int]]:
         return {"min": list(self.min_shape), "opt": list(self.opt_shape), "max": list(self.max_shape)}
@@ -97,7 +104,7 @@ def builder_settings(trt_major: int, fp16: bool, batch: int | str, max_batch: in
                      opt_batch: int = DEFAULT_OPT_BATCH, img_size: int = 1024, workspace_mb: int = DEFAULT_WORKSPACE_MB,
                      timing_cache: str | os.PathLike | None = None, version_compatible: bool = False,
                      hardware_compatible: bool = False, fused_pre: bool = True,
-                     fp32_layer_names: Iterable[str] = ()) -> BuildSettings:
+                     fp32_layer_names: Iterable[str] = (), int8: bool = False) -> BuildSettings:
     """Pure: the build configuration and its equivalent ``trtexec`` command line.
 
     Args:
@@ -111,6 +118,7 @@ def builder_settings(trt_major: int, fp16: bool, batch: int | str, max_batch: in
         version_compatible: plan loadable by later TensorRT versions of the same major (lean runtime).
         hardware_compatible: plan for any Ampere-or-newer GPU (``HardwareCompatibilityLevel.AMPERE_PLUS``).
         fp32_layer_names: ONNX node names kept fp32 by the precision policy (TRT 10 FP16 builds).
+        int8: explicit-quantisation build of ``model.int8.onnx`` (Q/DQ) into ``model.int8.plan``.
     """
     if not isinstance(trt_major, int) or trt_major < 10:
         raise ValueError(f"TensorRT {trt_major} is not supported: TensorRT >= 10 is required")
@@ -130,24 +138,31 @@ def builder_settings(trt_major: int, fp16: bool, batch: int | str, max_batch: in
     flags: list[str] = []
     layer_types: tuple[str, ...] = ()
     layer_names: tuple[str, ...] = ()
+    if int8 and not strongly_typed:
+        flags.append("INT8")
     if fp16 and not strongly_typed:
         flags += ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
         layer_types = FP32_LAYER_TYPES
         layer_names = tuple(dict.fromkeys(fp32_layer_names))
     if version_compatible:
         flags.append("VERSION_COMPATIBLE")
-    onnx_file = "model.fp16.onnx" if (fp16 and strongly_typed) else "model.onnx"
+    if int8:
+        onnx_file, plan_file = "model.int8.onnx", "model.int8.plan"
+    else:
+        onnx_file, plan_file = ("model.fp16.onnx" if (fp16 and strongly_typed) else "model.onnx"), "model.plan"
     shapes = [_shape(n, img_size, fused_pre) for n in (lo, opt, hi)]
     level = "AMPERE_PLUS" if hardware_compatible else "NONE"
     cache = os.fspath(timing_cache) if timing_cache is not None else None
 
-    cmd = ["trtexec", f"--onnx={onnx_file}", "--saveEngine=model.plan"]
+    cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={plan_file}"]
     if batch == "dynamic":
         cmd += [f"--minShapes={_INPUT}:{_dims(shapes[0])}", f"--optShapes={_INPUT}:{_dims(shapes[1])}",
                 f"--maxShapes={_INPUT}:{_dims(shapes[2])}"]
     if strongly_typed:
         cmd.append("--stronglyTyped")
-    elif fp16:
+    elif int8:
+        cmd.append("--int8")
+    if not strongly_typed and fp16:
         cmd += ["--fp16", "--precisionConstraints=obey"]
         if layer_names:
             spec = ",".join(f"{n}:fp32" for n in layer_names)
@@ -160,11 +175,11 @@ def builder_settings(trt_major: int, fp16: bool, batch: int | str, max_batch: in
     if hardware_compatible:
         cmd.append("--hardwareCompatibilityLevel=ampere+")
     return BuildSettings(
-        trt_major=trt_major, precision="fp16" if fp16 else "fp32", onnx_file=onnx_file,
+        trt_major=trt_major, precision="int8" if int8 else ("fp16" if fp16 else "fp32"), onnx_file=onnx_file,
         strongly_typed=strongly_typed, flags=tuple(flags), fp32_layer_types=layer_types,
         fp32_layer_names=layer_names, input_name=_INPUT, min_shape=shapes[0], opt_shape=shapes[1],
         max_shape=shapes[2], workspace_bytes=int(workspace_mb) << 20, timing_cache=cache,
-        version_compatible=bool(version_compatible), hardware_compatibility_level=level,
+        version_compatible=bool(version_compatible), hardware_compatibility_level=level, plan_file=plan_file,
         trtexec=" ".join(shlex.quote(c) for c in cmd))
 
 

@@ -1,6 +1,6 @@
 """`make demo` (``python scripts/demo.py``): the whole main job on the embedded defaults, as a user would run it.
 
-train briefly -> evaluate -> export (fp32 + fp16 + OpenVINO, + TensorRT where present) -> bench ->
+train briefly -> evaluate -> export (fp32 + fp16 + int8 + OpenVINO, + TensorRT where present) -> bench ->
 overlays -> runs/demo/report.md with the tables and the plot. Every stage runs the installed
 command-line tool in a subprocess, exactly as the README shows them. Data: the bundled real MVTec
 sample (../shared/data/mvtec_bottle_xs or $STLM_SAMPLE_DATA), else the built-in generated set.
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = run / "model.ckpt"
     eval_data = data if sample else str(run / "data")
     r("2/5 evaluate", "stlm_train.cli", "eval", "--ckpt", str(ckpt), "--data", eval_data, "--json", str(out / "eval.json"))
-    r("3/5 export fp32 + fp16 + OpenVINO (+ TensorRT where present), parity-gated", "stlm_export.cli",
-      "--ckpt", str(ckpt), "--fp16", "--target", "all", "--out", str(engine), "--name", "demo", "--with-tlm")
+    r("3/5 export fp32 + fp16 + int8 + OpenVINO (+ TensorRT where present), parity- and accuracy-gated",
+      "stlm_export.cli", "--ckpt", str(ckpt), "--fp16", "--int8", "--val-data", eval_data, "--target", "all",
+      "--out", str(engine), "--name", "demo", "--with-tlm")
     r("4/5 benchmark every engine next to PyTorch eager", "stlm_bench.cli", "--engine", str(engine), "--reference",
       str(ckpt), "--batch", "1,4", "--runs", str(args.bench_runs), "--data", eval_data,
       "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png"))
@@ -89,9 +90,24 @@ def write_report(out: Path, stages: list[tuple[str, str, float]], data: str) -> 
     lines += ["", "## Evaluation (stlm-eval)", "", "```", json.dumps(ev, indent=2)[:4000], "```", "",
               "## Export parity gate (stlm.json)", "", "| artifact | backend | precision | max abs Δmap | max abs Δscore | pass |",
               "|---|---|---|---|---|---|"]
-    for art, p in spec.get("parity", {}).get("summary", {}).items():
+    summary = spec.get("parity", {}).get("summary", {})
+    for art, p in summary.items():
+        if p.get("precision") == "int8":
+            continue
         lines.append(f"| {art} | {p.get('backend')} | {p.get('precision')} | {p.get('max_abs_map', float('nan')):.2e} | "
                      f"{p.get('max_abs_score', float('nan')):.2e} | {p.get('pass')} |")
+    int8 = [(a, p) for a, p in summary.items() if p.get("precision") == "int8"]
+    if int8:  # failing INT8 artifacts are listed here too (and left out of the engine)
+        lines += ["", "## INT8 accuracy gate (vs the fp32 graph; parity.json has the details)", "",
+                  "| artifact | backend | Δ image AUROC | Δ pixel AUROC | decision agreement | max abs Δmap | pass |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def num(v: object, fmt: str) -> str:
+            return "–" if v is None else format(v, fmt)
+
+        lines += [f"| {a} | {p.get('backend')} | {num(p.get('image_auroc_drop'), '+.4f')} | "
+                  f"{num(p.get('pixel_auroc_drop'), '+.4f')} | {num(p.get('agreement'), '.0%')} | "
+                  f"{num(p.get('max_abs_map'), '.2e')} | {p.get('pass')} |" for a, p in int8]
     lines += ["", "## Benchmark (stlm-bench)", "", (out / "bench.md").read_text(), "", "![latency](bench.png)", "",
               "## Overlays (stlm-infer)", ""]
     for p in sorted((out / "infer").rglob("*.png"))[:12]:

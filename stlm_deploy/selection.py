@@ -143,7 +143,9 @@ class Planner:
             opts = {"providers": list(providers), "precision": art_prec or self.precision or "fp32"}
             label = "ort[" + ",".join(providers) + "]"
         elif backend == "openvino":
-            opts = {"precision": self.precision or default_precision(backend, entry), "artifact_precision": art_prec}
+            # an INT8 IR's float remainder runs at the precision its gate passed at (the default rule)
+            prec = None if (art_prec == "int8" and self.precision == "int8") else self.precision
+            opts = {"precision": prec or default_precision(backend, entry), "artifact_precision": art_prec}
         elif backend == "tensorrt":
             opts = {"precision": self.precision, "artifact_precision": art_prec,
                     "onnx_sha256s": _onnx_shas(self.spec)}

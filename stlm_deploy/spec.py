@@ -563,7 +563,7 @@ def resolve_engine(path: str | os.PathLike) -> tuple[Path, Path | None]:
         if (p / SPEC_FILENAME).is_file():
             return p, None
         if p.name == "openvino" and (p.parent / SPEC_FILENAME).is_file():
-            xml = sorted(p.glob("*.xml"))
+            xml = sorted(p.glob("*.xml"), key=lambda x: (x.name != "model.xml", x.name))  # not model.int8.xml
             return p.parent, (xml[0] if xml else None)
         raise SpecError(f"{display_path(p)}: not an engine directory (no {SPEC_FILENAME}); "
                         "pass the folder written by stlm-export")

@@ -56,3 +56,24 @@ def full_engine(tmp_path_factory, small_ckpt):
 
     out = tmp_path_factory.mktemp("engines") / "bottle"
     return export_engine(ExportOptions(ckpt=small_ckpt, out=out, fp16=True, with_tlm=True, parity_images=6))
+
+
+@pytest.fixture(scope="session")
+def int8_engine(full_engine, sample_dir, tmp_path_factory):
+    """full_engine + INT8 artifacts built with a tolerance every artifact passes (runtime tests need them)."""
+    import shutil
+
+    from stlm_deploy.spec import load_spec, write_spec
+    from stlm_export.int8_gate import Int8Tolerance
+    from stlm_export.int8_build import build_gated_int8, int8_data
+    from stlm_export.pipeline import spec_metadata
+
+    d = tmp_path_factory.mktemp("int8") / "bottle"
+    shutil.copytree(full_engine.engine_dir, d)
+    spec = load_spec(d)
+    sets = int8_data(sample_dir, sample_dir, {}, spec.img_size, spec.preprocessing.resize)
+    out = build_gated_int8(d, spec, *sets, targets=("onnx", "openvino"),
+                           metadata=spec_metadata(spec, "int8"), tolerance=Int8Tolerance(auroc_drop=1.0, min_agreement=0.0),
+                           accuracy_control=True, say=lambda _m: None)
+    write_spec(d, spec)
+    return d, out

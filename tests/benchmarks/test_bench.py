@@ -65,13 +65,30 @@ def test_bench_accuracy_on_labelled_data(full_engine, small_ckpt, sample_dir, tm
                                   "--backend", "ort/fp32", "--runs", "1", "--warmup", "0", "--data", str(sample_dir),
                                   "--json", str(js)])
     assert r.exit_code == 0, r.output
-    assert "| variant | i_auroc | p_auroc | aupro | p_ap | f1_max |" in r.output
+    assert "| variant | i_auroc | p_auroc | aupro | p_ap | f1_max | agreement |" in r.output
     report = json.loads(js.read_text())
     ref, ort = report["reference"]["accuracy"], report["results"][0]["accuracy"]
     assert set(ref) >= {"i_auroc", "p_auroc", "aupro", "p_ap", "f1_max"}
     # the fp32 engine and the reference agree on the metrics of the same 10 labelled images
     for k in ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max"):
         assert ort[k] == pytest.approx(ref[k], abs=1e-3), k
+    assert ref["agreement"] == 1.0 and ort["agreement"] == 1.0
+
+
+def test_bench_int8_rows(int8_engine, small_ckpt, sample_dir):
+    """int8 rows (ORT Q/DQ and the OpenVINO NNCF IR) with accuracy and decision agreement vs eager fp32."""
+    d, _ = int8_engine
+    assert {"ort/int8", "openvino/int8"} <= {v.label for v in bench.default_variants(d)}
+    data = bench.load_labelled(str(sample_dir), "mvtec", None, 128)
+    report = bench.run_bench(str(d), reference=str(small_ckpt), variants=bench.parse_variants("ort/int8,openvino/int8", d),
+                             runs=1, warmup=0, threads=1, data=data)
+    by = {x["label"]: x for x in report["results"]}
+    for label, art in (("ort/int8", "model.int8.onnx"), ("openvino/int8", "model.int8.xml")):
+        r = by[label]
+        assert r["error"] is None and r["precision_used"] == "int8" and r["artifact"].endswith(art)
+        assert 0.0 <= r["accuracy"]["agreement"] <= 1.0 and r["parity"]["max_abs_map"] < 0.05
+    md = bench.markdown(report)
+    assert "| ort/int8 | int8 |" in md and "agreement" in md
 
 
 @pytest.mark.parametrize("args,msg", [

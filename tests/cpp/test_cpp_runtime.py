@@ -486,3 +486,25 @@ def test_stfpm_engine_runs_unchanged_and_matches_python(cpp_build: CppBuild, tmp
     images = write_images(tmp_path / "imgs", SIZES[:3], gray=False)
     # the analytic score belongs to the fixture graphs; here the Python runtime is the reference
     compare_with_python(cpp_build, engine, images, tmp_path, analytic_tol=float("inf"))
+
+
+def test_int8_ir_parity_with_python(cpp_build: CppBuild, int8_engine, sample_dir: Path, tmp_path: Path):
+    """The NNCF INT8 IR is just another IR: --precision int8 picks it, runs its float remainder at the
+    recorded inference_precision (as Python does), and matches the Python runtime on the real sample."""
+    from stlm_deploy import Detector
+
+    engine, _ = int8_engine
+    images = sorted((sample_dir / "test").rglob("*.png"))[:3]
+    maps = tmp_path / "maps_int8"
+    proc = run_app(cpp_build, engine, *images, "--json", "--save-maps", maps, "--backend", "openvino",
+                   "--precision", "int8", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["failed"] == [] and doc["precision"] == "int8" and doc["artifact"].endswith("model.int8.xml")
+    with Detector.load(engine, backend="openvino", precision="int8") as det:
+        assert det.info()["precision"] == "int8"
+        for r in doc["results"]:
+            bgr = cv2.imread(r["path"], cv2.IMREAD_COLOR)
+            ref = det.predict(bgr, bgr=True)
+            assert abs(r["score"] - ref.score) <= TOL
+            assert float(np.abs(np.load(r["map"]) - ref.anomaly_map).max()) <= TOL

@@ -59,9 +59,19 @@ def test_bad_opset(small_ckpt):
     assert "--opset" in _one_error_line(_run(["--ckpt", str(small_ckpt), "--opset", "13"]))
 
 
-def test_int8_is_rejected_clearly(small_ckpt, tmp_path):
-    line = _one_error_line(_run(["--ckpt", str(small_ckpt), "--int8", "--calib-data", str(tmp_path)]))
-    assert "--int8" in line and "not supported" in line
+def test_int8_without_calibration_images(small_ckpt, tmp_path):
+    """Checked before anything is exported: an empty folder, and a checkpoint without recorded training data."""
+    def last_error(args):
+        r = _run(args)
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert r.stderr.strip().splitlines()[-1].startswith("Error: "), r.stderr
+        return r.stderr.strip().splitlines()[-1]
+
+    line = last_error(["--ckpt", str(small_ckpt), "--out", str(tmp_path / "e"), "--int8", "--calib-data", str(tmp_path)])
+    assert "--calib-data" in line and "no images" in line
+    line = last_error(["--ckpt", str(small_ckpt), "--out", str(tmp_path / "e"), "--int8"])
+    assert "--int8" in line and "--calib-data" in line
+    assert not (tmp_path / "e").exists()
 
 
 def test_calib_data_must_exist(small_ckpt, tmp_path):

@@ -87,3 +87,21 @@ def test_real_tensorrt_build(small_ckpt, tmp_path):
             "onnx_sha256"} <= set(side)
     assert (tmp_path / "tc.cache").stat().st_size > 0
     assert any(r["artifact"] == "model.plan" and r["pass"] for r in res.parity)
+
+
+def test_int8_is_explicit_quantisation_of_the_qdq_onnx():
+    """TRT 10: INT8 flag (+FP16 for the float remainder with --fp16), no calibrator; TRT 11: strongly typed."""
+    s = builder_settings(10, False, "dynamic", 8, 4, 256, 1024, None, False, False, True, int8=True)
+    assert s.precision == "int8" and s.onnx_file == "model.int8.onnx" and s.plan_file == "model.int8.plan"
+    assert s.flags == ("INT8",) and s.calibrator is None and not s.strongly_typed
+    assert "--int8" in s.trtexec and "--saveEngine=model.int8.plan" in s.trtexec and "--calib" not in s.trtexec
+    mixed = builder_settings(10, True, 1, 8, 4, 256, 1024, None, False, False, True, fp32_layer_names=["/TopK"],
+                             int8=True)
+    assert mixed.flags == ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS") and mixed.fp32_layer_names == ("/TopK",)
+    assert "--int8 --fp16" in mixed.trtexec
+    s11 = builder_settings(11, False, "dynamic", 8, 4, 256, 1024, None, False, False, True, int8=True)
+    assert s11.strongly_typed and s11.flags == () and s11.onnx_file == "model.int8.onnx"
+    assert "--stronglyTyped" in s11.trtexec and "--int8" not in s11.trtexec
+    assert s11.to_dict()["plan_file"] == "model.int8.plan"
+    plain = builder_settings(10, False, "dynamic", 8, 4, 256, 1024, None, False, False, True)
+    assert plain.plan_file == "model.plan" and "INT8" not in plain.flags and plain.precision == "fp32"

@@ -36,6 +36,7 @@ struct BackendConfig {
   std::string where;                  // how to name it in messages (display path)
   std::string precision;              // requested precision ("" = backend default)
   std::string artifact_precision;     // stlm.json precision of the artifact ("" = unknown)
+  std::string artifact_inference_precision;  // OpenVINO: stlm.json inference_precision of the IR ("" = none)
   int threads = 0;                    // CPU threads (0 = default_threads())
   std::string device = "CPU";         // OpenVINO device
   int gpu = 0;                        // CUDA device id

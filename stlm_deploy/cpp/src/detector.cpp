@@ -522,6 +522,7 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
       const ArtifactDesc* entry = spec.artifact(art);
       cfg.precision = precision.empty() ? default_precision(cand, entry) : precision;
       cfg.artifact_precision = entry && entry->precision ? *entry->precision : "";
+      cfg.artifact_inference_precision = entry && entry->inference_precision ? *entry->inference_precision : "";
       cfg.threads = opt.threads;
       cfg.device = opt.device;
       cfg.gpu = opt.gpu;

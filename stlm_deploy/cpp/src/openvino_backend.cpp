@@ -63,6 +63,9 @@ class OpenVinoBackend final : public Backend {
     // Requested precision -> hint (empty: none = device default).
     std::string req = cfg.precision;
     std::transform(req.begin(), req.end(), req.begin(), [](unsigned char c) { return std::tolower(c); });
+    // An INT8 IR: its float remainder runs at the precision its export gate passed at (as in Python).
+    if ((req.empty() || req == "int8") && cfg.artifact_precision == "int8")
+      req = cfg.artifact_inference_precision.empty() ? "fp32" : cfg.artifact_inference_precision;
     std::string hint;
     if (req.empty() || req == "fp32" || req == "f32" || req == "float32") {
       hint = "f32";

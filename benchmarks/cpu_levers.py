@@ -1,0 +1,113 @@
+"""The cheap graph-level levers on CPU, measured in one run: what each buys at batch 1.
+
+    python -m stlm_bench.cpu_levers --engine engines/bottle_256 --threads 2 --runs 10 \\
+        --json benchmarks/results/cpu_levers_256.json --markdown benchmarks/results/cpu_levers_256.md
+
+Rows (p50 of one ``infer`` on one image, no pre/post-processing, same process, back to back):
+
+* ONNX Runtime fp32 as exported (ORT_ENABLE_ALL already fuses LayerNorm, Gelu, MatMul+bias) vs the
+  ``onnxruntime.transformers`` optimizer (model_type ``vit``: attention/SkipLayerNorm fusions where the
+  pattern matches), and the Q/DQ ``model.int8.onnx`` when present;
+* OpenVINO IRs (fp32 graph at f32/bf16, INT8 IR with an f32/bf16 remainder) under the LATENCY and the
+  THROUGHPUT hint, and with 1 vs ``--threads`` inference threads.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .timing import environment, time_fn, write_json
+
+
+def _ort(path: Path, threads: int, x: np.ndarray, runs: int) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return time_fn(partial(sess.run, None, {name: x}), runs=runs, warmup=2).p50_ms
+
+
+def _ov(path: Path, threads: int, x: np.ndarray, runs: int, precision: str, hint: str) -> float:
+    import openvino as ov
+
+    cfg = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+    req = ov.Core().compile_model(str(path), "CPU", cfg).create_infer_request()
+    return time_fn(partial(req.infer, {0: x}), runs=runs, warmup=2).p50_ms
+
+
+def _transformer_optimized(path: Path, out: Path) -> dict[str, Any]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(path), model_type="vit", num_heads=0, hidden_size=0, opt_level=1)
+    opt.save_model_to_file(str(out))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", required=True)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args(argv)
+    from stlm_deploy.files import atomic_write_text
+    from stlm_deploy.spec import load_spec, resolve_engine
+
+    engine_dir, _ = resolve_engine(args.engine)
+    s = load_spec(engine_dir).img_size
+    x = np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8)
+    t, n = args.threads, args.runs
+    rows: list[dict[str, Any]] = []
+
+    def add(engine: str, lever: str, ms: float, **extra: Any) -> None:
+        rows.append({"engine": engine, "lever": lever, "p50_ms": ms, **extra})
+        print(f"{engine:28s} {lever:44s} {ms:8.1f} ms", file=sys.stderr)
+
+    add("ort fp32", "as exported (ORT_ENABLE_ALL)", _ort(engine_dir / "model.onnx", t, x, n))
+    with tempfile.TemporaryDirectory(prefix="stlm-levers-") as tmp:
+        opt = Path(tmp) / "opt.onnx"
+        try:
+            fused = _transformer_optimized(engine_dir / "model.onnx", opt)
+            add("ort fp32", "onnxruntime.transformers optimizer (vit)", _ort(opt, t, x, n), fused=fused)
+        except Exception as e:  # noqa: BLE001 - the optimizer is best-effort on a custom graph
+            rows.append({"engine": "ort fp32", "lever": "transformers optimizer", "error": str(e).splitlines()[0]})
+    if (engine_dir / "model.int8.onnx").is_file():
+        add("ort int8 (Q/DQ)", "as exported", _ort(engine_dir / "model.int8.onnx", t, x, n))
+    irs = [("openvino fp32 graph", engine_dir / "openvino" / "model.xml")]
+    if (engine_dir / "openvino" / "model.int8.xml").is_file():
+        irs.append(("openvino int8 IR", engine_dir / "openvino" / "model.int8.xml"))
+    for name, path in irs:
+        for prec in ("f32", "bf16"):
+            add(f"{name} + {prec}", f"LATENCY hint, {t} threads", _ov(path, t, x, n, prec, "LATENCY"))
+            add(f"{name} + {prec}", f"THROUGHPUT hint, {t} threads", _ov(path, t, x, n, prec, "THROUGHPUT"))
+            if t > 1:
+                add(f"{name} + {prec}", "LATENCY hint, 1 thread", _ov(path, 1, x, n, prec, "LATENCY"))
+    lines = [f"### CPU levers — `{engine_dir}` at {s} px, batch 1 (p50 of {n} runs, same process)", "",
+             "| engine | lever | p50 ms |", "|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['lever']} | " + (f"{r['p50_ms']:.1f}" if "p50_ms" in r else f"error: {r['error'][:80]}")
+              + " |" for r in rows]
+    fused = next((r.get("fused") for r in rows if r.get("fused")), None)
+    if fused:
+        lines += ["", "Transformer optimizer fusions: " + ", ".join(f"{k} {v}" for k, v in fused.items())]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        atomic_write_text(args.markdown, text)
+    if args.json:
+        write_json(args.json, {"engine": str(engine_dir), "img_size": s, "rows": rows, "environment": environment(t)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""``stlm-export --int8``: quantise, gate and list the INT8 artifacts of one engine directory.
+
+Runs after ``model.onnx`` (and the fp16/bf16 artifacts) passed their parity gates, inside the
+export's temporary directory:
+
+1. calibration images (good, never test) and validation images (:mod:`stlm_export.int8_data`);
+2. the fp32 graph's outputs on the validation images (ONNX Runtime, the reference);
+3. ``model.int8.onnx`` (ORT static Q/DQ, :mod:`stlm_export.quantize_ort`), gated;
+4. ``openvino/model.int8.xml`` (NNCF, with accuracy control on labelled data,
+   :mod:`stlm_export.quantize_ov`), gated at bf16 for the float remainder where the CPU has it,
+   else / on failure at f32 (the passing one is recorded as ``inference_precision``);
+5. ``model.int8.plan`` (TensorRT explicit quantisation from the same Q/DQ file) where TensorRT runs.
+
+An artifact is listed in ``stlm.json`` only if it passed (:mod:`stlm_export.int8_gate`), with its
+gate numbers under ``gate``; a failing one is deleted, its numbers stay in ``parity.json``. The
+export then continues: the other artifacts are published either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from stlm_deploy.spec import EngineSpec
+
+from .gate import backend_outputs, ort_outputs
+from .calib import CalibSet
+from .int8_data import ValSet, int8_calibration, int8_validation
+from .int8_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
+from .onnx_export import save_onnx, set_metadata
+from .quantize_ort import INT8_ONNX, ORT_INT8_LADDER, quantize_qdq
+from .quantize_ov import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
+
+__all__ = ["Int8Outcome", "build_gated_int8", "int8_data"]
+
+
+@dataclass
+class Int8Outcome:
+    """What the INT8 step produced (``parity.json``'s ``int8`` section)."""
+
+    records: list[Int8Record] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.records) and all(r.passed for r in self.records)
+
+    @property
+    def failures(self) -> list[Int8Record]:
+        return [r for r in self.records if not r.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "data": dict(self.data), "artifacts": [r.to_dict() for r in self.records],
+                **self.details}
+
+
+def _gate_summary(rec: Int8Record) -> dict[str, Any]:
+    m = rec.metrics
+    return {"pass": rec.passed, "agreement": m["agreement"], "image_auroc_drop": m["image_auroc_drop"],
+            "pixel_auroc_drop": m["pixel_auroc_drop"], "max_abs_map": m["max_abs_map"], "spearman": m["spearman"],
+            "n_images": rec.n_images, "report": "parity.json"}
+
+
+def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str) -> tuple[CalibSet, ValSet]:
+    """Calibration and validation images at ``s`` px (ValueError naming the flag when there are none)."""
+    calib = int8_calibration(calib_data, ckpt_obj, s, resize)
+    return calib, int8_validation(val_data, ckpt_obj, s, resize, calib)
+
+
+def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, *, targets: tuple[str, ...],
+                     metadata: dict[str, str], tolerance: Int8Tolerance | None = None, accuracy_control: bool = True,
+                     max_reverts: int = DEFAULT_MAX_REVERTS, ort_rungs: int = len(ORT_INT8_LADDER),
+                     trt_build: Callable[[], Any] | None = None,
+                     say: Callable[[str], None] = print) -> Int8Outcome:
+    """Build, gate and list the INT8 artifacts in ``tmp`` (see the module docstring).
+
+    ``ort_rungs``: how many policies of :data:`ORT_INT8_LADDER` to try before giving up on the Q/DQ file.
+    ``trt_build()`` (optional) builds the TensorRT INT8 plan from ``model.int8.onnx`` and returns
+    (plan name, TensorRT backend); it is called only after the ORT Q/DQ file passed its gate.
+    """
+    from stlm_deploy.backends.openvino import OpenVinoBackend
+
+    from .openvino_build import cpu_capabilities, preferred_precision
+
+    tol = tolerance or INT8_TOLERANCE
+    out = Int8Outcome(data={"calibration": {"source": calib.source, "n_images": len(calib), "images": calib.paths},
+                            "validation": {"source": val.source, "n_images": len(val), "images": val.paths,
+                                           "labelled": val.two_classes, "pixel_labels": val.masks is not None,
+                                           "note": val.note}})
+    say(f"int8: calibration {len(calib)} images from {calib.source}; validation {len(val)} images from "
+        f"{val.source}{' (' + val.note + ')' if val.note else ''}")
+    fp32 = ort_outputs(tmp / "model.onnx", val.images, spec.batch)
+    threshold = spec.thresholds.image
+
+    def gate(artifact: str, backend: str, got: dict[str, np.ndarray], details: dict[str, Any]) -> Int8Record:
+        return int8_compare(fp32, got, val.labels, val.masks, threshold, artifact=artifact, backend=backend,
+                            image_source=val.source, tolerance=tol, details=details)
+
+    def publish(rec: Int8Record, files: list[tuple[str, str]], **extra: Any) -> None:
+        out.records.append(rec)
+        say("int8 gate " + rec.line())
+        if rec.passed:
+            for i, (rel, kind) in enumerate(files):
+                spec.add_artifact(tmp, rel, kind, "int8", **(dict(extra, gate=_gate_summary(rec)) if i == 0 else {}))
+        else:
+            for rel, _ in files:
+                (tmp / rel).unlink(missing_ok=True)
+
+    # ONNX Runtime static Q/DQ
+    import onnx
+
+    rungs: list[Int8Record] = []
+    for policy in ORT_INT8_LADDER[:max(1, ort_rungs)]:
+        summary = quantize_qdq(tmp / "model.onnx", tmp / INT8_ONNX, calib.images, policy)
+        q = onnx.load(str(tmp / INT8_ONNX))
+        set_metadata(q, metadata)
+        save_onnx(q, tmp / INT8_ONNX)
+        say(f"{INT8_ONNX}: {'+'.join(policy.op_types)} -> {summary['quantize_linear']} QuantizeLinear, int8 ops "
+            + ", ".join(f"{k} {v}" for k, v in summary["quantized_by_op"].items()))
+        rungs.append(gate(INT8_ONNX, "onnxruntime-cpu", ort_outputs(tmp / INT8_ONNX, val.images, spec.batch),
+                          {"qdq": summary}))
+        if rungs[-1].passed:
+            break
+        say(f"int8 gate {INT8_ONNX} with {'+'.join(policy.op_types)}: " + "; ".join(rungs[-1].failures))
+    ort_rec = rungs[-1]
+    if len(rungs) > 1:
+        ort_rec.details["fallback_from"] = [r.to_dict() for r in rungs[:-1]]
+    publish(ort_rec, [(INT8_ONNX, "onnx")])
+
+    if "openvino" in targets:
+        ov = quantize_openvino(tmp / "model.onnx", tmp / OV_INT8_XML, calib.images, val_images=val.images,
+                               fp32_val=fp32, labels=val.labels, masks=val.masks, threshold=threshold, tolerance=tol,
+                               accuracy_control=accuracy_control, max_reverts=max_reverts, say=say)
+        caps = cpu_capabilities()
+        tried: list[Int8Record] = []
+        for prec in dict.fromkeys([preferred_precision(caps), "fp32"]):
+            backend = OpenVinoBackend(tmp / OV_INT8_XML, precision=prec, artifact_precision="int8")
+            got = backend_outputs(backend, val.images, spec.batch)
+            ran = backend.inference_precision or prec
+            tried.append(gate(OV_INT8_XML, "openvino-cpu", got, {"nncf": ov.to_dict(), "inference_precision": ran}))
+            if tried[-1].passed:
+                break
+        final = tried[-1]
+        if len(tried) > 1:
+            final.details["fallback_from"] = tried[0].to_dict()
+        publish(final, [(OV_INT8_XML, "openvino"), (OV_INT8_XML[:-4] + ".bin", "openvino")],
+                inference_precision=final.details["inference_precision"])
+
+    if trt_build is not None and ort_rec.passed:
+        plan, backend = trt_build()
+        got = backend_outputs(backend, val.images, spec.batch)
+        publish(gate(plan, "tensorrt", got, {}), [(plan, "tensorrt"), (plan + ".json", "json")])
+    out.details["tolerance"] = tol.to_dict()
+    out.details["threshold"] = threshold
+    return out
