@@ -113,14 +113,9 @@ def main(engine: str | None, url: str | None, model: str | None, backend: str, p
          out_dir: Path, verbose: bool, inputs: tuple[str, ...]) -> None:
     """Score images with an exported STLM engine; write scores, overlays and maps to --out."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    import cv2
+    from .images import OPENCV_SILENT, opencv_log_level
 
-    # OpenCV's codec warnings are multi-line and per file: our one line per failed image says it all
-    cv_log = getattr(cv2.utils, "logging", None)  # OpenCV >= 4.11; older wheels (the serve extra's) lack it
-    if cv_log is not None:
-        cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)
-    else:
-        cv2.setLogLevel(0)  # 0 = LOG_LEVEL_SILENT
+    opencv_log_level(OPENCV_SILENT)  # our one line per failed image says it all
     if not inputs:
         raise CommandError("no INPUT given: pass image files, folders or glob patterns", 2)
     files, problems = collect_inputs(inputs)

@@ -31,7 +31,24 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["read_image_rgb", "read_mask", "decode_image_rgb", "to_uint8", "image_size", "check_pixels",
+#: OpenCV's silent log level (cv2.utils.logging.LOG_LEVEL_SILENT)
+OPENCV_SILENT = 0
+
+
+def opencv_log_level(level: int) -> int:
+    """Set OpenCV's log level, return the previous one. OpenCV's codec warnings are multi-line and per
+    file, so callers that report one line per failed image silence them. ``cv2.utils.logging`` exists from
+    OpenCV 4.11; the serve extra's 4.10 only has ``cv2.setLogLevel``/``cv2.getLogLevel``."""
+    log = getattr(cv2.utils, "logging", None)
+    if log is not None:
+        previous = log.getLogLevel()
+        log.setLogLevel(level)
+    else:
+        previous = cv2.getLogLevel()
+        cv2.setLogLevel(level)
+    return int(previous)
+
+__all__ = ["opencv_log_level", "read_image_rgb", "read_mask", "decode_image_rgb", "to_uint8", "image_size", "check_pixels",
            "IMREAD_FLAGS", "DEFAULT_MAX_PIXELS", "HEADER_BYTES"]
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -27,11 +27,11 @@ FUZZ = settings(max_examples=150, deadline=2000, derandomize=True, database=None
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_opencv():
     """OpenCV logs every corrupt input it rejects; the test checks our one-line errors instead."""
-    log = cv2.utils.logging
-    previous = log.getLogLevel()
-    log.setLogLevel(log.LOG_LEVEL_SILENT)
+    from stlm_deploy.images import OPENCV_SILENT, opencv_log_level
+
+    previous = opencv_log_level(OPENCV_SILENT)
     yield
-    log.setLogLevel(previous)
+    opencv_log_level(previous)
 
 
 def _one_line(e: BaseException) -> None:
