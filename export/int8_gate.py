@@ -138,8 +138,10 @@ def int8_compare(fp32: Mapping[str, np.ndarray], int8: Mapping[str, np.ndarray],
 def gate_margin(fp32: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], labels: np.ndarray | None,
                 masks: np.ndarray | None, threshold: float | None,
                 tolerance: Int8Tolerance = INT8_TOLERANCE) -> float:
-    """One number for accuracy-controlled quantisation: 0 for the fp32 graph itself, and
-    ``-margin <= tolerance.auroc_drop`` exactly when the gate passes.
+    """One number for accuracy-controlled quantisation: 1 for the fp32 graph itself, and
+    ``1 - metric <= tolerance.auroc_drop`` exactly when the gate passes. (1, not 0: NNCF computes the
+    relative drop too, ``quantized / initial``, and divides by zero when the initial metric is 0 —
+    seen on an STFPM model whose initial float model matched fp32 exactly.)
 
     It is the smallest of (fp32 AUROC - AUROC, per gated AUROC) negated and
     ``agreement - min_agreement - auroc_drop``, so NNCF's "metric drop <= max_drop" with
@@ -152,4 +154,4 @@ def gate_margin(fp32: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], l
     terms.append(float(m["agreement"]) - tolerance.min_agreement - tolerance.auroc_drop)
     if any(f.startswith("non-finite") for f in rec.failures):
         terms.append(-1.0)
-    return min(0.0, *terms)
+    return 1.0 + min(0.0, *terms)

@@ -2,6 +2,8 @@
 contract, ``model_family: "stfpm"``, fp16 through the same gate, and the runtime unchanged."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -67,3 +69,14 @@ def test_with_tlm_and_official_snapshots_are_refused_in_one_line(stfpm_ckpt, tmp
     with pytest.raises(ExportError, match=r"best\.pth\.tar: an official STFPM snapshot needs its ImageNet teacher"):
         export_engine(ExportOptions(ckpt=tmp_path / "best.pth.tar", out=tmp_path / "e"))
     assert not (tmp_path / "e").exists()
+
+
+def test_int8_with_accuracy_control_runs_on_an_stfpm_engine(stfpm_ckpt, sample_dir, tmp_path):
+    """NNCF's accuracy control divides by the initial metric: an STFPM model whose float IR matched fp32
+    exactly made that 0 (ZeroDivisionError in stlm-export --int8). The INT8 artifacts are gated, whatever
+    the verdict, and the export completes."""
+    res = export_engine(ExportOptions(ckpt=stfpm_ckpt, out=tmp_path / "stfpm_int8", int8=True, target="openvino",
+                                      val_data=str(sample_dir), calib_data=str(sample_dir), parity_images=4))
+    assert res.int8 is not None
+    recs = [r for r in res.int8["artifacts"] if r["artifact"] == "openvino/model.int8.xml"]  # gated, pass or fail
+    assert recs and "quantize_with_accuracy_control" in json.dumps(recs)
