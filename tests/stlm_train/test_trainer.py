@@ -245,3 +245,29 @@ def test_non_finite_loss_stops_the_run_before_the_update_and_keeps_last_ckpt(dat
     state = torch.load(out / "last.ckpt", weights_only=False)
     assert state["step"] == 2 and not (out / "model.ckpt").exists()
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_mid_step_saves_nothing_and_keeps_the_last_consistent_state(data_root, tmp_path, monkeypatch):
+    """Ctrl-C inside the 3rd step (forward/backward/update not finished): saving then would mix two steps,
+    so nothing is written; last.ckpt from step 2 survives and --resume continues from it."""
+    import stlm_train.training.loop as loop
+
+    real, calls, saved = loop.stlm_loss, [], {}
+    out = tmp_path / "ctrl_c"
+
+    def interrupt_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            saved["bytes"] = (out / "last.ckpt").read_bytes()  # the state of step 2, as it was
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "stlm_loss", interrupt_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(opts(data_root, out, steps=5, save_every=2))
+    assert (out / "last.ckpt").read_bytes() == saved["bytes"]  # not rewritten with a half-done step
+    state = torch.load(out / "last.ckpt", weights_only=False)
+    assert state["step"] == 2 and not (out / "model.ckpt").exists()
+    monkeypatch.setattr(loop, "stlm_loss", real)
+    res = train(opts(data_root, out, steps=5, save_every=2, resume=True))
+    assert res.steps == 5 and (out / "model.ckpt").exists()
