@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     r("2/5 evaluate", "stlm_train.cli", "eval", "--ckpt", str(ckpt), "--data", eval_data, "--json", str(out / "eval.json"))
     r("3/5 export fp32 + fp16 + int8 + OpenVINO (+ TensorRT where present), parity- and accuracy-gated",
       "stlm_export.cli", "--ckpt", str(ckpt), "--fp16", "--int8", "--val-data", eval_data, "--target", "all",
+      # plain nncf.quantize + the same accuracy gate: accuracy control's layer-by-layer search took
+      # over 10 minutes here at 256 px on 2 cores, longer than the rest of the demo together
+      "--no-accuracy-control",
       "--out", str(engine), "--name", "demo", "--with-tlm")
     r("4/5 benchmark every engine next to PyTorch eager", "stlm_bench.cli", "--engine", str(engine), "--reference",
       str(ckpt), "--batch", "1,4", "--runs", str(args.bench_runs), "--data", eval_data,
