@@ -69,8 +69,27 @@ class FAHeadConfig:
     atrous_rates: tuple[int, ...] = (1, 3)
 
 
+class _ImageModelConfig:
+    """What both families' configs share: image size and resize policy checks, resizing, serialising.
+    (A plain base: its annotations are not dataclass fields; the subclasses declare the fields.)"""
+
+    img_size: int
+    resize: str
+
+    def _check_image(self) -> None:
+        validate_img_size(self.img_size)
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+
+    def with_img_size(self, img_size: int) -> Any:
+        return replace(self, img_size=img_size)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class STLMConfig:
+class STLMConfig(_ImageModelConfig):
     """Everything needed to rebuild an STLM model; ``img_size`` must be a multiple of 64."""
 
     name: str = "paper"
@@ -87,19 +106,11 @@ class STLMConfig:
     resize: str = DEFAULT_RESIZE
 
     def __post_init__(self) -> None:
-        validate_img_size(self.img_size)
-        if self.resize not in RESIZE_POLICIES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        self._check_image()
 
     @property
     def feature_size(self) -> int:
         return self.img_size // 16
-
-    def with_img_size(self, img_size: int) -> "STLMConfig":
-        return replace(self, img_size=img_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "STLMConfig":
@@ -124,7 +135,7 @@ def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class STFPMConfig:
+class STFPMConfig(_ImageModelConfig):
     """STFPM (Wang et al., BMVC 2021): a frozen ResNet-18 teacher and a same-shape student, compared on
     layer1..layer3. ``top_k`` 1: the image score is the maximum of the map (official evaluation)."""
 
@@ -138,9 +149,7 @@ class STFPMConfig:
     resize: str = DEFAULT_RESIZE
 
     def __post_init__(self) -> None:
-        validate_img_size(self.img_size)
-        if self.resize not in RESIZE_POLICIES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        self._check_image()
         if not self.layers or any(i not in (1, 2, 3, 4) for i in self.layers):
             raise ValueError(f"layers must be a non-empty subset of (1, 2, 3, 4), got {self.layers!r}")
 
@@ -148,12 +157,6 @@ class STFPMConfig:
     def map_size(self) -> int:
         """Side of the per-layer maps before the product: layer1's resolution (64 at 256 px, as official)."""
         return self.img_size // 4
-
-    def with_img_size(self, img_size: int) -> "STFPMConfig":
-        return replace(self, img_size=img_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "STFPMConfig":
