@@ -53,6 +53,17 @@ METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_aur
            ("tlm", "aupro"), ("fa", "fpr"))
 
 
+def bundled_sample_or_exit(alternative: str) -> str:
+    """The bundled real sample as the default ``--data``; without it one ``Error:`` line naming ``alternative``."""
+    from stlm_train.data.io import bundled_sample_root
+
+    root = bundled_sample_root()
+    if root is None:
+        raise SystemExit("Error: --data not given and the bundled sample (../shared/data/mvtec_bottle_xs) "
+                         f"is not there; {alternative}")
+    return str(root)
+
+
 def resolve_variants(spec: str) -> list[str]:
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
@@ -131,13 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is None and args.time_budget is None:
         args.steps = 150
     if args.data is None:
-        from stlm_train.data.io import bundled_sample_root
-
-        root = bundled_sample_root()
-        if root is None:
-            raise SystemExit("Error: --data not given and the bundled sample (../shared/data/mvtec_bottle_xs) "
-                             "is not there; pass --data ROOT or --data generated")
-        args.data = str(root)
+        args.data = bundled_sample_or_exit("pass --data ROOT or --data generated")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

@@ -23,6 +23,8 @@ from typing import Any
 
 from stlm_deploy.files import atomic_write_json, atomic_write_text
 
+from .accuracy import bundled_sample_or_exit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The official batch of each family's recipe (STLM: this trainer's default; STFPM: gdwang08/STFPM main.py).
 RECIPE_BATCH = {"paper": 2, "small": 2, "stfpm": 32}
@@ -132,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.data is None:
-        from stlm_train.data.io import bundled_sample_root
-
-        root = bundled_sample_root()
-        if root is None:
-            raise SystemExit("Error: --data not given and the bundled sample (../shared/data/mvtec_bottle_xs) "
-                             "is not there; pass --data ROOT")
-        args.data = str(root)
+        args.data = bundled_sample_or_exit("pass --data ROOT")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     from stlm_train.config import CONFIGS
 
