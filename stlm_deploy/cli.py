@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from .batch import ResultStream, collect_inputs, read_image, score_files, write_scores
-from .console import CommandError, OneLineCommand, missing_modules, require_extra
+from .console import CommandError, OneLineCommand, missing_modules, require_extra, runtime_options
 from .files import IMAGE_EXTENSIONS
 from .images import DEFAULT_MAX_PIXELS
 from .spec import display_path
@@ -91,11 +91,7 @@ def _remote(url: str, model: str | None, engine: str | None, max_pixels: int) ->
 @click.option("--url", default=None, metavar="URL",
               help="Score on a server instead: http://HOST:PORT or grpc://HOST:PORT (stlm-serve / Triton).")
 @click.option("--model", default=None, help="With --url: the model name (the name stlm-serve printed; needed unless the server lists its models).")
-@click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "tensorrt"]), default="auto",
-              show_default=True, help="Runtime; auto = tensorrt > ort-cuda > openvino > ort-cpu.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "f32", "f16"]), default=None,
-              help="Precision to run at (default: the backend's default for this engine).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ort/openvino).")
+@runtime_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images sent to the engine per call.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS, show_default=True,

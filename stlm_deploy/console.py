@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXTRAS", "MissingExtra", "CommandError", "one_line",
+__all__ = ["runtime_options", "EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXTRAS", "MissingExtra", "CommandError", "one_line",
            "missing_modules", "require_extra", "run_command", "OneLineCommand"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -125,3 +125,17 @@ class OneLineCommand(click.Command):
             return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                 standalone_mode=False, **extra)
         sys.exit(run_command(self, args, prog_name))
+
+
+def runtime_options(command: Any) -> Any:
+    """``--backend``, ``--precision``, ``--threads``: how a Detector is loaded, the same in every command
+    that loads one (stlm-infer, stlm-serve)."""
+    for option in reversed((
+            click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "tensorrt"]), default="auto",
+                         show_default=True,
+                         help="Runtime; auto = the Detector's rule (tensorrt > ort-cuda > openvino > ort-cpu)."),
+            click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "f32", "f16"]),
+                         default=None, help="Precision to run at (default: the backend's default for this engine)."),
+            click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ort/openvino)."))):
+        command = option(command)
+    return command

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .console import CommandError, OneLineCommand, require_extra
+from .console import CommandError, OneLineCommand, require_extra, runtime_options
 from .images import DEFAULT_MAX_PIXELS
 from .spec import display_path
 
@@ -28,11 +28,7 @@ __all__ = ["main"]
 @click.command(name="stlm-serve", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("engine", metavar="ENGINE_DIR")
 @click.option("--name", default=None, help="Model name on the server (default: the engine's name).")
-@click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "tensorrt"]), default="auto",
-              show_default=True, help="Runtime; auto = the Detector's rule (tensorrt > ort-cuda > openvino > ort-cpu).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "f32", "f16"]), default=None,
-              help="Precision to run at (default: the backend's default for this engine).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ort/openvino).")
+@runtime_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 exposes the server on every interface).")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
