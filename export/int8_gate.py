@@ -105,7 +105,7 @@ def int8_compare(fp32: Mapping[str, np.ndarray], int8: Mapping[str, np.ndarray],
     thr, thr_src = decision_threshold(threshold, s32)
     agree = float(np.mean((s32 > thr) == (s8 > thr))) if n else 0.0
     d = np.abs(m8 - m32)
-    rho, _ = spearman(s32, s8, score_tol=0.0)
+    rho = spearman(s32, s8)
     metrics: dict[str, float | None] = {
         "image_auroc_fp32": None, "image_auroc_int8": None, "image_auroc_drop": None,
         "pixel_auroc_fp32": None, "pixel_auroc_int8": None, "pixel_auroc_drop": None,

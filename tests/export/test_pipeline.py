@@ -111,7 +111,7 @@ def test_parity_report(full_engine):
     for r in recs.values():
         assert r["n_images"] == 6 and r["image_source"] == parity["image_source"]
         assert set(r) >= {"backend", "precision", "max_abs_map", "mean_abs_map", "max_abs_score", "spearman",
-                          "tolerance", "pass"}
+                          "rank_flips", "tolerance", "pass"}
     assert parity["graph"]["nodes"] == full_engine.graph["nodes"] and parity["fp16_policy"]["kept_fp32_count"] > 0
 
 
@@ -153,7 +153,7 @@ def test_failed_gate_publishes_nothing_and_keeps_the_old_engine(full_engine, sma
     existing = tmp_path / "bottle"
     shutil.copytree(full_engine.engine_dir, existing)
     before = _tree(existing)
-    impossible = {"fp32": Tolerance(map=1e-12, score=1e-12, tlm=1e-12, spearman_min=None)}
+    impossible = {"fp32": Tolerance(map=1e-12, score=1e-12, tlm=1e-12, rank_order=False)}
     with pytest.raises(ParityGateError, match=r"parity gate failed, nothing published: model.onnx .*FAIL"):
         export_engine(_small_opts(small_ckpt, existing, tolerances=impossible))
     assert _tree(existing) == before
