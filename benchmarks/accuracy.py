@@ -124,6 +124,15 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def same_setup(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether runs recorded under ``old`` meta data can be merged with new ones: same data (the same
+    folder however it was spelled, relative or absolute), config, image size and budget."""
+    def where(d: str | None) -> str | None:
+        return d if d in (None, "generated") else str(Path(d).resolve())
+    return where(old.get("data")) == where(new["data"]) and \
+        all(old.get(k) == new[k] for k in ("config", "img_size", "budget"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stlm_bench.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="MVTec-layout root or 'generated' (default: bundled sample)")
@@ -157,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if json_path.is_file() and not args.fresh:
         old = json.loads(json_path.read_text())
-        if {k: old.get("meta", {}).get(k) for k in ("data", "config", "img_size", "budget")} == \
-                {k: meta[k] for k in ("data", "config", "img_size", "budget")}:
+        if same_setup(old.get("meta", {}), meta):
             rows = old.get("runs", [])
     def publish() -> str:
         """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""

@@ -45,3 +45,14 @@ def test_an_stfpm_run_has_no_tlm_columns(tmp_path, sample_dir, capsys):
     assert d["summary"][0]["tlm_i_auroc"] == [None, None]
     assert "| current | 1 | 1 |" in (tmp_path / "s.md").read_text()
     capsys.readouterr()
+
+
+def test_runs_merge_when_the_same_data_folder_is_spelled_differently(tmp_path, monkeypatch):
+    data = tmp_path / "root" / "sample"
+    data.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "root")
+    meta = {"data": "sample", "config": "paper", "img_size": 256, "budget": "400 steps"}
+    assert accuracy.same_setup(meta, {**meta, "data": str(data)})  # relative then absolute: one folder
+    assert accuracy.same_setup({**meta, "data": "generated"}, {**meta, "data": "generated"})
+    assert not accuracy.same_setup(meta, {**meta, "data": "generated"})
+    assert not accuracy.same_setup(meta, {**meta, "budget": "150 steps"})
