@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(json_path.read_text())
         if same_setup(old.get("meta", {}), meta):
             rows = old.get("runs", [])
+            earlier = old.get("meta", {}).get("command")
+            if rows and earlier and meta["command"] not in earlier.split("; then "):
+                meta["command"] = f"{earlier}; then {meta['command']}"   # the merged rows keep their commands
     def publish() -> str:
         """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""
         summary = summarize(rows, list(VARIANTS))

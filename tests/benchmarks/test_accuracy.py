@@ -33,6 +33,11 @@ def test_two_seeds_of_two_variants_train_evaluate_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert accuracy.main(argv) == 0  # everything is already there: nothing is trained again
     assert "seed 0:" not in capsys.readouterr().out
+    assert "; then" not in json.loads((tmp_path / "t.json").read_text())["meta"]["command"]
+    later = [*argv[:-6], "--variants", "current", "--name", "t", "--out-dir", str(tmp_path)]
+    assert accuracy.main(later) == 0  # a second command merged into the file is recorded with the first
+    command = json.loads((tmp_path / "t.json").read_text())["meta"]["command"]
+    assert command.count("python -m stlm_bench.accuracy") == 2 and "; then" in command
 
 
 def test_an_stfpm_run_has_no_tlm_columns(tmp_path, sample_dir, capsys):
