@@ -27,7 +27,6 @@ from stlm_deploy.files import atomic_write_json, atomic_write_text
 from .accuracy import bundled_sample_or_exit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def mean_abs_laplacian(image: np.ndarray, crop: float = 1.0) -> float:
@@ -42,9 +41,11 @@ def mean_abs_laplacian(image: np.ndarray, crop: float = 1.0) -> float:
 
 
 def _images(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    from stlm_train.data.io import list_images
+
+    files = list_images(folder)
     if not files:
-        raise SystemExit(f"Error: {folder}: expected good images (png/jpg/bmp/tif), found none")
+        raise SystemExit(f"Error: {folder}: expected good images, found none")
     return files
 
 
