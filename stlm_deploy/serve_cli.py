@@ -73,7 +73,10 @@ def main(engine: str, name: str | None, backend: str, precision: str | None, thr
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
+    # Both set explicitly: a process started in the background of a script inherits SIGINT ignored,
+    # and Python then keeps ignoring it, so Ctrl-C / kill -INT would never stop the server.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         server.start()
         info = det.info()

@@ -194,9 +194,12 @@ def test_stlm_infer_url_writes_what_local_inference_writes(server: StlmServer, e
 
 
 def test_stlm_serve_command_starts_serves_and_stops_cleanly(engine: Path, local: Detector) -> None:
-    """The console command end to end: ready line, a request, SIGINT -> exit 0 and the ports released."""
+    """The console command end to end: ready line, a request, SIGINT -> exit 0 and the ports released.
+
+    Started the way a script's background job starts (``trap '' INT``: SIGINT inherited as ignored),
+    which must not stop Ctrl-C / kill -INT from stopping the server."""
     p = ports()
-    cmd = [sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort", "--name", "bottle",
+    cmd = ["/bin/sh", "-c", "trap '' INT; exec \"$0\" \"$@\"", sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort", "--name", "bottle",
            "--http-port", str(p["http_port"]), "--grpc-port", str(p["grpc_port"]),
            "--metrics-port", str(p["metrics_port"]), "--max-batch", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
