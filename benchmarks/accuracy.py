@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from stlm_deploy.files import atomic_write_json, atomic_write_text
+
+from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.out_dir) / f"{name}.json"
     budget = f"{args.steps} steps" if args.steps is not None else f"{args.time_budget:g} min"
     meta = {"data": args.data, "category": args.category, "config": args.config, "img_size": args.img_size,
-            "budget": budget, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "budget": budget, "machine": machine_line(),
             "command": "python -m stlm_bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows: list[dict[str, Any]] = []
     if json_path.is_file() and not args.fresh:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 from stlm_deploy.files import atomic_write_json, atomic_write_text
 
 from .accuracy import bundled_sample_or_exit
+from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The official batch of each family's recipe (STLM: this trainer's default; STFPM: gdwang08/STFPM main.py).
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"families_{Path(args.data).name}_{args.img_size}"
     json_path = Path(args.out_dir) / f"{name}.json"
     meta = {"data": args.data, "img_size": args.img_size, "budget": f"{args.time_budget:g} min",
-            "seed": args.seed, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "seed": args.seed, "machine": machine_line(),
             "command": "python -m stlm_bench.families " + " ".join(sys.argv[1:] if argv is None else argv),
             "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     rows: list[dict[str, Any]] = []

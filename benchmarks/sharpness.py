@@ -14,8 +14,6 @@ Results: ``benchmarks/results/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 from stlm_deploy.files import atomic_write_json, atomic_write_text
 
 from .accuracy import bundled_sample_or_exit
+from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args.augmentation = resolve_augmentation(args.augmentation, root.resolve().name)
     rows = measure(root, args.img_size, args.augmentation, args.draws, args.seed)
     meta = {"data": args.data, "img_size": args.img_size, "augmentation": args.augmentation, "draws": args.draws,
-            "seed": args.seed, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "seed": args.seed, "machine": machine_line(),
             "command": " ".join(["python -m stlm_bench.sharpness", *(sys.argv[1:] if argv is None else argv)])}
     json_path = Path(args.out_dir) / f"{args.name or 'sharpness_' + root.name}.json"
     atomic_write_json(json_path, {"meta": meta, "rows": rows})

@@ -60,6 +60,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_line() -> str:
+    """The one-line machine label of a results file's meta data (accuracy, families, sharpness)."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

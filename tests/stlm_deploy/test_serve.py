@@ -199,7 +199,8 @@ def test_stlm_serve_command_starts_serves_and_stops_cleanly(engine: Path, local:
     Started the way a script's background job starts (``trap '' INT``: SIGINT inherited as ignored),
     which must not stop Ctrl-C / kill -INT from stopping the server."""
     p = ports()
-    cmd = ["/bin/sh", "-c", "trap '' INT; exec \"$0\" \"$@\"", sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort", "--name", "bottle",
+    cmd = ["/bin/sh", "-c", "trap '' INT; exec \"$0\" \"$@\"",
+           sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort", "--name", "bottle",
            "--http-port", str(p["http_port"]), "--grpc-port", str(p["grpc_port"]),
            "--metrics-port", str(p["metrics_port"]), "--max-batch", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
