@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from stlm_deploy.backends.base import default_threads
+
 from .timing import Timing, environment, time_fn
 
 log = logging.getLogger("stlm_bench")
@@ -218,7 +220,7 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
     from stlm_deploy import Detector
     from stlm_deploy.spec import load_spec, resolve_engine
 
-    threads = threads or os.cpu_count() or 1
+    threads = threads or default_threads()
     engine_dir, _ = resolve_engine(engine)
     spec = load_spec(engine_dir)
     variants = variants or default_variants(engine_dir)

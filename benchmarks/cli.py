@@ -47,10 +47,13 @@ def _batches(ctx: click.Context | None, param: click.Parameter | None, text: str
 @click.option("--json", "json_path", default=None, help="Write the full report as JSON.")
 @click.option("--markdown", "md_path", default=None, help="Write the tables as Markdown.")
 @click.option("--plot", "plot_path", default=None, help="Write a latency/throughput PNG.")
+@click.option("--record/--no-record", default=True, show_default=True,
+              help="Record the batch-1 p50 of each variant in ENGINE/timings.json, where backend 'auto' reads it "
+              "to run the fastest gated variant on this machine.")
 def main(engine: str, reference: str | None, no_reference: bool, allow_other_reference: bool, backends: str,
          batches: tuple[int, ...], runs: int, warmup: int,
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
-         json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
+         json_path: str | None, md_path: str | None, plot_path: str | None, record: bool) -> None:
     """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
     if plot_path:
         require_extra("stlm-bench --plot", "bench", ["matplotlib"])
@@ -98,8 +101,26 @@ def main(engine: str, reference: str | None, no_reference: bool, allow_other_ref
         atomic_write_text(md_path, text)
     if plot_path:
         bench.plot(report, plot_path)
+    if record:
+        _record(engine_dir, spec, report)
     if not any(r["error"] is None for r in report["results"]):
         raise CommandError("no backend could run this engine here (see the table)")
+
+
+def _record(engine_dir: Path, spec, report: dict) -> None:
+    """timings.json for auto; a read-only engine directory is reported, not an error (the bench ran)."""
+    from stlm_deploy.spec import display_path
+    from stlm_deploy.timings import TIMINGS_FILE, record_timings
+
+    try:
+        path = record_timings(engine_dir, spec, report)
+    except OSError as e:
+        click.echo(f"stlm-bench: {display_path(engine_dir / TIMINGS_FILE)}: not written ({e.strerror or e}); "
+                   "backend 'auto' keeps its static order there", err=True)
+        return
+    if path is not None:
+        click.echo(f"stlm-bench: batch-1 timings recorded in {display_path(path)} (backend 'auto' runs the fastest "
+                   "gated variant on this machine)", err=True)
 
 
 def _recorded_source(spec, engine_dir: Path) -> str | None:

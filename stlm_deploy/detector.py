@@ -11,7 +11,8 @@ False with the threshold and read as "normal".
 
 ``backend="auto"`` tries, in order: TensorRT (plan present, tensorrt importable, a GPU the plan was
 built for) > ONNX Runtime with CUDA (onnxruntime-gpu that really starts on a GPU) > OpenVINO (IR or
-ONNX, CPU) > ONNX Runtime on CPU. Candidates that cannot run here are skipped with a note; the pick
+ONNX, CPU) > ONNX Runtime on CPU, with the fastest gated CPU variant ``stlm-bench`` timed on this
+machine (``timings.json``) tried before the CPU ones. Candidates that cannot run here are skipped with a note; the pick
 is logged (logger ``stlm_deploy``) and kept in ``selected_by`` / ``selection_notes`` / ``info()``; the
 planner that makes these choices is :mod:`stlm_deploy.selection`.
 Integrity errors (bad checksum, invalid spec, graph/spec mismatch) are never skipped.
@@ -104,7 +105,9 @@ class Detector:
 
         Args:
           engine: ``engines/<name>`` or a file in it (``model.fp16.onnx`` selects that artifact).
-          backend: "auto", "ort", "openvino" or "tensorrt".
+          backend: "auto", "ort", "openvino" or "tensorrt". "auto" runs, on CPU, the fastest gated variant
+            ``stlm-bench`` recorded for this machine in ``timings.json`` when no precision is requested
+            (:mod:`stlm_deploy.timings`), else the static order of :mod:`stlm_deploy.selection`.
           precision: "fp32", "fp16", "bf16", "int8" (or f32/f16); None = the engine's default, the same
             rule as the C++ runtime (ort: model.onnx, openvino: the IR's recorded inference_precision,
             else fp32; tensorrt: the plan's; see :func:`stlm_deploy.selection.default_precision`).
@@ -133,7 +136,7 @@ class Detector:
         if backend != "auto":
             cands = explicit_candidates(planner, backend, hint, backend_options)
         else:
-            cands = auto_candidates(planner, hint, notes)
+            cands = auto_candidates(planner, hint, notes, threads)
         last_error: DeployError | None = None
         for cand in cands:
             klass = backend_class(cand.backend)
@@ -166,7 +169,7 @@ class Detector:
             if backend == "auto":
                 log.info("stlm_deploy: auto backend picked %s (%s, precision %s, %s)%s", runner.name, cand.artifact,
                          runner.precision, ", ".join(runner.providers_used),
-                         ("; skipped: " + " | ".join(notes)) if notes else "")
+                         ("; notes: " + " | ".join(notes)) if notes else "")
             return det
         if len(cands) == 1 and last_error is not None:
             raise last_error

@@ -3,7 +3,9 @@
 Pure decisions over ``stlm.json`` and the files present (no backend is activated here), so they can
 be read and tested on their own. ``backend="auto"`` tries, in order: TensorRT (plan present,
 tensorrt + cuda-python importable) > ONNX Runtime with CUDA > OpenVINO (IR, else ONNX) > ONNX Runtime
-on CPU; a candidate that cannot run here is skipped with a note saying why.
+on CPU; a candidate that cannot run here is skipped with a note saying why. Before the CPU ones goes
+the fastest gated variant that ``stlm-bench`` timed on this machine (``timings.json``,
+:mod:`stlm_deploy.timings`), when no precision or file was asked for.
 
 With no precision requested, :func:`default_precision` is the one rule shared with the C++ runtime
 (docs/engine_format.md, "Default backend and precision"): never the device's silent default.
@@ -187,22 +189,27 @@ def explicit_candidates(planner: Planner, backend: str, hint: str | None, option
         return [planner.candidate("ort", hint, providers)]
     return [planner.candidate(backend, hint)]
 
-def auto_candidates(planner: Planner, hint: str | None, notes: list[str]) -> list[Candidate]:
+def auto_candidates(planner: Planner, hint: str | None, notes: list[str], threads: int | None = None) -> list[Candidate]:
+    """Static order (module docstring); with no precision and no file requested, the fastest gated CPU
+    variant this machine timed (``timings.json``, :mod:`stlm_deploy.timings`) goes before the CPU ones."""
     hint_backend = _SUFFIX_BACKEND[PurePosixPath(hint).suffix] if hint else None
     if hint_backend in ("tensorrt", "openvino"):  # the file names its backend: let it say why it can't run
         return [planner.candidate(hint_backend, hint)]
     cands: list[Candidate] = []
 
-    def add(backend: str, why_not: str | None, **kw: Any) -> None:
+    def add(backend: str, why_not: str | None, source: Planner = planner, **kw: Any) -> None:
         if hint_backend and hint_backend != backend:
             return
         if why_not:
             notes.append(f"{kw.get('label', backend)}: {why_not}")
             return
         try:
-            cands.append(planner.candidate(backend, hint, **{k: v for k, v in kw.items() if k != "label"}))
+            cand = source.candidate(backend, hint, **{k: v for k, v in kw.items() if k != "label"})
         except BackendUnavailable as e:
             notes.append(f"{kw.get('label', backend)}: {e}")
+            return
+        if not any((c.backend, c.artifact, c.options) == (cand.backend, cand.artifact, cand.options) for c in cands):
+            cands.append(cand)
 
     add("tensorrt", None if tensorrt_available() else "tensorrt (with cuda-python) not installed")
     ort_ok = module_importable("onnxruntime")
@@ -213,6 +220,17 @@ def auto_candidates(planner: Planner, hint: str | None, notes: list[str]) -> lis
         cuda_ok = "CUDAExecutionProvider" in ort_available_providers()
     add("ort", None if cuda_ok else ("onnxruntime has no CUDAExecutionProvider" if ort_ok else
                                      "onnxruntime not installed"), providers=("cuda",), label="ort[cuda]")
+    if hint is None and planner.precision is None:
+        from .backends.base import default_threads
+        from .timings import measured_pick
+
+        cpu = [b for b in ("openvino", "ort") if module_importable("openvino" if b == "openvino" else "onnxruntime")]
+        pick = measured_pick(planner.dir, planner.spec, threads or default_threads(), cpu)
+        notes.append(f"timings: {pick.note}")
+        if pick.backend:
+            extra: dict[str, Any] = {"providers": ("cpu",)} if pick.backend == "ort" else {}
+            add(pick.backend, None, Planner(planner.dir, planner.spec, pick.precision),
+                label=f"{pick.backend}/{pick.precision}", **extra)
     add("openvino", None if module_importable("openvino") else "openvino not installed")
     add("ort", None if ort_ok else "onnxruntime not installed", providers=("cpu",), label="ort[cpu]")
     if not cands:

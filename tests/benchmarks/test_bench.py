@@ -44,7 +44,8 @@ def test_bench_cli_tables_json_and_plot(full_engine, small_ckpt, tmp_path):
     js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     r = CliRunner().invoke(main, ["--engine", str(full_engine.engine_dir), "--reference", str(small_ckpt),
                                   "--backend", "ort/fp32,ort/fp16,openvino/fp32", "--batch", "1,2", "--runs", "2",
-                                  "--warmup", "1", "--json", str(js), "--markdown", str(md), "--plot", str(png)])
+                                  "--warmup", "1", "--json", str(js), "--markdown", str(md), "--plot", str(png),
+                                  "--no-record"])
     assert r.exit_code == 0, r.output
     assert "| pytorch/fp32 (eager) | fp32 | torch | 1 |" in r.output
     assert "| ort/fp32 | fp32 | CPUExecutionProvider | 2 |" in r.output
@@ -63,7 +64,7 @@ def test_bench_accuracy_on_labelled_data(full_engine, small_ckpt, sample_dir, tm
     js = tmp_path / "acc.json"
     r = CliRunner().invoke(main, ["--engine", str(full_engine.engine_dir), "--reference", str(small_ckpt),
                                   "--backend", "ort/fp32", "--runs", "1", "--warmup", "0", "--data", str(sample_dir),
-                                  "--json", str(js)])
+                                  "--json", str(js), "--no-record"])
     assert r.exit_code == 0, r.output
     assert "| variant | i_auroc | p_auroc | aupro | p_ap | f1_max | agreement |" in r.output
     report = json.loads(js.read_text())
@@ -113,7 +114,8 @@ def test_bench_refuses_a_reference_that_is_not_the_engine_source(full_engine, sm
     from stlm_train import save_checkpoint
 
     other = save_checkpoint(tmp_path / "other" / "model.ckpt", small_stlm, thresholds={"image": 0.1})  # other bytes
-    base = ["--engine", str(full_engine.engine_dir), "--backend", "ort/fp32", "--runs", "1", "--warmup", "0"]
+    base = ["--engine", str(full_engine.engine_dir), "--backend", "ort/fp32", "--runs", "1", "--warmup", "0",
+            "--no-record"]
     p = subprocess.run([sys.executable, "-m", "stlm_bench.cli", *base, "--reference", str(other)],
                        capture_output=True, text=True, timeout=300)
     err = [line for line in p.stderr.splitlines() if line.strip()]
@@ -129,3 +131,25 @@ def test_bench_refuses_a_reference_that_is_not_the_engine_source(full_engine, sm
     ref = json.loads(js.read_text())["reference"]
     assert ref["is_engine_source"] is True and ref["sha256"] == full_engine.spec["source"]["sha256"] \
         == sha256_file(small_ckpt)
+
+
+def test_bench_records_timings_that_auto_then_follows(full_engine, tmp_path):
+    """stlm-bench writes ENGINE/timings.json; Detector.load(backend='auto') runs the fastest variant in it."""
+    import shutil
+
+    from stlm_deploy import Detector
+
+    eng = tmp_path / "bottle"
+    shutil.copytree(full_engine.engine_dir, eng)
+    r = CliRunner().invoke(main, ["--engine", str(eng), "--no-reference", "--backend", "ort/fp32,openvino/fp32",
+                                  "--runs", "2", "--warmup", "1", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "timings recorded in" in r.output
+    rec = json.loads((eng / "timings.json").read_text())["records"][0]
+    assert rec["threads"] == 1 and set(rec["variants"]) == {"ort/fp32", "openvino/fp32"}
+    fastest = min(rec["variants"], key=lambda k: rec["variants"][k]["p50_ms"])
+    det = Detector.load(eng, threads=1)
+    assert f"{det.backend_name}/{det.backend.precision}" == fastest
+    assert any(n.startswith(f"timings: {fastest} is the fastest gated variant") for n in det.selection_notes)
+    det = Detector.load(eng, threads=2)  # timed at 1 thread only: the static order
+    assert any("no timing for this machine" in n for n in det.selection_notes)

@@ -508,3 +508,54 @@ def test_int8_ir_parity_with_python(cpp_build: CppBuild, int8_engine, sample_dir
             ref = det.predict(bgr, bgr=True)
             assert abs(r["score"] - ref.score) <= TOL
             assert float(np.abs(np.load(r["map"]) - ref.anomaly_map).max()) <= TOL
+
+
+def _timings_record(engine: Path, variants: dict[str, tuple[float, str]]) -> None:
+    """ENGINE/timings.json as stlm-bench writes it, for this machine and the default thread count."""
+    from stlm_deploy.backends.base import default_threads
+    from stlm_deploy.spec import load_spec
+    from stlm_deploy.timings import machine_key
+
+    spec = load_spec(engine)
+    rec = {"machine": machine_key(), "threads": default_threads(), "batch": 1, "variants": {
+        label: {"p50_ms": ms, "artifact": art, "sha256": spec.artifacts[art].sha256}
+        for label, (ms, art) in variants.items()}}
+    (engine / "timings.json").write_text(json.dumps({"format_version": 1, "records": [rec]}))
+
+
+def test_auto_follows_the_timings_in_python_and_cpp(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """stlm-bench measured fp32 faster than the gated bf16 on this machine: both runtimes run fp32, and both
+    ignore a record of another machine, a stale artifact or a damaged file (the recorded precision again)."""
+    from stlm_deploy.spec import load_spec, write_spec
+    from stlm_deploy.timings import machine_key
+
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    spec = load_spec(engine)
+    spec.artifacts["openvino/model.xml"].extra["inference_precision"] = "bf16"
+    write_spec(engine, spec)
+    [img] = write_images(tmp_path / "imgs", [(64, 64)], gray=False)
+    ir = "openvino/model.xml"
+
+    def both() -> tuple[str, str]:
+        proc = run_app(cpp_build, engine, img, "--json", "--verbose")
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        notes = [ln.split("note: ", 1)[1] for ln in proc.stderr.splitlines() if "note: timings: " in ln]
+        assert (doc["backend"], doc["precision"], doc["artifact"]) == _python_pick(engine)
+        return doc["precision"], notes[0]
+
+    _timings_record(engine, {"openvino/fp32": (5.0, ir), "openvino/bf16": (9.0, ir)})
+    precision, note = both()
+    assert precision == "fp32"
+    assert note == "timings: openvino/fp32 is the fastest gated variant timed here (5.0 ms p50; openvino/bf16 9.0; " \
+                   "timings.json)"
+    _timings_record(engine, {"openvino/fp32": (9.0, ir), "openvino/bf16": (5.0, ir)})
+    assert both()[1].startswith("timings: openvino/bf16 is the fastest")
+    data = json.loads((engine / "timings.json").read_text())
+    data["records"][0]["machine"] = "Other CPU [avx2]"
+    (engine / "timings.json").write_text(json.dumps(data))
+    assert f"no timing for this machine ({machine_key()}," in both()[1]
+    (engine / "timings.json").write_text("{broken")
+    assert "not readable JSON" in both()[1]

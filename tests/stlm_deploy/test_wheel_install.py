@@ -96,7 +96,8 @@ def test_wheel_install_scores_a_folder_like_the_full_install(runtime_venv, full_
 def test_wheel_install_benchmarks_without_torch(runtime_venv, full_engine, small_ckpt, tmp_path):
     js = tmp_path / "bench.json"
     p = _run([str(runtime_venv / "stlm-bench"), "--engine", str(full_engine.engine_dir), "--reference",
-              str(small_ckpt), "--backend", "ort/fp32", "--runs", "1", "--warmup", "0", "--json", str(js)],
+              str(small_ckpt), "--backend", "ort/fp32", "--runs", "1", "--warmup", "0", "--json", str(js),
+              "--no-record"],
              timeout=300, env=_clean_env(), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "PyTorch eager reference skipped: torch is not installed" in p.stderr

@@ -10,6 +10,7 @@
 #include "common.hpp"
 #include "spec.hpp"
 #include "stlm/detector.hpp"
+#include "timings.hpp"
 
 namespace stlm {
 
@@ -491,19 +492,31 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
                   "' or pass the engine directory");
   }
 
-  std::vector<std::string> candidates;
+  // (backend, precision) in the order tried; precision "" = the default rule.
+  std::vector<std::pair<std::string, std::string>> candidates;
+  std::vector<std::string> notes;
   if (backend != "auto") {
-    candidates = {backend};
+    candidates = {{backend, precision}};
   } else if (!hint.empty()) {
-    candidates = {backend_for_suffix(suffix_of(hint))};
-    if (candidates.front() == "ort") candidates.push_back("openvino");  // OpenVINO reads ONNX too
+    candidates = {{backend_for_suffix(suffix_of(hint)), precision}};
+    if (candidates.front().first == "ort") candidates.push_back({"openvino", precision});  // OpenVINO reads ONNX too
   } else {
-    candidates = {"tensorrt", "openvino", "ort"};
+    candidates = {{"tensorrt", precision}};
+    if (precision.empty()) {  // the fastest gated CPU variant stlm-bench timed here goes before the static ones
+      std::vector<std::string> cpu{"openvino"};
+      if (compiled("ort")) cpu.push_back("ort");
+      const Pick pick = measured_pick(engine_dir, spec, opt.threads > 0 ? opt.threads : default_threads(), cpu);
+      notes.push_back("timings: " + pick.note);
+      if (!pick.backend.empty()) candidates.push_back({pick.backend, pick.precision});
+    }
+    for (const char* b : {"openvino", "ort"})
+      if (std::find(candidates.begin(), candidates.end(), std::make_pair(std::string(b), precision)) ==
+          candidates.end())
+        candidates.push_back({b, precision});
   }
 
-  Planner planner(engine_dir, spec, precision);
-  std::vector<std::string> notes;
-  for (const std::string& cand : candidates) {
+  for (const auto& [cand, cand_precision] : candidates) {
+    Planner planner(engine_dir, spec, cand_precision);
     if (!compiled(cand)) {
       if (backend == "auto") {
         notes.push_back(cand + ": not compiled into this build");
@@ -520,7 +533,7 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
       cfg.path = engine_dir / art;
       cfg.where = display_path(cfg.path);
       const ArtifactDesc* entry = spec.artifact(art);
-      cfg.precision = precision.empty() ? default_precision(cand, entry) : precision;
+      cfg.precision = cand_precision.empty() ? default_precision(cand, entry) : cand_precision;
       cfg.artifact_precision = entry && entry->precision ? *entry->precision : "";
       cfg.artifact_inference_precision = entry && entry->inference_precision ? *entry->inference_precision : "";
       cfg.threads = opt.threads;

@@ -1,0 +1,180 @@
+"""Measured latency per variant, kept next to the engine: how ``backend="auto"`` picks the fastest.
+
+Which engine is fastest depends on the CPU, not the model: on an AMX Xeon the bf16 graph beats the
+INT8 IR, on a VNNI-only EPYC the INT8 IR wins (docs/int8.md). A static preference is wrong on one of
+them, and timing every variant at load would cost seconds of compilation. So ``stlm-bench --engine E``
+records what it measured in ``E/timings.json`` (one record per machine and thread count), and the
+runtimes (this module and the C++ ``detector.cpp``, the same rule) read it:
+
+* a record applies when its ``machine`` (CPU model + ISA flags, :func:`machine_key`) and ``threads``
+  equal this process's;
+* a variant counts only if it is *gated*: ``ort/fp32`` and ``openvino/fp32`` always; ``openvino/bf16``
+  only when the IR records ``inference_precision: bf16`` (the export's parity gate passed at bf16);
+  ``openvino/int8`` / ``ort/int8`` / ``ort/fp16`` only when that artifact is listed in stlm.json (the
+  INT8 gate publishes an INT8 artifact only when it passed); and only while the artifact's sha256 is
+  still the one that was timed (a re-export makes the record stale);
+* the fastest counting variant (batch-1 p50) goes first among the CPU candidates; GPU candidates
+  (TensorRT, ONNX Runtime CUDA) keep their place before it.
+
+The file is advisory: an unreadable or malformed one is reported in the selection notes and the
+static order is used, so a damaged timing record never stops a station from running.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from .files import atomic_write_json
+from .spec import EngineSpec, display_path
+
+__all__ = ["TIMINGS_FILE", "ISA_FLAGS", "Pick", "machine_key", "record_timings", "measured_pick"]
+
+TIMINGS_FILE = "timings.json"
+FORMAT_VERSION = 1
+#: The CPU features that decide which kernels OpenVINO / ONNX Runtime run (and so which variant wins).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
+#: Variants the runtimes can select, in the order used to break exact ties.
+VARIANTS = ("openvino/int8", "openvino/bf16", "openvino/fp32", "ort/int8", "ort/fp32", "ort/fp16")
+
+
+def machine_key(cpuinfo: str | None = None) -> str:
+    """``"<model name> [<ISA flags>]"`` from /proc/cpuinfo (C++: the same text), else the platform name."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model, flags = "", set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name == "model name" and not model:
+            model = " ".join(value.split())
+        elif name == "flags" and not flags:
+            flags = set(value.split())
+    model = model or platform.machine() or "unknown"
+    return f"{model} [{' '.join(f for f in ISA_FLAGS if f in flags)}]"
+
+
+def _artifact_sha(spec: EngineSpec, rel: str | None) -> str | None:
+    entry = spec.artifacts.get(rel) if rel else None
+    return entry.sha256 if entry else None
+
+
+def _relative(engine_dir: Path, artifact: str | None) -> str | None:
+    """The artifact as stlm.json names it (the bench reports the path it loaded)."""
+    if not artifact:
+        return None
+    if not Path(artifact).is_absolute():
+        return Path(artifact).as_posix()
+    try:
+        return Path(artifact).resolve().relative_to(engine_dir.resolve()).as_posix()
+    except ValueError:
+        return artifact
+
+
+def record_timings(engine_dir: str | Path, spec: EngineSpec, report: dict[str, Any]) -> Path | None:
+    """Merge a stlm-bench report's batch-1 p50s into ``engine_dir/timings.json``; returns the path.
+
+    Only variants that ran at the precision they asked for are recorded (bf16 downgraded to fp32 on a
+    CPU without BF16 is not a bf16 timing). None when the report has nothing to record."""
+    engine_dir = Path(engine_dir)
+    variants: dict[str, dict[str, Any]] = {}
+    for r in report.get("results", []):
+        t = (r.get("timings") or {}).get(1) or (r.get("timings") or {}).get("1")
+        label = f"{r.get('backend')}/{r.get('requested_precision')}"
+        if r.get("error") or not t or label not in VARIANTS or r.get("precision_used") != r.get("requested_precision"):
+            continue
+        rel = _relative(engine_dir, r.get("artifact"))
+        sha = _artifact_sha(spec, rel)
+        if sha is None:
+            continue
+        variants[label] = {"p50_ms": round(float(t["p50_ms"]), 3), "artifact": rel, "sha256": sha}
+    if not variants:
+        return None
+    env = report.get("environment", {})
+    record = {"machine": machine_key(), "threads": int(env.get("threads") or 1), "batch": 1,
+              "img_size": spec.img_size, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "tool": "stlm-bench", "variants": variants}
+    path = engine_dir / TIMINGS_FILE
+    old: list[dict[str, Any]] = []
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("records"), list):
+            old = [x for x in data["records"] if isinstance(x, dict)]
+    except (OSError, ValueError):
+        pass  # missing or unreadable: start a fresh file (the bench just measured everything anew)
+    kept = [x for x in old if (x.get("machine"), x.get("threads")) != (record["machine"], record["threads"])]
+    return atomic_write_json(path, {"format_version": FORMAT_VERSION, "records": [*kept, record]})
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The variant auto runs first, and the sentence that says why (None: keep the static order)."""
+
+    backend: str | None
+    precision: str | None
+    note: str
+
+
+def _gated(spec: EngineSpec, label: str, artifact: str) -> bool:
+    entry = spec.artifacts.get(artifact)
+    if entry is None:
+        return False
+    backend, precision = label.split("/")
+    if backend == "openvino" and precision == "bf16":
+        return artifact.endswith(".xml") and entry.extra.get("inference_precision") == "bf16"
+    if precision in ("int8", "fp16"):
+        return entry.precision == precision
+    return precision == "fp32" and entry.precision in (None, "fp32")
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def measured_pick(engine_dir: str | Path, spec: EngineSpec, threads: int, backends: Iterable[str]) -> Pick:
+    """The fastest gated variant this machine measured, among ``backends`` (those importable here)."""
+    path = Path(engine_dir) / TIMINGS_FILE
+    where = display_path(path)
+    if not path.is_file():
+        return Pick(None, None, f"no {TIMINGS_FILE}: static order (run stlm-bench --engine on this machine to "
+                                "let auto pick the fastest variant)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return Pick(None, None, f"{where}: not readable JSON ({str(e).splitlines()[0]}); ignored, static order")
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        return Pick(None, None, f"{where}: field 'records' must be a list; ignored, static order")
+    key = machine_key()
+    record = next((r for r in data["records"] if isinstance(r, dict) and r.get("machine") == key
+                   and r.get("threads") == threads), None)
+    if record is None:
+        return Pick(None, None, f"{where}: no timing for this machine ({key}, {threads} threads): static order")
+    variants = record.get("variants")
+    if not isinstance(variants, dict):
+        return Pick(None, None, f"{where}: field 'variants' must be an object; ignored, static order")
+    allowed = set(backends)
+    timed: list[tuple[float, int, str]] = []
+    for label, v in variants.items():
+        if label not in VARIANTS or label.split("/")[0] not in allowed or not isinstance(v, dict):
+            continue
+        if not _positive(v.get("p50_ms")) or not isinstance(v.get("artifact"), str):
+            return Pick(None, None, f"{where}: field 'variants.{label}' must have a positive p50_ms and an "
+                                    "artifact; ignored, static order")
+        if not _gated(spec, label, v["artifact"]) or _artifact_sha(spec, v["artifact"]) != v.get("sha256"):
+            continue  # not gated, or the artifact was re-exported since it was timed
+        timed.append((float(v["p50_ms"]), VARIANTS.index(label), label))
+    if not timed:
+        return Pick(None, None, f"{where}: no gated, current variant timed on this machine: static order")
+    timed.sort()
+    best = timed[0][2]
+    others = ", ".join(f"{lbl} {ms:.1f}" for ms, _, lbl in timed[1:])
+    backend, precision = best.split("/")
+    return Pick(backend, precision, f"{best} is the fastest gated variant timed here ({timed[0][0]:.1f} ms p50"
+                                    f"{'; ' + others if others else ''}; {TIMINGS_FILE})")

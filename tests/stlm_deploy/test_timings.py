@@ -1,0 +1,146 @@
+"""backend="auto" runs the fastest *gated* variant stlm-bench timed on this machine (timings.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stlm_deploy import Detector
+from stlm_deploy.backends.base import default_threads
+from stlm_deploy.spec import load_spec, write_spec
+from stlm_deploy.timings import TIMINGS_FILE, machine_key, measured_pick, record_timings
+
+CPUINFO = """processor\t: 0
+model name\t: Intel(R) Xeon(R)   Processor
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Processor
+"""
+
+
+def test_machine_key_is_model_and_the_isa_flags_that_pick_kernels():
+    assert machine_key(CPUINFO) == "Intel(R) Xeon(R) Processor [avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8]"
+    assert machine_key("model name : AMD EPYC 9B14\nflags : avx2 avx512f avx512_bf16\n") == \
+        "AMD EPYC 9B14 [avx2 avx512f avx512_bf16]"
+
+
+def _write(eng: Path, variants: dict[str, float], *, threads: int | None = None, machine: str | None = None) -> None:
+    spec = load_spec(eng)
+    arts = {"ort/fp32": "model.onnx", "ort/fp16": "model.fp16.onnx", "ort/int8": "model.int8.onnx",
+            "openvino/fp32": "openvino/model.xml", "openvino/bf16": "openvino/model.xml",
+            "openvino/int8": "model.int8.xml"}
+    rec = {"machine": machine or machine_key(), "threads": threads or default_threads(), "batch": 1,
+           "variants": {k: {"p50_ms": ms, "artifact": arts[k], "sha256": spec.artifacts[arts[k]].sha256}
+                        for k, ms in variants.items()}}
+    (eng / TIMINGS_FILE).write_text(json.dumps({"format_version": 1, "records": [rec]}))
+
+
+def _timing_note(det: Detector) -> str:
+    return next(n for n in det.selection_notes if n.startswith("timings: "))
+
+
+def test_auto_runs_the_fastest_timed_variant_and_says_why(engine_copy):
+    eng = engine_copy("fused")  # model.onnx, model.fp16.onnx, openvino/model.xml (fp32 gate only)
+    assert Detector.load(eng).backend_name == "openvino"  # static order without timings
+    _write(eng, {"openvino/fp32": 9.0, "ort/fp32": 4.0, "ort/fp16": 6.0})
+    det = Detector.load(eng)
+    assert (det.backend_name, det.artifact.name, det.backend.precision) == ("ort", "model.onnx", "fp32")
+    assert _timing_note(det).startswith("timings: ort/fp32 is the fastest gated variant timed here (4.0 ms p50; "
+                                        "ort/fp16 6.0, openvino/fp32 9.0")
+    # an explicit precision or backend is obeyed as before
+    assert Detector.load(eng, precision="fp32").backend_name == "openvino"
+    assert Detector.load(eng, backend="openvino").backend_name == "openvino"
+
+
+def test_ungated_bf16_and_stale_or_foreign_records_are_ignored(engine_copy):
+    eng = engine_copy("fused")
+    _write(eng, {"openvino/bf16": 1.0, "openvino/fp32": 9.0, "ort/fp32": 12.0})
+    det = Detector.load(eng)  # bf16 was never gated for this IR: fp32 OpenVINO is the fastest that counts
+    assert (det.backend_name, det.backend.precision) == ("openvino", "fp32")
+    assert "openvino/fp32 is the fastest" in _timing_note(det)
+
+    spec = load_spec(eng)
+    spec.artifacts["openvino/model.xml"].extra["inference_precision"] = "bf16"
+    write_spec(eng, spec)
+    pick = measured_pick(eng, load_spec(eng), default_threads(), ["openvino", "ort"])
+    assert (pick.backend, pick.precision) == ("openvino", "bf16")  # gated now, so it counts
+
+    _write(eng, {"ort/fp32": 1.0, "openvino/fp32": 9.0})
+    data = json.loads((eng / TIMINGS_FILE).read_text())
+    data["records"][0]["variants"]["ort/fp32"]["sha256"] = "0" * 64  # model.onnx re-exported since
+    (eng / TIMINGS_FILE).write_text(json.dumps(data))
+    assert Detector.load(eng).backend_name == "openvino"
+
+    _write(eng, {"ort/fp32": 1.0}, threads=default_threads() + 3)
+    assert "no timing for this machine" in _timing_note(Detector.load(eng))
+    _write(eng, {"ort/fp32": 1.0}, machine="Some Other CPU [avx2]")
+    det = Detector.load(eng)
+    assert det.backend_name == "openvino" and "no timing for this machine" in _timing_note(det)
+    assert measured_pick(eng, load_spec(eng), default_threads(), ["openvino"]).backend is None
+    _write(eng, {"ort/fp32": 1.0})
+    assert measured_pick(eng, load_spec(eng), default_threads(), ["openvino"]).backend is None  # ORT not here
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("{not json", "not readable JSON"),
+    ('{"records": 3}', "field 'records' must be a list"),
+    ('{"records": [{"machine": "M", "threads": 1, "variants": {"ort/fp32": {"p50_ms": -1, "artifact": "x"}}}]}',
+     "field 'variants.ort/fp32' must have a positive p50_ms"),
+])
+def test_a_damaged_timings_file_is_reported_and_the_static_order_used(engine_copy, text, msg):
+    eng = engine_copy("fused")
+    (eng / TIMINGS_FILE).write_text(text.replace('"M"', json.dumps(machine_key())).replace(
+        '"threads": 1', f'"threads": {default_threads()}'))
+    det = Detector.load(eng)
+    assert det.backend_name == "openvino"
+    note = _timing_note(det)
+    assert msg in note and TIMINGS_FILE in note and note.endswith("static order") and "\n" not in note
+
+
+def test_record_timings_keeps_other_machines_and_refreshes_this_one(engine_copy):
+    eng = engine_copy("fused")
+    spec = load_spec(eng)
+    _write(eng, {"ort/fp32": 1.0}, machine="Other CPU [avx2]")
+
+    def report(ms: float) -> dict:
+        return {"environment": {"threads": 2}, "results": [
+            {"backend": "ort", "requested_precision": "fp32", "precision_used": "fp32", "artifact": "model.onnx",
+             "timings": {1: {"p50_ms": ms}}, "error": None},
+            {"backend": "openvino", "requested_precision": "bf16", "precision_used": "fp32",  # downgraded: skipped
+             "artifact": "openvino/model.xml", "timings": {1: {"p50_ms": 1.0}}, "error": None},
+            {"backend": "ort", "requested_precision": "fp16", "precision_used": None, "artifact": None,
+             "timings": {}, "error": "cannot run"}]}
+
+    record_timings(eng, spec, report(5.0))
+    record_timings(eng, spec, report(7.0))
+    records = json.loads((eng / TIMINGS_FILE).read_text())["records"]
+    assert [r["machine"] for r in records] == ["Other CPU [avx2]", machine_key()]
+    mine = records[1]
+    assert mine["threads"] == 2 and mine["img_size"] == spec.img_size
+    assert mine["variants"] == {"ort/fp32": {"p50_ms": 7.0, "artifact": "model.onnx",
+                                             "sha256": spec.artifacts["model.onnx"].sha256}}
+    assert record_timings(eng, spec, {"results": []}) is None
+
+
+def test_int8_is_picked_only_when_the_gate_published_it(int8_engine, tmp_path):
+    import shutil
+
+    src, _ = int8_engine
+    eng = tmp_path / "e"
+    shutil.copytree(src, eng)
+    spec = load_spec(eng)
+    ir = next(k for k, a in spec.artifacts.items() if a.kind == "openvino" and a.precision == "int8"
+              and k.endswith(".xml"))
+    rec = {"machine": machine_key(), "threads": default_threads(), "variants": {
+        "openvino/int8": {"p50_ms": 2.0, "artifact": ir, "sha256": spec.artifacts[ir].sha256},
+        "openvino/fp32": {"p50_ms": 5.0, "artifact": "openvino/model.xml",
+                          "sha256": spec.artifacts["openvino/model.xml"].sha256}}}
+    (eng / TIMINGS_FILE).write_text(json.dumps({"format_version": 1, "records": [rec]}))
+    det = Detector.load(eng)
+    assert det.backend_name == "openvino" and det.artifact.name == Path(ir).name
+    assert "openvino/int8 is the fastest gated variant" in _timing_note(det)
+    del spec.artifacts[ir]  # as if the INT8 gate had failed: nothing published, nothing picked
+    write_spec(eng, spec)
+    det = Detector.load(eng, verify=False)
+    assert det.artifact.name == "model.xml"
