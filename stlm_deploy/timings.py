@@ -129,6 +129,8 @@ def _gated(spec: EngineSpec, label: str, artifact: str) -> bool:
     backend, precision = label.split("/")
     if backend == "openvino" and precision == "bf16":
         return artifact.endswith(".xml") and entry.extra.get("inference_precision") == "bf16"
+    if backend == "openvino" and precision == "fp32":  # an IR's own precision is its weight storage (fp16)
+        return entry.precision != "int8"
     if precision in ("int8", "fp16"):
         return entry.precision == precision
     return precision == "fp32" and entry.precision in (None, "fp32")
@@ -161,20 +163,26 @@ def measured_pick(engine_dir: str | Path, spec: EngineSpec, threads: int, backen
         return Pick(None, None, f"{where}: field 'variants' must be an object; ignored, static order")
     allowed = set(backends)
     timed: list[tuple[float, int, str]] = []
+    ungated: list[tuple[float, str]] = []
     for label, v in variants.items():
         if label not in VARIANTS or label.split("/")[0] not in allowed or not isinstance(v, dict):
             continue
         if not _positive(v.get("p50_ms")) or not isinstance(v.get("artifact"), str):
             return Pick(None, None, f"{where}: field 'variants.{label}' must have a positive p50_ms and an "
                                     "artifact; ignored, static order")
-        if not _gated(spec, label, v["artifact"]) or _artifact_sha(spec, v["artifact"]) != v.get("sha256"):
-            continue  # not gated, or the artifact was re-exported since it was timed
+        if _artifact_sha(spec, v["artifact"]) != v.get("sha256"):
+            continue  # the artifact was re-exported (or removed) since it was timed
+        if not _gated(spec, label, v["artifact"]):
+            ungated.append((float(v["p50_ms"]), label))
+            continue
         timed.append((float(v["p50_ms"]), VARIANTS.index(label), label))
     if not timed:
         return Pick(None, None, f"{where}: no gated, current variant timed on this machine: static order")
     timed.sort()
     best = timed[0][2]
     others = ", ".join(f"{lbl} {ms:.1f}" for ms, _, lbl in timed[1:])
+    faster = ", ".join(f"{lbl} {ms:.1f}" for ms, lbl in sorted(ungated) if ms < timed[0][0])
     backend, precision = best.split("/")
     return Pick(backend, precision, f"{best} is the fastest gated variant timed here ({timed[0][0]:.1f} ms p50"
-                                    f"{'; ' + others if others else ''}; {TIMINGS_FILE})")
+                                    f"{'; ' + others if others else ''}"
+                                    f"{'; faster but not gated: ' + faster if faster else ''}; {TIMINGS_FILE})")

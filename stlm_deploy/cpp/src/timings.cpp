@@ -46,6 +46,8 @@ bool gated(const EngineSpec& spec, const std::string& label, const std::string& 
   if (backend == "openvino" && precision == "bf16")
     return artifact.size() > 4 && artifact.compare(artifact.size() - 4, 4, ".xml") == 0 &&
            entry->inference_precision.value_or("") == "bf16";
+  if (backend == "openvino" && precision == "fp32")  // an IR's own precision is its weight storage (fp16)
+    return entry->precision.value_or("") != "int8";
   if (precision == "int8" || precision == "fp16") return entry->precision.value_or("") == precision;
   return precision == "fp32" && entry->precision.value_or("fp32") == "fp32";
 }
@@ -120,6 +122,7 @@ Pick measured_pick(const std::filesystem::path& engine_dir, const EngineSpec& sp
   if (!record->contains("variants") || !(*record)["variants"].is_object())
     return {"", "", where + ": field 'variants' must be an object; ignored, static order"};
   std::vector<std::tuple<double, size_t, std::string>> timed;
+  std::vector<std::pair<double, std::string>> ungated;
   for (const auto& [label, v] : (*record)["variants"].items()) {
     const auto it = std::find(kVariants.begin(), kVariants.end(), label);
     const std::string backend = label.substr(0, label.find('/'));
@@ -135,7 +138,11 @@ Pick measured_pick(const std::filesystem::path& engine_dir, const EngineSpec& sp
     const ArtifactDesc* entry = spec.artifact(artifact);
     const bool current = entry && v.contains("sha256") && v["sha256"].is_string() &&
                          v["sha256"].get<std::string>() == entry->sha256;
-    if (!gated(spec, label, artifact) || !current) continue;  // not gated, or re-exported since it was timed
+    if (!current) continue;  // re-exported (or removed) since it was timed
+    if (!gated(spec, label, artifact)) {
+      ungated.emplace_back(v["p50_ms"].get<double>(), label);
+      continue;
+    }
     timed.emplace_back(v["p50_ms"].get<double>(), static_cast<size_t>(it - kVariants.begin()), label);
   }
   if (timed.empty()) return {"", "", where + ": no gated, current variant timed on this machine: static order"};
@@ -145,9 +152,14 @@ Pick measured_pick(const std::filesystem::path& engine_dir, const EngineSpec& sp
   std::string others;
   for (size_t i = 1; i < timed.size(); ++i)
     others += (others.empty() ? "" : ", ") + std::get<2>(timed[i]) + " " + ms(std::get<0>(timed[i]));
+  std::sort(ungated.begin(), ungated.end());
+  std::string faster;
+  for (const auto& [t, label] : ungated)
+    if (t < best_ms) faster += (faster.empty() ? "" : ", ") + label + " " + ms(t);
   return {best.substr(0, best.find('/')), best.substr(best.find('/') + 1),
           best + " is the fastest gated variant timed here (" + ms(best_ms) + " ms p50" +
-              (others.empty() ? "" : "; " + others) + "; timings.json)"};
+              (others.empty() ? "" : "; " + others) + (faster.empty() ? "" : "; faster but not gated: " + faster) +
+              "; timings.json)"};
 }
 
 }  // namespace stlm::detail
