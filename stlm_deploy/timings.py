@@ -98,9 +98,11 @@ def record_timings(engine_dir: str | Path, spec: EngineSpec, report: dict[str, A
     if not variants:
         return None
     env = report.get("environment", {})
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for v in variants.values():
+        v["measured_at"] = now
     record = {"machine": machine_key(), "threads": int(env.get("threads") or 1), "batch": 1,
-              "img_size": spec.img_size, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "tool": "stlm-bench", "variants": variants}
+              "img_size": spec.img_size, "tool": "stlm-bench", "variants": variants}
     path = engine_dir / TIMINGS_FILE
     old: list[dict[str, Any]] = []
     try:
@@ -108,8 +110,11 @@ def record_timings(engine_dir: str | Path, spec: EngineSpec, report: dict[str, A
         if isinstance(data, dict) and isinstance(data.get("records"), list):
             old = [x for x in data["records"] if isinstance(x, dict)]
     except (OSError, ValueError):
-        pass  # missing or unreadable: start a fresh file (the bench just measured everything anew)
-    kept = [x for x in old if (x.get("machine"), x.get("threads")) != (record["machine"], record["threads"])]
+        pass  # missing or unreadable: start a fresh file (a damaged record is not worth keeping)
+    same = [x for x in old if (x.get("machine"), x.get("threads")) == (record["machine"], record["threads"])]
+    if same and isinstance(same[0].get("variants"), dict):  # a partial rerun (--backend X) keeps the others
+        record["variants"] = {**same[0]["variants"], **variants}
+    kept = [x for x in old if x not in same]
     return atomic_write_json(path, {"format_version": FORMAT_VERSION, "records": [*kept, record]})
 
 

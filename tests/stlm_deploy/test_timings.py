@@ -122,8 +122,16 @@ def test_record_timings_keeps_other_machines_and_refreshes_this_one(engine_copy)
     assert [r["machine"] for r in records] == ["Other CPU [avx2]", machine_key()]
     mine = records[1]
     assert mine["threads"] == 2 and mine["img_size"] == spec.img_size
-    assert mine["variants"] == {"ort/fp32": {"p50_ms": 7.0, "artifact": "model.onnx",
-                                             "sha256": spec.artifacts["model.onnx"].sha256}}
+    assert {k: v for k, v in mine["variants"]["ort/fp32"].items() if k != "measured_at"} == \
+        {"p50_ms": 7.0, "artifact": "model.onnx", "sha256": spec.artifacts["model.onnx"].sha256}
+    assert set(mine["variants"]) == {"ort/fp32"}
+    # a later partial run (stlm-bench --backend openvino/fp32) adds to the record, it does not drop ort/fp32
+    record_timings(eng, spec, {"environment": {"threads": 2}, "results": [
+        {"backend": "openvino", "requested_precision": "fp32", "precision_used": "fp32",
+         "artifact": str(eng / "openvino" / "model.xml"), "timings": {"1": {"p50_ms": 3.0}}, "error": None}]})
+    mine = json.loads((eng / TIMINGS_FILE).read_text())["records"][1]
+    assert {k: v["p50_ms"] for k, v in mine["variants"].items()} == {"ort/fp32": 7.0, "openvino/fp32": 3.0}
+    assert mine["variants"]["openvino/fp32"]["artifact"] == "openvino/model.xml"
     assert record_timings(eng, spec, {"results": []}) is None
 
 
