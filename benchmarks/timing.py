@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 
@@ -51,13 +50,9 @@ def time_fn(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> Timing:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from stlm_deploy.timings import cpu_model_and_flags
+
+    return cpu_model_and_flags()[0] or platform.processor() or platform.machine()
 
 
 def machine_line() -> str:
@@ -66,14 +61,9 @@ def machine_line() -> str:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
-    except OSError:
-        pass
-    return []
+    from stlm_deploy.timings import cpu_model_and_flags
+
+    return sorted(f for f in cpu_model_and_flags()[1] if f.startswith(("avx512", "amx", "avx2", "fma")))
 
 
 def package_versions(names: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",

@@ -224,7 +224,7 @@ def auto_candidates(planner: Planner, hint: str | None, notes: list[str], thread
         from .backends.base import default_threads
         from .timings import measured_pick
 
-        cpu = [b for b in ("openvino", "ort") if module_importable("openvino" if b == "openvino" else "onnxruntime")]
+        cpu = [b for b, ok in (("openvino", module_importable("openvino")), ("ort", ort_ok)) if ok]
         pick = measured_pick(planner.dir, planner.spec, threads or default_threads(), cpu)
         notes.append(f"timings: {pick.note}")
         if pick.backend:

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 from .files import atomic_write_json
 from .spec import EngineSpec, display_path
 
-__all__ = ["TIMINGS_FILE", "ISA_FLAGS", "Pick", "machine_key", "record_timings", "measured_pick"]
+__all__ = ["TIMINGS_FILE", "ISA_FLAGS", "Pick", "cpu_model_and_flags", "machine_key", "record_timings", "measured_pick"]
 
 TIMINGS_FILE = "timings.json"
 FORMAT_VERSION = 1
@@ -42,8 +42,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "am
 VARIANTS = ("openvino/int8", "openvino/bf16", "openvino/fp32", "ort/int8", "ort/fp32", "ort/fp16")
 
 
-def machine_key(cpuinfo: str | None = None) -> str:
-    """``"<model name> [<ISA flags>]"`` from /proc/cpuinfo (C++: the same text), else the platform name."""
+def cpu_model_and_flags(cpuinfo: str | None = None) -> tuple[str, set[str]]:
+    """The first ``model name`` and ``flags`` of /proc/cpuinfo (or of the text given); "" and {} if absent."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -54,10 +54,16 @@ def machine_key(cpuinfo: str | None = None) -> str:
         name, _, value = line.partition(":")
         name = name.strip()
         if name == "model name" and not model:
-            model = " ".join(value.split())
+            model = value.strip()
         elif name == "flags" and not flags:
             flags = set(value.split())
-    model = model or platform.machine() or "unknown"
+    return model, flags
+
+
+def machine_key(cpuinfo: str | None = None) -> str:
+    """``"<model name> [<ISA flags>]"`` from /proc/cpuinfo (C++: the same text), else the platform name."""
+    model, flags = cpu_model_and_flags(cpuinfo)
+    model = " ".join(model.split()) or platform.machine() or "unknown"
     return f"{model} [{' '.join(f for f in ISA_FLAGS if f in flags)}]"
 
 
