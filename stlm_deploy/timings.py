@@ -166,7 +166,7 @@ def measured_pick(engine_dir: str | Path, spec: EngineSpec, threads: int, backen
         return Pick(None, None, f"{where}: field 'records' must be a list; ignored, static order")
     key = machine_key()
     record = next((r for r in data["records"] if isinstance(r, dict) and r.get("machine") == key
-                   and r.get("threads") == threads), None)
+                   and type(r.get("threads")) is int and r["threads"] == threads), None)  # 2.0/true: no (as C++)
     if record is None:
         return Pick(None, None, f"{where}: no timing for this machine ({key}, {threads} threads): static order")
     variants = record.get("variants")

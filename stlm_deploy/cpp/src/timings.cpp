@@ -147,8 +147,8 @@ Pick measured_pick(const std::filesystem::path& engine_dir, const EngineSpec& sp
   }
   if (timed.empty()) return {"", "", where + ": no gated, current variant timed on this machine: static order"};
   std::sort(timed.begin(), timed.end());
-  const auto& [best_ms, order, best] = timed.front();
-  (void)order;
+  const double best_ms = std::get<0>(timed.front());
+  const std::string& best = std::get<2>(timed.front());
   std::string others;
   for (size_t i = 1; i < timed.size(); ++i)
     others += (others.empty() ? "" : ", ") + std::get<2>(timed[i]) + " " + ms(std::get<0>(timed[i]));
