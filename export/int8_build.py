@@ -6,9 +6,10 @@ export's temporary directory:
 1. calibration images (good, never test) and validation images (:mod:`stlm_export.int8_data`);
 2. the fp32 graph's outputs on the validation images (ONNX Runtime, the reference);
 3. ``model.int8.onnx`` (ORT static Q/DQ, :mod:`stlm_export.quantize_ort`), gated;
-4. ``openvino/model.int8.xml`` (NNCF, with accuracy control on labelled data,
-   :mod:`stlm_export.quantize_ov`), gated at bf16 for the float remainder where the CPU has it,
-   else / on failure at f32 (the passing one is recorded as ``inference_precision``);
+4. ``openvino/model.int8.xml`` (NNCF, :mod:`stlm_export.quantize_ov`): the same op-type ladder as
+   the Q/DQ file, then (labelled data only) accuracy control as the last rung; each rung gated at
+   bf16 for the float remainder where the CPU has it, else / on failure at f32 (the passing one is
+   recorded as ``inference_precision``);
 5. ``model.int8.plan`` (TensorRT explicit quantisation from the same Q/DQ file) where TensorRT runs.
 
 An artifact is listed in ``stlm.json`` only if it passed (:mod:`stlm_export.int8_gate`), with its
@@ -30,7 +31,7 @@ from .calib import CalibSet
 from .int8_data import ValSet, int8_calibration, int8_validation
 from .int8_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
 from .onnx_export import save_onnx, set_metadata
-from .quantize_ort import INT8_ONNX, ORT_INT8_LADDER, quantize_qdq
+from .quantize_ort import INT8_ONNX, ORT_INT8_LADDER, ORT_INT8_POLICY, QdqPolicy, quantize_qdq
 from .quantize_ov import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
 
 __all__ = ["Int8Outcome", "build_gated_int8", "int8_data"]
@@ -131,21 +132,38 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
     publish(ort_rec, [(INT8_ONNX, "onnx")])
 
     if "openvino" in targets:
-        ov = quantize_openvino(tmp / "model.onnx", tmp / OV_INT8_XML, calib.images, val_images=val.images,
-                               fp32_val=fp32, labels=val.labels, masks=val.masks, threshold=threshold, tolerance=tol,
-                               accuracy_control=accuracy_control, max_reverts=max_reverts, say=say)
         caps = cpu_capabilities()
-        tried: list[Int8Record] = []
-        for prec in dict.fromkeys([preferred_precision(caps), "fp32"]):
-            backend = OpenVinoBackend(tmp / OV_INT8_XML, precision=prec, artifact_precision="int8")
-            got = backend_outputs(backend, val.images, spec.batch)
-            ran = backend.inference_precision or prec
-            tried.append(gate(OV_INT8_XML, "openvino-cpu", got, {"nncf": ov.to_dict(), "inference_precision": ran}))
-            if tried[-1].passed:
+
+        def ov_rung(policy: QdqPolicy, control: bool) -> Int8Record:
+            """Quantise with ``policy``, gate at the CPU's preferred precision, then at f32."""
+            ov = quantize_openvino(tmp / "model.onnx", tmp / OV_INT8_XML, calib.images, val_images=val.images,
+                                   fp32_val=fp32, labels=val.labels, masks=val.masks, threshold=threshold,
+                                   tolerance=tol, accuracy_control=control, max_reverts=max_reverts, policy=policy,
+                                   say=say)
+            tried: list[Int8Record] = []
+            for prec in dict.fromkeys([preferred_precision(caps), "fp32"]):
+                backend = OpenVinoBackend(tmp / OV_INT8_XML, precision=prec, artifact_precision="int8")
+                got = backend_outputs(backend, val.images, spec.batch)
+                ran = backend.inference_precision or prec
+                tried.append(gate(OV_INT8_XML, "openvino-cpu", got, {"nncf": ov.to_dict(), "inference_precision": ran}))
+                if tried[-1].passed:
+                    break
+            if len(tried) > 1:
+                tried[-1].details["precision_fallback_from"] = tried[0].to_dict()
+            return tried[-1]
+
+        # the plain ladder first (seconds per rung), accuracy control last (minutes per revert)
+        ov_rungs: list[Int8Record] = []
+        for policy in ORT_INT8_LADDER[:max(1, ort_rungs)]:
+            ov_rungs.append(ov_rung(policy, control=False))
+            if ov_rungs[-1].passed:
                 break
-        final = tried[-1]
-        if len(tried) > 1:
-            final.details["fallback_from"] = tried[0].to_dict()
+            say(f"int8 gate {OV_INT8_XML} with {'+'.join(policy.op_types)}: " + "; ".join(ov_rungs[-1].failures))
+        if not ov_rungs[-1].passed and accuracy_control and val.two_classes and max_reverts > 0:
+            ov_rungs.append(ov_rung(ORT_INT8_POLICY, control=True))
+        final = ov_rungs[-1]
+        if len(ov_rungs) > 1:
+            final.details["fallback_from"] = [r.to_dict() for r in ov_rungs[:-1]]
         publish(final, [(OV_INT8_XML, "openvino"), (OV_INT8_XML[:-4] + ".bin", "openvino")],
                 inference_precision=final.details["inference_precision"])
 

@@ -6,7 +6,8 @@ inference precision is a compile option, not a property of the file: bf16 where 
 ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16/AMX), f32 otherwise; the precision the
 compiled model actually uses is read back and recorded. If bf16 inference fails the gate but f32
 inference passes, the IR is published with ``inference_precision: f32`` and the bf16 numbers are
-kept in parity.json (the runtime can still be asked for bf16 explicitly). The gate runs the IR
+kept in parity.json (the runtime can still be asked for bf16 explicitly). If the fp16-stored weights
+alone exceed the tolerance (seen at 1024 px), the IR is rewritten with fp32 weights and gated as fp32. The gate runs the IR
 through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which owns the one map
 between our precision names and OpenVINO's.
 """
@@ -73,23 +74,34 @@ def build_gated_openvino(tmp: Path, batch: int | str, graph_inputs: np.ndarray |
     if graph_inputs is not None:
         tried: list[ParityRecord] = []
         for prec in dict.fromkeys([used, "fp32"]):
-            backend = OpenVinoBackend(ir.xml, precision=prec)
-            got = backend_outputs(backend, graph_inputs, batch)
-            # fp16-compressed weights: the fp16 tolerance applies even to f32 inference
-            ran = backend.inference_precision or prec
-            tol_class = "fp16" if ran == "fp32" else ran
-            rec = gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
-                             details={"inference_precision": ran, "weights": ir.weights_precision,
-                                      "requested_precision": prec, "cpu_capabilities": caps})
-            tried.append(rec)
-            if rec.passed:
+            tried.append(_check_ir(ir, prec, graph_inputs, batch, gate, caps))
+            if tried[-1].passed:
                 break
+        if not tried[-1].passed:
+            # fp16 weight storage alone can exceed the fp16 tolerance (seen at 1024 px: 5.2e-3 > 5e-3):
+            # the same graph with fp32 weights is gated as fp32, not given up
+            ir = build_openvino(tmp / "model.onnx", tmp / "openvino", compress_to_fp16=False)
+            tried.append(_check_ir(ir, "fp32", graph_inputs, batch, gate, caps))
         final = tried[-1]
         used = final.details["inference_precision"]
         if len(tried) > 1:
-            final.details["fallback_from"] = tried[0].to_dict()
-            notes.append(f"openvino: {tried[0].details['inference_precision']} inference failed the gate "
-                         f"({'; '.join(tried[0].failures)}); published for f32 inference")
+            final.details["fallback_from"] = [r.to_dict() for r in tried[:-1]]
+            first = tried[0]
+            notes.append(f"openvino: {first.details['inference_precision']} inference "
+                         f"({first.details['weights']} weights) failed the gate ({'; '.join(first.failures)}); "
+                         f"published for {used} inference with {ir.weights_precision} weights")
         gate.require(final)
     spec.add_artifact(tmp, "openvino/model.xml", "openvino", ir.weights_precision, inference_precision=used)
     spec.add_artifact(tmp, "openvino/model.bin", "openvino", ir.weights_precision)
+
+
+def _check_ir(ir: OpenVinoIR, prec: str, graph_inputs: np.ndarray, batch: int | str, gate: Gate,
+              caps: list[str]) -> ParityRecord:
+    """Gate ``ir`` run at ``prec``; fp16-stored weights are held to the fp16 tolerance even at f32."""
+    backend = OpenVinoBackend(ir.xml, precision=prec)
+    got = backend_outputs(backend, graph_inputs, batch)
+    ran = backend.inference_precision or prec
+    tol_class = ("fp16" if ir.weights_precision == "fp16" else "fp32") if ran == "fp32" else ran
+    return gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
+                      details={"inference_precision": ran, "weights": ir.weights_precision,
+                               "requested_precision": prec, "cpu_capabilities": caps})

@@ -2,12 +2,15 @@
 
 The fp32 IR converted from the verified ``model.onnx`` (uncompressed weights: NNCF wants the
 original precision) is quantised with ``nncf.quantize(model_type=TRANSFORMER)`` on good
-calibration images. With labelled validation images (both classes) it is
-``nncf.quantize_with_accuracy_control`` instead, driven by :func:`stlm_export.int8_gate.gate_margin`
-(image/pixel AUROC drop and decision agreement against the fp32 graph, the gate itself), so NNCF
-reverts the most damaging quantisers to float until the gate would pass or ``max_reverts`` is spent.
-The FA head stays float (as in the ORT policy). Which ops were quantised is read back from the IR
-(FakeQuantize layers) and recorded.
+calibration images, for the op types of one :class:`~stlm_export.quantize_ort.QdqPolicy` (the
+export walks the same ladder as for ONNX Runtime: all compute ops, then convolutions float, then
+matmuls float). ``accuracy_control`` runs ``nncf.quantize_with_accuracy_control`` instead, driven
+by :func:`stlm_export.int8_gate.gate_margin` (image/pixel AUROC drop and decision agreement against
+the fp32 graph, the gate itself), so NNCF reverts the most damaging quantisers to float until the
+gate would pass or ``max_reverts`` is spent; the export uses it as the last rung, because it costs
+minutes per revert and, measured on a 15-minute checkpoint, ended further from fp32 than the plain
+ladder's passing rung (docs/int8.md). The FA head stays float (as in the ORT policy). Which ops were
+quantised is read back from the IR (FakeQuantize layers) and recorded.
 """
 from __future__ import annotations
 
@@ -22,12 +25,22 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .int8_gate import INT8_TOLERANCE, Int8Tolerance, gate_margin
+from .quantize_ort import ORT_INT8_POLICY, QdqPolicy
 
-__all__ = ["OvInt8", "quantize_openvino", "OV_INT8_XML", "OV_IGNORED_PATTERNS", "DEFAULT_MAX_REVERTS"]
+__all__ = ["OvInt8", "quantize_openvino", "ov_ignored_types", "OV_INT8_XML", "OV_IGNORED_PATTERNS",
+           "DEFAULT_MAX_REVERTS"]
 
 OV_INT8_XML = "openvino/model.int8.xml"
 OV_IGNORED_PATTERNS = (".*/fa_head/.*",)
 DEFAULT_MAX_REVERTS = 8
+# ONNX op type of a QdqPolicy -> the OpenVINO op types it becomes after convert_model (Gemm -> MatMul)
+_OV_TYPES = {"MatMul": ("MatMul",), "Gemm": ("MatMul",), "Conv": ("Convolution", "GroupConvolution")}
+
+
+def ov_ignored_types(policy: QdqPolicy) -> list[str]:
+    """The OpenVINO op types NNCF must leave float so that only ``policy.op_types`` are quantised."""
+    keep = {t for op in policy.op_types for t in _OV_TYPES.get(op, ())}
+    return sorted({t for ts in _OV_TYPES.values() for t in ts} - keep)
 
 
 @dataclass
@@ -37,10 +50,13 @@ class OvInt8:
     method: str  # "quantize" | "quantize_with_accuracy_control"
     fake_quantize: int = 0
     notes: list[str] = field(default_factory=list)
+    policy: QdqPolicy = ORT_INT8_POLICY
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "fake_quantize_layers": self.fake_quantize, "model_type": "TRANSFORMER",
-                "ignored_patterns": list(OV_IGNORED_PATTERNS), "notes": list(self.notes)}
+                "op_types": list(self.policy.op_types), "ignored_types": ov_ignored_types(self.policy),
+                "ignored_patterns": list(OV_IGNORED_PATTERNS), "reason": self.policy.reason,
+                "notes": list(self.notes)}
 
 
 def _outputs(compiled: Any, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -59,8 +75,8 @@ def quantize_openvino(fp32_onnx: str | os.PathLike, out_xml: str | os.PathLike, 
                       labels: np.ndarray | None = None, masks: np.ndarray | None = None,
                       threshold: float | None = None, tolerance: Int8Tolerance = INT8_TOLERANCE,
                       accuracy_control: bool = True, max_reverts: int = DEFAULT_MAX_REVERTS,
-                      say: Callable[[str], None] = lambda _m: None) -> OvInt8:
-    """Quantise ``fp32_onnx`` and save the INT8 IR at ``out_xml``.
+                      policy: QdqPolicy = ORT_INT8_POLICY, say: Callable[[str], None] = lambda _m: None) -> OvInt8:
+    """Quantise the ``policy.op_types`` of ``fp32_onnx`` and save the INT8 IR at ``out_xml``.
 
     Accuracy control runs when ``accuracy_control`` and the validation images have both classes
     (``labels``); ``fp32_val`` are the fp32 graph's outputs on ``val_images`` (the reference).
@@ -72,7 +88,7 @@ def quantize_openvino(fp32_onnx: str | os.PathLike, out_xml: str | os.PathLike, 
     nncf.set_log_level(logging.ERROR)  # its INFO lines and progress bars would bury the export's own log
     model = ov.convert_model(str(fp32_onnx))
     calib_ds = nncf.Dataset([np.ascontiguousarray(calib[i:i + 1]) for i in range(len(calib))])
-    ignored = nncf.IgnoredScope(patterns=list(OV_IGNORED_PATTERNS), validate=False)
+    ignored = nncf.IgnoredScope(patterns=list(OV_IGNORED_PATTERNS), types=ov_ignored_types(policy), validate=False)
     two_classes = labels is not None and 0 < int(np.sum(labels)) < len(labels)
     notes: list[str] = []
     if accuracy_control and two_classes and val_images is not None and fp32_val is not None and max_reverts > 0:
@@ -106,5 +122,5 @@ def quantize_openvino(fp32_onnx: str | os.PathLike, out_xml: str | os.PathLike, 
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(q, str(out_xml), compress_to_fp16=False)
     fq = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
-    say(f"{out_xml.name}: nncf {nncf.__version__} {method}, {fq} FakeQuantize layers")
-    return OvInt8(out_xml, out_xml.with_suffix(".bin"), method, fq, notes)
+    say(f"{out_xml.name}: nncf {nncf.__version__} {method} of {'+'.join(policy.op_types)}, {fq} FakeQuantize layers")
+    return OvInt8(out_xml, out_xml.with_suffix(".bin"), method, fq, notes, policy)

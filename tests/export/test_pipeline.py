@@ -160,6 +160,26 @@ def test_failed_gate_publishes_nothing_and_keeps_the_old_engine(full_engine, sma
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bottle"]  # no temp or backup folder left behind
 
 
+def test_openvino_ir_whose_fp16_weights_fail_is_rewritten_with_fp32_weights(small_ckpt, tmp_path):
+    """fp16 weight storage alone can exceed the fp16 tolerance (seen at 1024 px): the export must not
+    lose model.onnx over it, but publish the IR with fp32 weights, gated at the fp32 tolerance."""
+    no_half = {"fp16": Tolerance(map=1e-12, score=1e-12, tlm=1e-12, rank_order=True),
+               "bf16": Tolerance(map=1e-12, score=1e-12, tlm=1e-12, rank_order=True)}
+    out = tmp_path / "e"
+    res = export_engine(_small_opts(small_ckpt, out, target="openvino", tolerances=no_half))
+    spec = json.loads((out / "stlm.json").read_text())
+    ir = spec["artifacts"]["openvino/model.xml"]
+    assert ir["precision"] == "fp32" and ir["inference_precision"] == "fp32" and "model.onnx" in spec["artifacts"]
+    rec = {r["artifact"]: r for r in json.loads((out / "parity.json").read_text())["artifacts"]}["openvino/model.xml"]
+    assert rec["pass"] and rec["weights"] == "fp32" and rec["tolerance"]["map"] == 1e-4
+    assert rec["fallback_from"] and [r["weights"] for r in rec["fallback_from"]] == ["fp16"] * len(rec["fallback_from"])
+    assert all(not r["pass"] for r in rec["fallback_from"])
+    assert any("published for fp32 inference with fp32 weights" in n for n in res.notes)
+    # the IR really holds fp32 weights: about twice the bytes of the fp16 one
+    onnx_bytes = (out / "model.onnx").stat().st_size
+    assert (out / "openvino" / "model.bin").stat().st_size > 0.8 * onnx_bytes
+
+
 def test_interrupted_export_leaves_no_partial_directory(small_ckpt, tmp_path, monkeypatch):
     import stlm_export.pipeline as pipeline
 

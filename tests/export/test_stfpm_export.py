@@ -72,11 +72,22 @@ def test_with_tlm_and_official_snapshots_are_refused_in_one_line(stfpm_ckpt, tmp
 
 
 def test_int8_with_accuracy_control_runs_on_an_stfpm_engine(stfpm_ckpt, sample_dir, tmp_path):
-    """INT8 with NNCF accuracy control goes through for the second family too: the INT8 IR is gated,
-    whatever the verdict. (The crash seen on a trained STFPM model, NNCF dividing by an initial metric of
-    0, is pinned by test_int8.py::test_gate_margin_is_the_gate: the metric of the fp32 graph is 1.)"""
+    """INT8 for the second family: the OpenVINO IR walks the op-type ladder, then NNCF accuracy control
+    as the last rung (forced here by an impossible agreement), each rung gated and on record. (The crash
+    seen on a trained STFPM model, NNCF dividing by an initial metric of 0, is pinned by
+    test_int8.py::test_gate_margin_is_the_gate: the metric of the fp32 graph is 1.)"""
+    from stlm_export.int8_gate import Int8Tolerance
+    from stlm_export.quantize_ort import ORT_INT8_LADDER
+
     res = export_engine(ExportOptions(ckpt=stfpm_ckpt, out=tmp_path / "stfpm_int8", int8=True, target="openvino",
-                                      val_data=str(sample_dir), calib_data=str(sample_dir), parity_images=4))
+                                      val_data=str(sample_dir), calib_data=str(sample_dir), parity_images=4,
+                                      int8_tolerance=Int8Tolerance(min_agreement=1.01)))
     assert res.int8 is not None
-    recs = [r for r in res.int8["artifacts"] if r["artifact"] == "openvino/model.int8.xml"]  # gated, pass or fail
-    assert recs and "quantize_with_accuracy_control" in json.dumps(recs)
+    recs = [r for r in res.int8["artifacts"] if r["artifact"] == "openvino/model.int8.xml"]
+    assert len(recs) == 1 and not recs[0]["pass"]
+    final = recs[0]
+    assert final["nncf"]["method"] == "quantize_with_accuracy_control"
+    ladder = [r["nncf"] for r in final["fallback_from"]]
+    assert [n["method"] for n in ladder] == ["quantize"] * len(ORT_INT8_LADDER)
+    assert [n["op_types"] for n in ladder] == [list(p.op_types) for p in ORT_INT8_LADDER]
+    assert not (tmp_path / "stfpm_int8" / "openvino" / "model.int8.xml").exists()
