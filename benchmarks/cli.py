@@ -121,6 +121,9 @@ def _record(engine_dir: Path, spec, report: dict) -> None:
     if path is not None:
         click.echo(f"stlm-bench: batch-1 timings recorded in {display_path(path)} (backend 'auto' runs the fastest "
                    "gated variant on this machine)", err=True)
+    else:
+        click.echo(f"stlm-bench: {display_path(engine_dir / TIMINGS_FILE)}: nothing recorded (no batch-1 timing of an "
+                   "artifact stlm.json lists at the precision it ran); backend 'auto' keeps its static order", err=True)
 
 
 def _recorded_source(spec, engine_dir: Path) -> str | None:

@@ -73,15 +73,15 @@ def _artifact_sha(spec: EngineSpec, rel: str | None) -> str | None:
 
 
 def _relative(engine_dir: Path, artifact: str | None) -> str | None:
-    """The artifact as stlm.json names it (the bench reports the path it loaded)."""
+    """The artifact as stlm.json names it. The bench reports the path it loaded, relative to the
+    working directory when ``--engine`` was relative (``engines/x/model.onnx``); a path outside the
+    engine directory is taken as already relative to it."""
     if not artifact:
         return None
-    if not Path(artifact).is_absolute():
-        return Path(artifact).as_posix()
     try:
-        return Path(artifact).resolve().relative_to(engine_dir.resolve()).as_posix()
+        return Path(artifact).resolve().relative_to(Path(engine_dir).resolve()).as_posix()
     except ValueError:
-        return artifact
+        return Path(artifact).as_posix()
 
 
 def record_timings(engine_dir: str | Path, spec: EngineSpec, report: dict[str, Any]) -> Path | None:

@@ -139,6 +139,21 @@ def test_record_timings_keeps_other_machines_and_refreshes_this_one(engine_copy)
     assert record_timings(eng, spec, {"results": []}) is None
 
 
+def test_record_timings_from_a_relative_engine_path(engine_copy, monkeypatch):
+    """`stlm-bench --engine engines/x` (README) reports artifacts as engines/x/model.onnx: still recorded."""
+    eng = engine_copy("fused")
+    spec = load_spec(eng)
+    monkeypatch.chdir(eng.parent)
+    rel = Path(eng.name)
+    path = record_timings(rel, spec, {"environment": {"threads": 2}, "results": [
+        {"backend": "ort", "requested_precision": "fp32", "precision_used": "fp32",
+         "artifact": f"{eng.name}/model.onnx", "timings": {"1": {"p50_ms": 4.0}}, "error": None}]})
+    assert path is not None
+    mine = [r for r in json.loads((eng / TIMINGS_FILE).read_text())["records"] if r["machine"] == machine_key()][0]
+    assert mine["variants"]["ort/fp32"]["artifact"] == "model.onnx"
+    assert mine["variants"]["ort/fp32"]["sha256"] == spec.artifacts["model.onnx"].sha256
+
+
 def test_int8_is_picked_only_when_the_gate_published_it(int8_engine, tmp_path):
     import shutil
 
