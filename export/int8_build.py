@@ -65,6 +65,25 @@ def _gate_summary(rec: Int8Record) -> dict[str, Any]:
             "n_images": rec.n_images, "report": "parity.json"}
 
 
+def _walk_ladder(ladder: tuple[QdqPolicy, ...], attempt: Callable[[QdqPolicy], Int8Record], artifact: str,
+                 say: Callable[[str], None]) -> list[Int8Record]:
+    """Gate ``attempt(policy)`` down the ladder until one passes; every record, in order."""
+    recs: list[Int8Record] = []
+    for policy in ladder:
+        recs.append(attempt(policy))
+        if recs[-1].passed:
+            break
+        say(f"int8 gate {artifact} with {'+'.join(policy.op_types)}: " + "; ".join(recs[-1].failures))
+    return recs
+
+
+def _final(recs: list[Int8Record]) -> Int8Record:
+    """The last record, carrying the ones before it as ``fallback_from`` (kept in parity.json)."""
+    if len(recs) > 1:
+        recs[-1].details["fallback_from"] = [r.to_dict() for r in recs[:-1]]
+    return recs[-1]
+
+
 def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str) -> tuple[CalibSet, ValSet]:
     """Calibration and validation images at ``s`` px (ValueError naming the flag when there are none)."""
     calib = int8_calibration(calib_data, ckpt_obj, s, resize)
@@ -78,7 +97,7 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
                      say: Callable[[str], None] = print) -> Int8Outcome:
     """Build, gate and list the INT8 artifacts in ``tmp`` (see the module docstring).
 
-    ``ort_rungs``: how many policies of :data:`ORT_INT8_LADDER` to try before giving up on the Q/DQ file.
+    ``ort_rungs``: how many policies of :data:`ORT_INT8_LADDER` to try (for the Q/DQ file and the IR alike).
     ``trt_build()`` (optional) builds the TensorRT INT8 plan from ``model.int8.onnx`` and returns
     (plan name, TensorRT backend); it is called only after the ORT Q/DQ file passed its gate.
     """
@@ -113,22 +132,18 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
     # ONNX Runtime static Q/DQ
     import onnx
 
-    rungs: list[Int8Record] = []
-    for policy in ORT_INT8_LADDER[:max(1, ort_rungs)]:
+    def qdq_rung(policy: QdqPolicy) -> Int8Record:
         summary = quantize_qdq(tmp / "model.onnx", tmp / INT8_ONNX, calib.images, policy)
         q = onnx.load(str(tmp / INT8_ONNX))
         set_metadata(q, metadata)
         save_onnx(q, tmp / INT8_ONNX)
         say(f"{INT8_ONNX}: {'+'.join(policy.op_types)} -> {summary['quantize_linear']} QuantizeLinear, int8 ops "
             + ", ".join(f"{k} {v}" for k, v in summary["quantized_by_op"].items()))
-        rungs.append(gate(INT8_ONNX, "onnxruntime-cpu", ort_outputs(tmp / INT8_ONNX, val.images, spec.batch),
-                          {"qdq": summary}))
-        if rungs[-1].passed:
-            break
-        say(f"int8 gate {INT8_ONNX} with {'+'.join(policy.op_types)}: " + "; ".join(rungs[-1].failures))
-    ort_rec = rungs[-1]
-    if len(rungs) > 1:
-        ort_rec.details["fallback_from"] = [r.to_dict() for r in rungs[:-1]]
+        return gate(INT8_ONNX, "onnxruntime-cpu", ort_outputs(tmp / INT8_ONNX, val.images, spec.batch),
+                    {"qdq": summary})
+
+    ladder = ORT_INT8_LADDER[:max(1, ort_rungs)]
+    ort_rec = _final(_walk_ladder(ladder, qdq_rung, INT8_ONNX, say))
     publish(ort_rec, [(INT8_ONNX, "onnx")])
 
     if "openvino" in targets:
@@ -153,17 +168,10 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
             return tried[-1]
 
         # the plain ladder first (seconds per rung), accuracy control last (minutes per revert)
-        ov_rungs: list[Int8Record] = []
-        for policy in ORT_INT8_LADDER[:max(1, ort_rungs)]:
-            ov_rungs.append(ov_rung(policy, control=False))
-            if ov_rungs[-1].passed:
-                break
-            say(f"int8 gate {OV_INT8_XML} with {'+'.join(policy.op_types)}: " + "; ".join(ov_rungs[-1].failures))
+        ov_rungs = _walk_ladder(ladder, lambda policy: ov_rung(policy, control=False), OV_INT8_XML, say)
         if not ov_rungs[-1].passed and accuracy_control and val.two_classes and max_reverts > 0:
             ov_rungs.append(ov_rung(ORT_INT8_POLICY, control=True))
-        final = ov_rungs[-1]
-        if len(ov_rungs) > 1:
-            final.details["fallback_from"] = [r.to_dict() for r in ov_rungs[:-1]]
+        final = _final(ov_rungs)
         publish(final, [(OV_INT8_XML, "openvino"), (OV_INT8_XML[:-4] + ".bin", "openvino")],
                 inference_precision=final.details["inference_precision"])
 

@@ -7,8 +7,8 @@ inference precision is a compile option, not a property of the file: bf16 where 
 compiled model actually uses is read back and recorded. If bf16 inference fails the gate but f32
 inference passes, the IR is published with ``inference_precision: f32`` and the bf16 numbers are
 kept in parity.json (the runtime can still be asked for bf16 explicitly). If the fp16-stored weights
-alone exceed the tolerance (seen at 1024 px), the IR is rewritten with fp32 weights and gated as fp32. The gate runs the IR
-through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which owns the one map
+alone exceed the tolerance (seen at 1024 px), the IR is rewritten with fp32 weights and gated as
+fp32. The gate runs the IR through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which owns the one map
 between our precision names and OpenVINO's.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ matmuls float). ``accuracy_control`` runs ``nncf.quantize_with_accuracy_control`
 by :func:`stlm_export.int8_gate.gate_margin` (image/pixel AUROC drop and decision agreement against
 the fp32 graph, the gate itself), so NNCF reverts the most damaging quantisers to float until the
 gate would pass or ``max_reverts`` is spent; the export uses it as the last rung, because it costs
-minutes per revert and, measured on a 15-minute checkpoint, ended further from fp32 than the plain
+minutes per revert and, measured on a 12-minute checkpoint, ended further from fp32 than the plain
 ladder's passing rung (docs/int8.md). The FA head stays float (as in the ORT policy). Which ops were
 quantised is read back from the IR (FakeQuantize layers) and recorded.
 """
