@@ -124,6 +124,12 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged_history(earlier: str | None, mine: str) -> str:
+    """``earlier`` ("a; then b") with ``mine`` appended unless it is already there."""
+    parts = earlier.split("; then ") if earlier else []
+    return "; then ".join(parts if mine in parts else [*parts, mine])
+
+
 def same_setup(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether runs recorded under ``old`` meta data can be merged with new ones: same data (the same
     folder however it was spelled, relative or absolute), config, image size and budget."""
@@ -168,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(json_path.read_text())
         if same_setup(old.get("meta", {}), meta):
             rows = old.get("runs", [])
-            earlier = old.get("meta", {}).get("command")
-            if rows and earlier and meta["command"] not in earlier.split("; then "):
-                meta["command"] = f"{earlier}; then {meta['command']}"   # the merged rows keep their commands
+            if rows:  # the merged rows keep the commands and machines that produced them
+                for key in ("command", "machine"):
+                    meta[key] = merged_history(old.get("meta", {}).get(key), meta[key])
     def publish() -> str:
         """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""
         summary = summarize(rows, list(VARIANTS))

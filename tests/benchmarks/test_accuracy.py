@@ -61,3 +61,13 @@ def test_runs_merge_when_the_same_data_folder_is_spelled_differently(tmp_path, m
     assert accuracy.same_setup({**meta, "data": "generated"}, {**meta, "data": "generated"})
     assert not accuracy.same_setup(meta, {**meta, "data": "generated"})
     assert not accuracy.same_setup(meta, {**meta, "budget": "150 steps"})
+
+
+def test_merged_results_keep_every_command_and_machine_once():
+    """A resumed sweep (same command again) must not drop the history of the rows it merges."""
+    first, second = "python -m stlm_bench.accuracy --variants v0", "python -m stlm_bench.accuracy --variants current"
+    history = accuracy.merged_history(accuracy.merged_history(None, first), second)
+    assert history == f"{first}; then {second}"
+    assert accuracy.merged_history(history, second) == history  # rerun of the second: unchanged
+    assert accuracy.merged_history(history, first) == history
+    assert accuracy.merged_history("AMD EPYC, 2 cores", "Intel Xeon, 2 cores") == "AMD EPYC, 2 cores; then Intel Xeon, 2 cores"
