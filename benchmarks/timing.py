@@ -58,10 +58,7 @@ def cpu_model() -> str:
 def machine_line() -> str:
     """The one-line machine label of a results file's meta data (accuracy, families, sharpness): the CPU
     model where /proc/cpuinfo names one (``platform.processor()`` is only "x86_64" on Linux)."""
-    from stlm_deploy.timings import cpu_model_and_flags
-
-    model = cpu_model_and_flags()[0]
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def cpu_flags() -> list[str]:
