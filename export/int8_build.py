@@ -3,8 +3,8 @@
 Runs after ``model.onnx`` (and the fp16/bf16 artifacts) passed their parity gates, inside the
 export's temporary directory:
 
-1. calibration images (good, never test) and validation images (:mod:`stlm_export.int8_data`);
-2. the fp32 graph's outputs on the validation images (ONNX Runtime, the reference);
+1. calibration images (good, never test) and the gate images, never the same (:mod:`stlm_export.int8_data`);
+2. the fp32 graph's outputs on the gate images (ONNX Runtime, the reference; shared with the bf16/fp16 gates);
 3. ``model.int8.onnx`` (ORT static Q/DQ, :mod:`stlm_export.quantize_ort`), gated;
 4. ``openvino/model.int8.xml`` (NNCF, :mod:`stlm_export.quantize_ov`): the same op-type ladder as
    the Q/DQ file, then (labelled data only) accuracy control as the last rung; each rung gated at
@@ -12,8 +12,8 @@ export's temporary directory:
    recorded as ``inference_precision``);
 5. ``model.int8.plan`` (TensorRT explicit quantisation from the same Q/DQ file) where TensorRT runs.
 
-An artifact is listed in ``stlm.json`` only if it passed (:mod:`stlm_export.int8_gate`), with its
-gate numbers under ``gate``; a failing one is deleted, its numbers stay in ``parity.json``. The
+An artifact is listed in ``stlm.json`` only if it passed (:mod:`stlm_export.task_gate`), with its
+gate numbers and evidence under ``gate``; a failing one is deleted, its numbers stay in ``parity.json``. The
 export then continues: the other artifacts are published either way.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ from stlm_deploy.spec import EngineSpec
 
 from .gate import backend_outputs, ort_outputs
 from .calib import CalibSet
-from .int8_data import ValSet, int8_calibration, int8_validation
-from .int8_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
+from .int8_data import ValSet, gate_data
+from .precision_gate import int8_entries
+from .task_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
 from .onnx_export import save_onnx, set_metadata
 from .quantize_ort import INT8_ONNX, ORT_INT8_LADDER, ORT_INT8_POLICY, QdqPolicy, quantize_qdq
 from .quantize_ov import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
@@ -58,13 +59,6 @@ class Int8Outcome:
                 **self.details}
 
 
-def _gate_summary(rec: Int8Record) -> dict[str, Any]:
-    m = rec.metrics
-    return {"pass": rec.passed, "agreement": m["agreement"], "image_auroc_drop": m["image_auroc_drop"],
-            "pixel_auroc_drop": m["pixel_auroc_drop"], "max_abs_map": m["max_abs_map"], "spearman": m["spearman"],
-            "n_images": rec.n_images, "report": "parity.json"}
-
-
 def _walk_ladder(ladder: tuple[QdqPolicy, ...], attempt: Callable[[QdqPolicy], Int8Record], artifact: str,
                  say: Callable[[str], None]) -> list[Int8Record]:
     """Gate ``attempt(policy)`` down the ladder until one passes; every record, in order."""
@@ -85,21 +79,23 @@ def _final(recs: list[Int8Record]) -> Int8Record:
 
 
 def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str) -> tuple[CalibSet, ValSet]:
-    """Calibration and validation images at ``s`` px (ValueError naming the flag when there are none)."""
-    calib = int8_calibration(calib_data, ckpt_obj, s, resize)
-    return calib, int8_validation(val_data, ckpt_obj, s, resize, calib)
+    """Calibration and gate images at ``s`` px, disjoint (ValueError naming the flag when there are none)."""
+    calib, val = gate_data(calib_data, val_data, ckpt_obj, s, resize, int8=True)
+    assert calib is not None
+    return calib, val
 
 
 def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, *, targets: tuple[str, ...],
                      metadata: dict[str, str], tolerance: Int8Tolerance | None = None, accuracy_control: bool = True,
                      max_reverts: int = DEFAULT_MAX_REVERTS, ort_rungs: int = len(ORT_INT8_LADDER),
-                     trt_build: Callable[[], Any] | None = None,
+                     trt_build: Callable[[], Any] | None = None, fp32: dict[str, np.ndarray] | None = None,
                      say: Callable[[str], None] = print) -> Int8Outcome:
     """Build, gate and list the INT8 artifacts in ``tmp`` (see the module docstring).
 
     ``ort_rungs``: how many policies of :data:`ORT_INT8_LADDER` to try (for the Q/DQ file and the IR alike).
     ``trt_build()`` (optional) builds the TensorRT INT8 plan from ``model.int8.onnx`` and returns
     (plan name, TensorRT backend); it is called only after the ORT Q/DQ file passed its gate.
+    ``fp32``: model.onnx's outputs on ``val.images`` when the caller has them already (else computed here).
     """
     from stlm_deploy.backends.openvino import OpenVinoBackend
 
@@ -109,10 +105,11 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
     out = Int8Outcome(data={"calibration": {"source": calib.source, "n_images": len(calib), "images": calib.paths},
                             "validation": {"source": val.source, "n_images": len(val), "images": val.paths,
                                            "labelled": val.two_classes, "pixel_labels": val.masks is not None,
-                                           "note": val.note}})
+                                           "note": val.note, "evidence": val.evidence().to_dict(tol)}})
     say(f"int8: calibration {len(calib)} images from {calib.source}; validation {len(val)} images from "
         f"{val.source}{' (' + val.note + ')' if val.note else ''}")
-    fp32 = ort_outputs(tmp / "model.onnx", val.images, spec.batch)
+    if fp32 is None:
+        fp32 = ort_outputs(tmp / "model.onnx", val.images, spec.batch)
     threshold = spec.thresholds.image
 
     def gate(artifact: str, backend: str, got: dict[str, np.ndarray], details: dict[str, Any]) -> Int8Record:
@@ -124,7 +121,7 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
         say("int8 gate " + rec.line())
         if rec.passed:
             for i, (rel, kind) in enumerate(files):
-                spec.add_artifact(tmp, rel, kind, "int8", **(dict(extra, gate=_gate_summary(rec)) if i == 0 else {}))
+                spec.add_artifact(tmp, rel, kind, "int8", **(dict(extra, gate=rec.summary()) if i == 0 else {}))
         else:
             for rel, _ in files:
                 (tmp / rel).unlink(missing_ok=True)
@@ -181,4 +178,6 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
         publish(gate(plan, "tensorrt", got, {}), [(plan, "tensorrt"), (plan + ".json", "json")])
     out.details["tolerance"] = tol.to_dict()
     out.details["threshold"] = threshold
+    if spec.variants:  # an engine that already says why each variant is gated: the INT8 verdicts join it
+        spec.set_variants({**{k: v.to_dict() for k, v in spec.variants.items()}, **int8_entries(out.records)})
     return out

@@ -1,37 +1,46 @@
-"""Images for INT8: calibration (good images only, never test images) and validation (the accuracy gate).
+"""Images for the task gates and INT8 calibration: gate images judge, calibration images fit ranges, never both.
 
-Calibration (``--calib-data DIR``): ``DIR/train/good`` when DIR is a data-set folder, else every image
-below DIR; a folder that contains a ``test`` or ``ground_truth`` part is refused, because quantisation
-ranges fitted on test images would flatter the gate. Default: the training split recorded in the
-checkpoint (``train.data``/``format``/``category``), minus the held-out images the thresholds were
-chosen on (those stay unseen, as in training).
+Gate images (what every task gate judges on: bf16/fp16 variants and INT8 artifacts), first that exists:
 
-Validation (``--val-data DIR``): the labelled test split of an MVTec-style folder (images, labels,
-masks). Default: the held-out good images recorded in the checkpoint (one class: AUROC cannot be
-computed, so the gate says so and gates decisions, maps and ranks only); with neither, the
-calibration images (the weakest evidence, also said in parity.json).
+1. ``--val-data DIR``: the labelled test split of an MVTec-style folder (images, labels, masks);
+2. the test split of the data set recorded in the checkpoint (``train.data``/``format``/``category``):
+   labelled, never seen by training;
+3. the held-out good images recorded in the checkpoint (one class: AUROC cannot be judged, said);
+4. the bundled real sample's labelled test split (``$STLM_SAMPLE_DATA``; not this model's data, said);
+5. INT8 only: every other calibration image, held out of calibration (so the two never overlap); float
+   variants without anything else: the parity images (unlabelled), said in the evidence.
+
+Calibration (``--calib-data DIR``, INT8 only): ``DIR/train/good`` when DIR is a data-set folder, else
+every image below DIR; a folder that contains a ``test`` or ``ground_truth`` part is refused, because
+quantisation ranges fitted on test images would flatter the gate. Default: the training split recorded
+in the checkpoint, minus the held-out images the thresholds were chosen on. Whatever the sources, an
+image the gate judges on is removed from the calibration images (compared by resolved path): a gate
+never judges on the images it calibrated with.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .calib import CalibSet, _spread, find_images, load_images
+from .calib import CalibSet, _spread, calibration_images, find_images, load_images, sample_data_root
+from .task_gate import Evidence
 
-__all__ = ["ValSet", "int8_calibration", "int8_validation", "DEFAULT_CALIB_IMAGES", "DEFAULT_VAL_IMAGES"]
+__all__ = ["ValSet", "gate_data", "gate_validation", "int8_calibration", "int8_validation", "DEFAULT_CALIB_IMAGES",
+           "DEFAULT_VAL_IMAGES"]
 
 DEFAULT_CALIB_IMAGES = 32
-DEFAULT_VAL_IMAGES = 32
+#: Gate images judged at most (spread evenly): above the 50 the 98 % agreement limit needs to be resolvable.
+DEFAULT_VAL_IMAGES = 64
 _TEST_PARTS = {"test", "ground_truth", "masks"}
 
 
 @dataclass
 class ValSet:
-    """Validation images with what is known about them (labels/masks None when unknown)."""
+    """Gate images with what is known about them (labels/masks None when unknown)."""
 
     images: np.ndarray  # uint8 (N, S, S, 3)
     labels: np.ndarray | None  # (N,) 0 good / 1 anomalous
@@ -47,6 +56,17 @@ class ValSet:
     def two_classes(self) -> bool:
         return self.labels is not None and 0 < int(self.labels.sum()) < len(self.labels)
 
+    def evidence(self) -> Evidence:
+        """What a gate judging on these images can resolve (:class:`stlm_export.task_gate.Evidence`)."""
+        return Evidence.of(self.labels, self.masks, len(self), self.source)
+
+    def take(self, idx: list[int], source: str, note: str) -> "ValSet":
+        """The images at ``idx`` (labels, masks and paths with them)."""
+        sel = np.asarray(idx, np.int64)
+        return ValSet(self.images[sel], None if self.labels is None else self.labels[sel],
+                      None if self.masks is None else self.masks[sel], source,
+                      [self.paths[i] for i in idx] if self.paths else [], note)
+
 
 def _train_info(ckpt_obj: Any) -> Mapping[str, Any]:
     info = ckpt_obj.get("train") if isinstance(ckpt_obj, Mapping) else None
@@ -59,8 +79,8 @@ def _held_out_names(ckpt_obj: Any) -> set[str]:
     return {str(n) for n in names} if isinstance(names, list) else set()
 
 
-def _recorded_train_split(ckpt_obj: Any, img_size: int, resize: str) -> Any | None:
-    """The checkpoint's training split (AnomalyDataset) when its folder still exists, else None."""
+def _recorded_split(ckpt_obj: Any, img_size: int, resize: str, split: str = "train") -> Any | None:
+    """One split (AnomalyDataset) of the data set the checkpoint records, when its folder still exists."""
     from stlm_train.data import build_dataset
     from stlm_train.data.io import DataError
 
@@ -69,15 +89,22 @@ def _recorded_train_split(ckpt_obj: Any, img_size: int, resize: str) -> Any | No
     if not data or not Path(str(data)).is_dir():
         return None
     try:
-        return build_dataset(str(data), str(info.get("format") or "mvtec"), category=info.get("category"),
-                             split="train", img_size=img_size, resize=resize)
+        ds = build_dataset(str(data), str(info.get("format") or "mvtec"), category=info.get("category"),
+                           split=split, img_size=img_size, resize=resize)
     except DataError:
         return None
+    return ds if len(ds) else None
+
+
+def _resolved(paths: Iterable[str | os.PathLike]) -> set[Path]:
+    return {Path(p).resolve() for p in paths}
 
 
 def int8_calibration(calib_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
-                     max_images: int = DEFAULT_CALIB_IMAGES) -> CalibSet:
-    """Good images for quantisation ranges; raises ValueError (one line naming the flag) when there are none."""
+                     max_images: int = DEFAULT_CALIB_IMAGES, exclude: Iterable[str | os.PathLike] = ()) -> CalibSet:
+    """Good images for quantisation ranges, never one of ``exclude`` (the gate images); raises ValueError
+    (one line naming the flag) when there are none."""
+    banned = _resolved(exclude)
     if calib_data is not None:
         root = Path(calib_data)
         if not root.is_dir():
@@ -90,14 +117,18 @@ def int8_calibration(calib_data: str | os.PathLike | None, ckpt_obj: Any, img_si
                              "good training images only: point it at train/good")
         if not paths:
             raise ValueError(f"--calib-data {root}: no images found below it")
+        paths = [p for p in paths if p.resolve() not in banned]
+        if not paths:
+            raise ValueError(f"--calib-data {root}: every image is also a gate image (--val-data or the checkpoint's "
+                             "held-out split); calibrate on other images")
         chosen = _spread(paths, max_images)
         return CalibSet(load_images(chosen, img_size, resize), f"calib-data:{base}", [str(p) for p in chosen])
-    ds = _recorded_train_split(ckpt_obj, img_size, resize)
+    ds = _recorded_split(ckpt_obj, img_size, resize)
     if ds is None:
         raise ValueError("--int8: the checkpoint records no training data that exists here (train.data); pass "
                          "--calib-data DIR with good training images")
     held = _held_out_names(ckpt_obj)
-    paths = [Path(p) for p in ds.paths if Path(p).name not in held]
+    paths = [Path(p) for p in ds.paths if Path(p).name not in held and Path(p).resolve() not in banned]
     if not paths:
         raise ValueError(f"--int8: no training images left in {ds.root} after the held-out split; pass --calib-data")
     chosen = _spread(paths, max_images)
@@ -105,7 +136,7 @@ def int8_calibration(calib_data: str | os.PathLike | None, ckpt_obj: Any, img_si
 
 
 def _labelled_split(root: Path, fmt: str, category: str | None, img_size: int, resize: str,
-                    max_images: int) -> ValSet:
+                    max_images: int, source: str | None = None, note: str = "") -> ValSet:
     from stlm_train.data import build_dataset
 
     ds = build_dataset(str(root), fmt, category=category, split="test", img_size=img_size, resize=resize)
@@ -114,21 +145,23 @@ def _labelled_split(root: Path, fmt: str, category: str | None, img_size: int, r
         idx = sorted(set(np.linspace(0, len(idx) - 1, max_images).round().astype(int).tolist()))
     samples = [ds[i] for i in idx]
     masks = np.stack([s.mask for s in samples]) if ds.has_pixel_labels else None
+    pixel_note = "" if masks is not None else "no pixel labels: pixel AUROC not gated"
     return ValSet(np.stack([s.image for s in samples]), np.array([s.label for s in samples], np.int64), masks,
-                  f"val-data:{ds.name}:{root}", [s.path for s in samples],
-                  "" if masks is not None else "no pixel labels: pixel AUROC not gated")
+                  source or f"val-data:{ds.name}:{root}", [s.path for s in samples],
+                  "; ".join(n for n in (note, pixel_note) if n))
 
 
-def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
-                    calib: CalibSet | None, max_images: int = DEFAULT_VAL_IMAGES) -> ValSet:
-    """The gate's images: ``--val-data``, else the held-out split, else the calibration images (said in ``note``)."""
+def gate_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
+                    max_images: int = DEFAULT_VAL_IMAGES) -> ValSet | None:
+    """The gate images of steps 1-4 of the module docstring; None when none of them exists."""
     from stlm_train.data.io import DataError
 
+    info = _train_info(ckpt_obj)
+    fmt = str(info.get("format") or "mvtec")
     if val_data is not None:
         root = Path(val_data)
         if not root.is_dir():
             raise ValueError(f"--val-data {root}: not a directory")
-        fmt = str(_train_info(ckpt_obj).get("format") or "mvtec")
         errors = []
         for f in dict.fromkeys([fmt, "mvtec", "folder"]):
             try:
@@ -136,7 +169,12 @@ def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size:
             except DataError as e:
                 errors.append(f"{f}: {e}")
         raise ValueError(f"--val-data {root}: not a labelled test folder ({errors[0]})")
-    ds = _recorded_train_split(ckpt_obj, img_size, resize)
+    test = _recorded_split(ckpt_obj, img_size, resize, "test")
+    if test is not None:
+        return _labelled_split(Path(str(info["data"])), fmt, info.get("category"), img_size, resize, max_images,
+                               f"recorded-test-split:{test.name}:{info['data']}",
+                               "the test split of the data set recorded in the checkpoint")
+    ds = _recorded_split(ckpt_obj, img_size, resize)
     held = _held_out_names(ckpt_obj)
     if ds is not None and held:
         paths = [Path(p) for p in ds.paths if Path(p).name in held][:max_images]
@@ -144,8 +182,55 @@ def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size:
             return ValSet(load_images(paths, img_size, resize), np.zeros(len(paths), np.int64), None,
                           f"held-out:{ds.root}", [str(p) for p in paths],
                           "held-out split (good images only): AUROC not gated, decisions/maps/ranks gated")
-    if calib is None:
-        raise ValueError("--val-data: needed here (no held-out split recorded in the checkpoint)")
-    return ValSet(calib.images, np.zeros(len(calib), np.int64), None, calib.source, list(calib.paths),
-                  "no --val-data and no held-out split recorded: gated on the calibration images (good only); "
-                  "AUROC not gated")
+    sample = sample_data_root()
+    if sample is not None:
+        return _labelled_split(sample, "mvtec", None, img_size, resize, max_images, f"sample:{sample}",
+                               "the bundled sample's test split: not this model's data (pass --val-data DIR)")
+    return None
+
+
+def _split_off(calib: CalibSet) -> tuple[CalibSet, ValSet]:
+    """Every other calibration image becomes a gate image (never both): the fallback of the last resort."""
+    n = len(calib)
+    if n < 2:
+        raise ValueError(f"--val-data: needed here ({calib.source} has {n} image(s); none can be held out of "
+                         "calibration for the gate, and the checkpoint records no test or held-out split)")
+    judge, keep = list(range(1, n, 2)), list(range(0, n, 2))
+    paths = calib.paths or []
+    cal = CalibSet(calib.images[keep], calib.source, [paths[i] for i in keep] if paths else [])
+    val = ValSet(calib.images[judge], None, None, f"held-out-of-calibration:{calib.source}",
+                 [paths[i] for i in judge] if paths else [],
+                 "every other calibration image, held out of calibration (unlabelled: AUROC not gated)")
+    return cal, val
+
+
+def gate_data(calib_data: str | os.PathLike | None, val_data: str | os.PathLike | None, ckpt_obj: Any,
+              img_size: int, resize: str, *, int8: bool, max_images: int = DEFAULT_VAL_IMAGES,
+              parity_images: int = DEFAULT_CALIB_IMAGES) -> tuple[CalibSet | None, ValSet]:
+    """(INT8 calibration images or None, gate images), disjoint; ValueError (one line naming the flag) if impossible."""
+    val = gate_validation(val_data, ckpt_obj, img_size, resize, max_images)
+    calib = None
+    if int8:
+        calib = int8_calibration(calib_data, ckpt_obj, img_size, resize, exclude=val.paths if val else ())
+        if val is None:
+            calib, val = _split_off(calib)
+    elif val is None:  # float variants calibrate nothing: the parity images, unlabelled
+        par = calibration_images(calib_data, img_size, parity_images, resize)
+        val = ValSet(par.images, None, None, par.source, list(par.paths),
+                     "the parity images (unlabelled: AUROC not gated; pass --val-data DIR)")
+    if calib is not None and val.paths:
+        assert not _resolved(calib.paths) & _resolved(val.paths), "calibration and gate images overlap"
+    return calib, val
+
+
+def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
+                    calib: CalibSet | None = None, max_images: int = DEFAULT_VAL_IMAGES) -> ValSet:
+    """:func:`gate_validation`, never falling back to ``calib`` (kept for callers that pass it)."""
+    val = gate_validation(val_data, ckpt_obj, img_size, resize, max_images)
+    if val is None:
+        raise ValueError("--val-data: needed here (no test or held-out split recorded in the checkpoint, no "
+                         "bundled sample)")
+    if calib is not None and calib.paths and val.paths and _resolved(calib.paths) & _resolved(val.paths):
+        raise ValueError(f"--val-data: {val.source} shares images with the calibration set {calib.source}; "
+                         "a gate never judges on the images it calibrated with")
+    return val

@@ -1,21 +1,26 @@
 """OpenVINO IR (``openvino/model.xml`` + ``.bin``) from the verified fp32 ONNX graph.
 
 The IR is written with ``save_model(compress_to_fp16=True)``: weights are stored as fp16 (half the
-size) and decompressed by the CPU plugin, so the IR is gated with the fp16/bf16 tolerance. The
-inference precision is a compile option, not a property of the file: bf16 where the CPU reports
-``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16/AMX), f32 otherwise; the precision the
-compiled model actually uses is read back and recorded. If bf16 inference fails the gate but f32
-inference passes, the IR is published with ``inference_precision: f32`` and the bf16 numbers are
-kept in parity.json (the runtime can still be asked for bf16 explicitly). If the fp16-stored weights
-alone exceed the tolerance (seen at 1024 px), the IR is rewritten with fp32 weights and gated as
-fp32. The gate runs the IR through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which owns the one map
-between our precision names and OpenVINO's.
+size) and decompressed by the CPU plugin. The inference precision is a compile option, not a property
+of the file, so one IR serves every precision:
+
+* **f32** (required): parity-gated against PyTorch, with the fp16 tolerance because of the fp16-stored
+  weights; if those alone exceed it (seen at 1024 px), the IR is rewritten with fp32 weights and gated
+  as fp32 (a failure then aborts the export, as for ``model.onnx``);
+* **bf16 / fp16** (optional, where the CPU's OpenVINO reports BF16 / FP16): judged by the task gate
+  against the fp32 graph on the gate images (:mod:`stlm_export.precision_gate`), not by the map
+  tolerance; the first one that passes is recorded as the IR's ``inference_precision`` (the runtimes'
+  default for this IR), else ``fp32``.
+
+The gates run the IR through the runtime's :class:`stlm_deploy.backends.openvino.OpenVinoBackend`, which
+owns the one map between our precision names and OpenVINO's.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -23,6 +28,7 @@ from stlm_deploy.backends.openvino import OpenVinoBackend, choose_inference_prec
 from stlm_deploy.spec import EngineSpec
 
 from .gate import Gate, ParityRecord, backend_outputs
+from .precision_gate import GateImages, PrecisionOutcome, gate_openvino_precisions
 
 __all__ = ["OpenVinoIR", "build_openvino", "build_gated_openvino", "cpu_capabilities", "preferred_precision"]
 
@@ -62,46 +68,45 @@ def preferred_precision(capabilities: list[str]) -> str:
 
 
 def build_gated_openvino(tmp: Path, batch: int | str, graph_inputs: np.ndarray | None, gate: Gate,
-                         notes: list[str], spec: EngineSpec) -> None:
-    """``tmp/openvino`` from ``tmp/model.onnx``, gated at bf16 (if the CPU has it) with an f32 fallback.
+                         notes: list[str], spec: EngineSpec, task: GateImages | None = None,
+                         say: Callable[[str], None] = print) -> PrecisionOutcome | None:
+    """``tmp/openvino`` from ``tmp/model.onnx``: parity-gated at f32, then bf16/fp16 task-gated (module docstring).
 
-    ``graph_inputs`` None: not verified. The IR files are listed in ``spec`` with the inference
-    precision the gate passed at.
+    ``graph_inputs`` None: not verified (the IR is listed for f32 inference). ``task`` None: no
+    reduced-precision gate (the IR runs at f32 by default). Returns the reduced-precision outcome.
     """
     ir = build_openvino(tmp / "model.onnx", tmp / "openvino")
     caps = cpu_capabilities()
-    used = preferred_precision(caps)
+    outcome: PrecisionOutcome | None = None
+    used = "fp32"
     if graph_inputs is not None:
-        tried: list[ParityRecord] = []
-        for prec in dict.fromkeys([used, "fp32"]):
-            tried.append(_check_ir(ir, prec, graph_inputs, batch, gate, caps))
-            if tried[-1].passed:
-                break
+        tried = [_check_ir(ir, "fp32", graph_inputs, batch, gate, caps)]
         if not tried[-1].passed:
             # fp16 weight storage alone can exceed the fp16 tolerance (seen at 1024 px: 5.2e-3 > 5e-3):
             # the same graph with fp32 weights is gated as fp32, not given up
             ir = build_openvino(tmp / "model.onnx", tmp / "openvino", compress_to_fp16=False)
             tried.append(_check_ir(ir, "fp32", graph_inputs, batch, gate, caps))
         final = tried[-1]
-        used = final.details["inference_precision"]
         if len(tried) > 1:
             final.details["fallback_from"] = [r.to_dict() for r in tried[:-1]]
-            first = tried[0]
-            notes.append(f"openvino: {first.details['inference_precision']} inference "
-                         f"({first.details['weights']} weights) failed the gate ({'; '.join(first.failures)}); "
-                         f"published for {used} inference with {ir.weights_precision} weights")
+            notes.append(f"openvino: fp32 inference with fp16 weights failed the gate ({'; '.join(tried[0].failures)}); "
+                         f"published with {ir.weights_precision} weights")
         gate.require(final)
+        if task is not None:
+            outcome = gate_openvino_precisions(ir.xml, task, batch, caps, ir.weights_precision, say)
+            used = next(iter(outcome.gated()), "fp32")
     spec.add_artifact(tmp, "openvino/model.xml", "openvino", ir.weights_precision, inference_precision=used)
     spec.add_artifact(tmp, "openvino/model.bin", "openvino", ir.weights_precision)
+    return outcome
 
 
 def _check_ir(ir: OpenVinoIR, prec: str, graph_inputs: np.ndarray, batch: int | str, gate: Gate,
               caps: list[str]) -> ParityRecord:
-    """Gate ``ir`` run at ``prec``; fp16-stored weights are held to the fp16 tolerance even at f32."""
+    """Parity-gate ``ir`` run at ``prec`` (f32); fp16-stored weights are held to the fp16 tolerance."""
     backend = OpenVinoBackend(ir.xml, precision=prec)
     got = backend_outputs(backend, graph_inputs, batch)
     ran = backend.inference_precision or prec
-    tol_class = ("fp16" if ir.weights_precision == "fp16" else "fp32") if ran == "fp32" else ran
+    tol_class = "fp16" if ir.weights_precision == "fp16" or ran != "fp32" else "fp32"
     return gate.check("openvino/model.xml", "openvino-cpu", tol_class, got,
                       details={"inference_precision": ran, "weights": ir.weights_precision,
                                "requested_precision": prec, "cpu_capabilities": caps})

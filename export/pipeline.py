@@ -7,13 +7,20 @@ Order of work (each step gated before the next one runs):
 3. fused fp32 ONNX (TorchScript exporter, full checker, onnxslim kept only if the parity probe
    passes) -> ``model.onnx``, gated with ONNX Runtime CPU;
 4. ``--fp16``: ``model.fp16.onnx`` with the precision policy, gated;
-5. OpenVINO IR with fp16-compressed weights, gated at the inference precision actually used;
+5. OpenVINO IR with fp16-compressed weights, parity-gated at f32; its bf16/fp16 inference task-gated
+   against fp32 on the gate images (:mod:`stlm_export.precision_gate`: AUROC within 0.01, decisions
+   >= 98 %, evidence recorded), the first that passes recorded as the IR's ``inference_precision``;
 6. TensorRT plan + sidecar (needs TensorRT and a GPU), gated through the runtime's TensorRT backend;
 6b. ``--int8``: ``model.int8.onnx`` (Q/DQ), ``openvino/model.int8.xml`` (NNCF) and, with TensorRT,
    ``model.int8.plan``, each published only if it passes the INT8 accuracy gate
    (:mod:`stlm_export.int8_build`); a failing INT8 artifact never stops the others;
 7. ``parity.json``, Polygraphy ``inputs.json``/``outputs.json``, ``stlm.json`` with every artifact's
-   sha256.
+   sha256 and ``variants``: for every variant the runtimes can select, whether it is gated and why.
+
+The task gates (bf16/fp16 and INT8) judge on one set of gate images (:mod:`stlm_export.int8_data`:
+``--val-data``, the checkpoint's test or held-out split, the bundled sample, ...), never on the INT8
+calibration images; how much evidence they had is printed, and a warning is printed (and kept in
+parity.json and stlm.json) for every limit the images are too few to resolve.
 
 Every gate runs the artifact through the runtime's backends (``stlm_deploy.backends``), and
 ``stlm.json`` is built with ``stlm_deploy.spec.EngineSpec`` (the format's one builder and reader).
@@ -22,8 +29,8 @@ after the last step succeeded (``stlm_deploy.files.atomic_directory``): a failed
 or an interrupt leaves no partial directory and never touches an existing engine.
 
 The ONNX files embed the engine description in ``metadata_props``: scalar ``stlm.*`` keys plus the
-whole ``stlm.json`` as a JSON string under ``"stlm.json"``, *without* ``artifacts`` and ``parity``:
-a file cannot contain its own sha256, and the parity numbers are measured on the finished file.
+whole ``stlm.json`` as a JSON string under ``"stlm.json"``, *without* ``artifacts``, ``parity`` and
+``variants``: a file cannot contain its own sha256, and the gate verdicts are measured on the finished file.
 """
 from __future__ import annotations
 
@@ -47,9 +54,11 @@ from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
 from .gate import (POLYGRAPHY_RUNNER, Gate, ParityGateError, Tolerance, normalize_images, ort_outputs,
                    polygraphy_command, reference_outputs, write_polygraphy_files)
-from .int8_build import Int8Outcome, build_gated_int8, int8_data
-from .int8_gate import Int8Tolerance
+from .int8_build import Int8Outcome, build_gated_int8
+from .int8_data import DEFAULT_VAL_IMAGES, ValSet, gate_data
 from .openvino_build import build_gated_openvino
+from .precision_gate import GateImages, PrecisionOutcome, variant_summary
+from .task_gate import Int8Tolerance, TaskTolerance
 from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
                              TensorRTUnavailable, build_engine, build_gated_tensorrt, builder_settings, tensorrt_available,
                              tensorrt_version)
@@ -96,7 +105,9 @@ class ExportOptions:
     fuse_pre: bool = True
     with_tlm: bool = False
     calib_data: str | os.PathLike | None = None
-    val_data: str | os.PathLike | None = None  # --int8: labelled test folder for the accuracy gate
+    val_data: str | os.PathLike | None = None  # labelled test folder for the task gates (bf16/fp16, INT8)
+    gate_images: int = DEFAULT_VAL_IMAGES  # at most this many gate images (spread evenly)
+    task_tolerance: TaskTolerance | None = None  # bf16/fp16 task gate limits (tests, experiments)
     int8_accuracy_control: bool = True  # --int8: nncf.quantize_with_accuracy_control on labelled val data
     int8_tolerance: Int8Tolerance | None = None  # --int8 gate limits (tests, experiments)
     parity_images: int = DEFAULT_MAX_IMAGES
@@ -194,8 +205,10 @@ def _validate(opts: ExportOptions) -> tuple[int | str, int | None]:
         raise ExportError("--int8 with --no-fuse-pre: INT8 calibration feeds uint8 images; use the fused graph")
     if opts.int8 and batch not in ("dynamic", 1):
         raise ExportError(f"--int8 with --batch {batch}: calibration feeds one image per call; use --batch dynamic or 1")
-    if not opts.int8 and opts.val_data is not None:
-        raise ExportError("--val-data: only used by --int8")
+    if not opts.verify and opts.val_data is not None:
+        raise ExportError("--val-data with --no-verify: the gate images are only used by the gates")
+    if not isinstance(opts.gate_images, int) or isinstance(opts.gate_images, bool) or opts.gate_images < 1:
+        raise ExportError(f"--gate-images: must be a positive integer, got {opts.gate_images!r}")
     if opts.val_data is not None and not Path(opts.val_data).is_dir():
         raise ExportError(f"--val-data {opts.val_data}: not a directory")
     img_size = check_img_size(opts.img_size)
@@ -257,7 +270,7 @@ def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, wi
 def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
     """``metadata_props`` of one ONNX file: scalar mirrors + the spec (minus artifacts/parity) as JSON."""
     spec = engine.to_dict()
-    embedded = {k: v for k, v in spec.items() if k not in ("artifacts", "parity")}
+    embedded = {k: v for k, v in spec.items() if k not in ("artifacts", "parity", "variants")}
     props: dict[str, str] = {}
     for key in ("format", "format_version", "model_family", "name", "img_size", "top_k", "opset", "batch", "created"):
         props[f"stlm.{key}"] = str(spec[key])
@@ -282,6 +295,17 @@ def int8_only(opts: ExportOptions) -> bool:
     The fp32 ``model.onnx`` (and its default OpenVINO IR) are the base every export writes, not a request.
     """
     return bool(opts.int8) and not opts.fp16 and opts.target is None
+
+
+def _say_gate_images(val: ValSet, opts: ExportOptions, say: Callable[[str], None]) -> list[str]:
+    """Print what the task gates will judge on and every evidence warning; returns the warnings."""
+    tol = opts.task_tolerance or TaskTolerance()
+    ev = val.evidence()
+    say(f"gate images: {ev.line(tol)}{' (' + val.note + ')' if val.note else ''}")
+    warnings = [f"weak gate evidence: {w}" for w in ev.warnings(tol)]
+    for w in warnings:
+        say(f"WARNING: {w}")
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------- the export
@@ -316,12 +340,17 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     say(f"{ckpt}: {kind} {family} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
         f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
 
-    int8_sets = None
-    if opts.int8:  # before any work: a bad --calib-data/--val-data fails fast
+    calib8: CalibSet | None = None
+    val: ValSet | None = None
+    if opts.verify:  # before any work: a bad --calib-data/--val-data fails fast
         try:
-            int8_sets = int8_data(opts.calib_data, opts.val_data, obj, s, cfg.resize)
+            calib8, val = gate_data(opts.calib_data, opts.val_data, obj, s, cfg.resize, int8=opts.int8,
+                                    max_images=opts.gate_images, parity_images=opts.parity_images)
         except ValueError as e:
             raise ExportError(str(e)) from None
+        warnings = _say_gate_images(val, opts, say)
+    else:
+        warnings = []
 
     # calibration images and the PyTorch reference
     calib: CalibSet | None = None
@@ -390,8 +419,13 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                         details={"kept_fp32_count": conv.count,
                                                  "kept_fp32_by_op": conv.histogram()}))
 
+        task: GateImages | None = None
+        if val is not None:
+            task = GateImages(val, ort_outputs(tmp / "model.onnx", val.images, batch), spec.thresholds.image,
+                              opts.task_tolerance or TaskTolerance())
+        precision: PrecisionOutcome | None = None
         if "openvino" in targets:
-            build_gated_openvino(tmp, batch, graph_inputs, gate, notes, spec)
+            precision = build_gated_openvino(tmp, batch, graph_inputs, gate, notes, spec, task, say)
 
         if "tensorrt" in targets:
             try:
@@ -413,10 +447,10 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                     build_engine(int8_settings, tmp, log=say)
                     return int8_settings.plan_file, TensorRTBackend(tmp / int8_settings.plan_file,
                                                                     onnx_sha256s=[sha256_file(tmp / "model.int8.onnx")])
-            assert int8_sets is not None
-            int8 = build_gated_int8(tmp, spec, *int8_sets, targets=targets, metadata=spec_metadata(spec, "int8"),
+            assert calib8 is not None and val is not None and task is not None
+            int8 = build_gated_int8(tmp, spec, calib8, val, targets=targets, metadata=spec_metadata(spec, "int8"),
                                     tolerance=opts.int8_tolerance, accuracy_control=opts.int8_accuracy_control,
-                                    trt_build=trt_int8, say=say)
+                                    trt_build=trt_int8, fp32=task.fp32, say=say)
 
         summary: dict[str, Any] = {"verified": False, "passed": None, "summary": {}}
         if opts.verify:
@@ -431,6 +465,9 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                       "artifacts": [r.to_dict() for r in gate.records],
                       "graph": graph, "fp16_policy": fp16_policy, "notes": notes,
                       "int8": int8.to_dict() if int8 is not None else None,
+                      "gate_images": task.data() if task is not None else None,
+                      "precision_gates": precision.to_dict() if precision is not None else None,
+                      "warnings": warnings,
                       "polygraphy": {"inputs": "inputs.json", "outputs": "outputs.json", "runner": POLYGRAPHY_RUNNER,
                                      "n_images": n_poly, "command": polygraphy_command()}}
             atomic_write_json(tmp / "parity.json", parity)
@@ -444,14 +481,17 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                    for r in gate.records}}
             if int8 is not None:
                 summary["int8_passed"] = int8.passed
-                summary["summary"].update({r.artifact: {"backend": r.backend, "precision": "int8",
-                                                        "agreement": r.metrics["agreement"],
-                                                        "image_auroc_drop": r.metrics["image_auroc_drop"],
-                                                        "pixel_auroc_drop": r.metrics["pixel_auroc_drop"],
-                                                        "max_abs_map": r.metrics["max_abs_map"],
-                                                        "spearman": r.metrics["spearman"], "pass": r.passed}
+                summary["summary"].update({r.artifact: {"backend": r.backend, "precision": "int8", **r.summary()}
                                            for r in int8.records})
+            if precision is not None:
+                summary["precision_gates"] = {f"openvino/{r.precision}": r.summary() for r in precision.records}
+            summary["warnings"] = warnings
         spec.parity = summary
+        spec.set_variants(variant_summary(
+            gate.records, precision, int8, verified=opts.verify,
+            built={"model.fp16.onnx": opts.fp16, "openvino/model.xml": "openvino" in targets}))
+        for label, v in spec.variants.items():
+            say(f"variant {label}: {'gated' if v.gated else 'not gated'} ({v.why})")
         write_spec(tmp, spec)
     say(f"published {out} ({len(spec.artifacts)} artifacts, {time.perf_counter() - t0:.1f} s)")
     result = ExportResult(engine_dir=out, spec=spec.to_dict(), parity=[r.to_dict() for r in gate.records], graph=graph,

@@ -3,9 +3,11 @@
 Pure decisions over ``stlm.json`` and the files present (no backend is activated here), so they can
 be read and tested on their own. ``backend="auto"`` tries, in order: TensorRT (plan present,
 tensorrt + cuda-python importable) > ONNX Runtime with CUDA > OpenVINO (IR, else ONNX) > ONNX Runtime
-on CPU; a candidate that cannot run here is skipped with a note saying why. Before the CPU ones goes
-the fastest gated variant that ``stlm-bench`` timed on this machine (``timings.json``,
-:mod:`stlm_deploy.timings`), when no precision or file was asked for.
+on CPU; a candidate that cannot run here is skipped with a note saying why. Before the CPU ones goes,
+when no precision or file was asked for, the fastest gated variant that ``stlm-bench`` timed on this
+machine (``timings.json``), else the first gated variant of the static preference for this CPU
+(:mod:`stlm_deploy.timings`): so right after ``stlm-export`` auto already runs e.g. OpenVINO bf16 when
+the export's task gate passed it.
 
 With no precision requested, :func:`default_precision` is the one rule shared with the C++ runtime
 (docs/engine_format.md, "Default backend and precision"): never the device's silent default.
@@ -191,7 +193,8 @@ def explicit_candidates(planner: Planner, backend: str, hint: str | None, option
 
 def auto_candidates(planner: Planner, hint: str | None, notes: list[str], threads: int | None = None) -> list[Candidate]:
     """Static order (module docstring); with no precision and no file requested, the fastest gated CPU
-    variant this machine timed (``timings.json``, :mod:`stlm_deploy.timings`) goes before the CPU ones."""
+    variant this machine timed (``timings.json``), else the static preference's first gated variant for this
+    CPU (:mod:`stlm_deploy.timings`), goes before the CPU ones."""
     hint_backend = _SUFFIX_BACKEND[PurePosixPath(hint).suffix] if hint else None
     if hint_backend in ("tensorrt", "openvino"):  # the file names its backend: let it say why it can't run
         return [planner.candidate(hint_backend, hint)]
@@ -222,11 +225,14 @@ def auto_candidates(planner: Planner, hint: str | None, notes: list[str], thread
                                      "onnxruntime not installed"), providers=("cuda",), label="ort[cuda]")
     if hint is None and planner.precision is None:
         from .backends.base import default_threads
-        from .timings import measured_pick
+        from .timings import measured_pick, static_pick
 
         cpu = [b for b, ok in (("openvino", module_importable("openvino")), ("ort", ort_ok)) if ok]
         pick = measured_pick(planner.dir, planner.spec, threads or default_threads(), cpu)
         notes.append(f"timings: {pick.note}")
+        if not pick.backend:  # right after stlm-export: the measured static preference for this CPU
+            pick = static_pick(planner.spec, cpu)
+            notes.append(f"static: {pick.note}")
         if pick.backend:
             extra: dict[str, Any] = {"providers": ("cpu",)} if pick.backend == "ort" else {}
             add(pick.backend, None, Planner(planner.dir, planner.spec, pick.precision),

@@ -26,7 +26,7 @@ from .preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SPEC_FILENAME", "DEFAULT_MEAN", "DEFAULT_STD", "ARTIFACT_KINDS",
     "PRECISIONS", "IMG_SIZE_MULTIPLE", "TensorSpec", "InputSpec", "Preprocessing", "Thresholds",
-    "Source", "Artifact", "EngineSpec", "load_spec", "write_spec", "verify_artifacts",
+    "Source", "Artifact", "VariantGate", "VARIANT_BACKENDS", "EngineSpec", "load_spec", "write_spec", "verify_artifacts",
     "resolve_engine", "artifact_entry", "display_path", "normalize_precision",
 ]
 
@@ -357,6 +357,52 @@ class Artifact:
                 **self.extra}
 
 
+#: Backends a ``variants`` label may name (``<backend>/<precision>``, e.g. ``openvino/bf16``).
+VARIANT_BACKENDS = ("ort", "openvino", "tensorrt")
+
+
+@dataclass
+class VariantGate:
+    """One entry of stlm.json ``variants``: whether the export gated this variant, and why.
+
+    ``backend="auto"`` runs only gated variants (docs/engine_format.md); engines written before this
+    field existed have no ``variants`` and the runtimes apply the older per-artifact rule.
+    """
+
+    artifact: str
+    gated: bool
+    why: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def _parse(cls, f: _Fields) -> "VariantGate":
+        art = f.str_("artifact", nonempty=True)
+        p = PurePosixPath(art)
+        if "\\" in art or p.is_absolute() or ".." in p.parts:
+            raise f.fail("artifact", "a relative path inside the engine directory (forward slashes, no '..')", art)
+        gated = f.get("gated")
+        if not isinstance(gated, bool):
+            raise f.fail("gated", "true or false", gated)
+        obj = cls(artifact=art, gated=gated, why=f.str_("why", ""))
+        obj.extra = f.extra()
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "gated": self.gated, "why": self.why, **self.extra}
+
+
+def _parse_variants(f: _Fields) -> dict[str, VariantGate]:
+    raw = f.dict_("variants", dict)
+    out: dict[str, VariantGate] = {}
+    for label, val in raw.items():
+        backend, _, precision = str(label).partition("/")
+        if backend not in VARIANT_BACKENDS or precision not in PRECISIONS:
+            raise SpecError(f"{f.where}: field 'variants' key {label!r} must be <backend>/<precision> with backend "
+                            f"one of {', '.join(VARIANT_BACKENDS)} and precision one of {', '.join(PRECISIONS)}")
+        out[label] = VariantGate._parse(_Fields(val, f.where, f"variants.{label}"))
+    return out
+
+
 def _check_relpath(f: _Fields, key: str) -> None:
     p = PurePosixPath(key)
     if not key or "\\" in key or p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", key):
@@ -387,6 +433,8 @@ class EngineSpec:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: why each selectable variant is or is not gated (empty for engines written before the field existed)
+    variants: dict[str, VariantGate] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction for the exporter
     @classmethod
@@ -471,9 +519,14 @@ class EngineSpec:
             trtexec=f.str_("trtexec", None, nullable=True),
             created=f.str_("created", ""),
         )
+        spec.variants = _parse_variants(f) if "variants" in f.data else {}
         spec.extra = f.extra()
         spec.validate(where)
         return spec
+
+    def set_variants(self, variants: Mapping[str, Mapping[str, Any]]) -> None:
+        """Record the export's ``variants`` (label -> {artifact, gated, why, ...}), validated as a reader would."""
+        self.variants = _parse_variants(_Fields({"variants": dict(variants)}, SPEC_FILENAME))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object for ``stlm.json``: known fields in a fixed order, then preserved extras."""
@@ -484,7 +537,9 @@ class EngineSpec:
             "top_k": self.top_k, "thresholds": self.thresholds.to_dict(), "source": self.source.to_dict(),
             "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()}, "opset": self.opset,
             "batch": self.batch, "tools": dict(self.tools), "parity": dict(self.parity),
-            "trtexec": self.trtexec, "created": self.created, **self.extra,
+            "trtexec": self.trtexec, "created": self.created,
+            **({"variants": {k: v.to_dict() for k, v in self.variants.items()}} if self.variants else {}),
+            **self.extra,
         }
 
     def validate(self, where: str = SPEC_FILENAME) -> None:

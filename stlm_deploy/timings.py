@@ -1,23 +1,26 @@
-"""Measured latency per variant, kept next to the engine: how ``backend="auto"`` picks the fastest.
+"""Which CPU variant ``backend="auto"`` runs first: measured on this machine if it was, else a static preference.
 
 Which engine is fastest depends on the CPU, not the model: on an AMX Xeon the bf16 graph beats the
-INT8 IR, on a VNNI-only EPYC the INT8 IR wins (docs/int8.md). A static preference is wrong on one of
-them, and timing every variant at load would cost seconds of compilation. So ``stlm-bench --engine E``
-records what it measured in ``E/timings.json`` (one record per machine and thread count), and the
-runtimes (this module and the C++ ``detector.cpp``, the same rule) read it:
+INT8 IR, on a VNNI-only EPYC the INT8 IR wins (docs/int8.md). Timing every variant at load would cost
+seconds of compilation, so:
 
-* a record applies when its ``machine`` (CPU model + ISA flags, :func:`machine_key`) and ``threads``
-  equal this process's;
-* a variant counts only if it is *gated*: ``ort/fp32`` and ``openvino/fp32`` always; ``openvino/bf16``
-  only when the IR records ``inference_precision: bf16`` (the export's parity gate passed at bf16);
-  ``openvino/int8`` / ``ort/int8`` / ``ort/fp16`` only when that artifact is listed in stlm.json (the
-  INT8 gate publishes an INT8 artifact only when it passed); and only while the artifact's sha256 is
-  still the one that was timed (a re-export makes the record stale);
-* the fastest counting variant (batch-1 p50) goes first among the CPU candidates; GPU candidates
-  (TensorRT, ONNX Runtime CUDA) keep their place before it.
+* ``stlm-bench --engine E`` records what it measured in ``E/timings.json`` (one record per machine and
+  thread count), and the runtimes (this module and the C++ ``timings.cpp``, the same rule) read it:
+  a record applies when its ``machine`` (CPU model + ISA flags, :func:`machine_key`) and ``threads``
+  equal this process's; the fastest *gated*, *current* variant (batch-1 p50) goes first among the CPU
+  candidates (GPU candidates keep their place before it);
+* without such a record (right after ``stlm-export``), :func:`static_pick` takes the first gated
+  variant of :data:`STATIC_PREFERENCE` for this CPU's class (:func:`cpu_class`), an order measured on
+  these CPUs (docs/engine_format.md, "Default backend and precision").
 
-The file is advisory: an unreadable or malformed one is reported in the selection notes and the
-static order is used, so a damaged timing record never stops a station from running.
+A variant is *gated* (:func:`gated`) when the export says so in stlm.json ``variants`` (bf16/fp16 by the
+task gate, INT8 by the INT8 gate, fp32 by the parity gate); for engines written before ``variants``
+existed: ``ort/fp32`` and ``openvino/fp32`` always, ``openvino/bf16``/``fp16`` when the IR records that
+``inference_precision``, ``openvino/int8``/``ort/int8``/``ort/fp16`` when that artifact is listed with that
+precision. A timing counts only while the artifact's sha256 is still the one that was timed.
+
+The timings file is advisory: an unreadable or malformed one is reported in the selection notes and
+the static preference is used, so a damaged timing record never stops a station from running.
 """
 from __future__ import annotations
 
@@ -32,14 +35,30 @@ from typing import Any, Iterable
 from .files import atomic_write_json
 from .spec import EngineSpec, display_path
 
-__all__ = ["TIMINGS_FILE", "ISA_FLAGS", "Pick", "cpu_model_and_flags", "machine_key", "record_timings", "measured_pick"]
+__all__ = ["TIMINGS_FILE", "ISA_FLAGS", "VARIANTS", "STATIC_PREFERENCE", "Pick", "cpu_model_and_flags", "cpu_class",
+           "machine_key", "record_timings", "gated", "variant_artifact", "measured_pick", "static_pick"]
 
 TIMINGS_FILE = "timings.json"
 FORMAT_VERSION = 1
 #: The CPU features that decide which kernels OpenVINO / ONNX Runtime run (and so which variant wins).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
 #: Variants the runtimes can select, in the order used to break exact ties.
-VARIANTS = ("openvino/int8", "openvino/bf16", "openvino/fp32", "ort/int8", "ort/fp32", "ort/fp16")
+VARIANTS = ("openvino/int8", "openvino/bf16", "openvino/fp16", "openvino/fp32", "ort/int8", "ort/fp32", "ort/fp16")
+#: Without timings: the variants tried in order per CPU class (:func:`cpu_class`), the first gated one runs.
+#: Measured (docs/engine_format.md): AMX Xeon bf16 311-436 ms < INT8 IR 336-517 < OpenVINO f32 972 < ORT f32 1119
+#: at 1024 px; AVX-512-BF16 EPYC without AMX: INT8 IR 1.17x faster than bf16 at 1024, 47 vs 52 ms at 256.
+STATIC_PREFERENCE = {
+    "amx": ("openvino/bf16", "openvino/fp16", "openvino/int8", "openvino/fp32", "ort/fp32"),
+    "avx512_bf16": ("openvino/int8", "openvino/bf16", "openvino/fp32", "ort/fp32"),
+    "vnni": ("openvino/int8", "openvino/fp32", "ort/fp32"),
+    "other": ("openvino/fp32", "ort/fp32"),
+}
+#: CPU features a reduced float precision needs to run natively (else OpenVINO falls back to f32).
+_NEEDS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+#: The conventional artifact of each variant (engines without ``variants`` name nothing else).
+_ARTIFACT = {"ort/fp32": "model.onnx", "ort/fp16": "model.fp16.onnx", "ort/int8": "model.int8.onnx",
+             "openvino/fp32": "openvino/model.xml", "openvino/bf16": "openvino/model.xml",
+             "openvino/fp16": "openvino/model.xml", "openvino/int8": "openvino/model.int8.xml"}
 
 
 def cpu_model_and_flags(cpuinfo: str | None = None) -> tuple[str, set[str]]:
@@ -58,6 +77,18 @@ def cpu_model_and_flags(cpuinfo: str | None = None) -> tuple[str, set[str]]:
         elif name == "flags" and not flags:
             flags = set(value.split())
     return model, flags
+
+
+def cpu_class(flags: Iterable[str]) -> str:
+    """The key of :data:`STATIC_PREFERENCE` for a CPU with these /proc/cpuinfo ``flags``."""
+    f = set(flags)
+    if "amx_bf16" in f:
+        return "amx"
+    if "avx512_bf16" in f:
+        return "avx512_bf16"
+    if f & {"avx512_vnni", "avx_vnni"}:
+        return "vnni"
+    return "other"
 
 
 def machine_key(cpuinfo: str | None = None) -> str:
@@ -133,13 +164,23 @@ class Pick:
     note: str
 
 
-def _gated(spec: EngineSpec, label: str, artifact: str) -> bool:
+def variant_artifact(spec: EngineSpec, label: str) -> str:
+    """The artifact ``label`` runs: the one stlm.json ``variants`` names, else the conventional file."""
+    v = spec.variants.get(label)
+    return v.artifact if v is not None else _ARTIFACT[label]
+
+
+def gated(spec: EngineSpec, label: str, artifact: str) -> bool:
+    """Whether ``label`` on ``artifact`` passed its export gate (module docstring); unlisted artifacts never do."""
     entry = spec.artifacts.get(artifact)
     if entry is None:
         return False
+    if spec.variants:  # the export's own verdicts
+        v = spec.variants.get(label)
+        return v is not None and v.gated and v.artifact == artifact
     backend, precision = label.split("/")
-    if backend == "openvino" and precision == "bf16":
-        return artifact.endswith(".xml") and entry.extra.get("inference_precision") == "bf16"
+    if backend == "openvino" and precision in ("bf16", "fp16"):
+        return artifact.endswith(".xml") and entry.extra.get("inference_precision") == precision
     if backend == "openvino" and precision == "fp32":  # an IR's own precision is its weight storage (fp16)
         return entry.precision != "int8"
     if precision in ("int8", "fp16"):
@@ -183,7 +224,7 @@ def measured_pick(engine_dir: str | Path, spec: EngineSpec, threads: int, backen
                                     "artifact; ignored, static order")
         if _artifact_sha(spec, v["artifact"]) != v.get("sha256"):
             continue  # the artifact was re-exported (or removed) since it was timed
-        if not _gated(spec, label, v["artifact"]):
+        if not gated(spec, label, v["artifact"]):
             ungated.append((float(v["p50_ms"]), label))
             continue
         timed.append((float(v["p50_ms"]), VARIANTS.index(label), label))
@@ -197,3 +238,29 @@ def measured_pick(engine_dir: str | Path, spec: EngineSpec, threads: int, backen
     return Pick(backend, precision, f"{best} is the fastest gated variant timed here ({timed[0][0]:.1f} ms p50"
                                     f"{'; ' + others if others else ''}"
                                     f"{'; faster but not gated: ' + faster if faster else ''}; {TIMINGS_FILE})")
+
+
+def _weak(spec: EngineSpec, label: str) -> str:
+    """'; gated on weak evidence (...)' when the export said its gate images were too few, else ''."""
+    v = spec.variants.get(label)
+    ev = v.extra.get("evidence") if v is not None else None
+    if isinstance(ev, dict) and ev.get("sufficient") is False:
+        return f"; gated on weak evidence ({ev.get('n_images')} images, see stlm.json variants)"
+    return ""
+
+
+def static_pick(spec: EngineSpec, backends: Iterable[str], flags: Iterable[str] | None = None) -> Pick:
+    """The first gated variant of :data:`STATIC_PREFERENCE` for this CPU (``flags``: /proc/cpuinfo's)."""
+    have = set(cpu_model_and_flags()[1] if flags is None else flags)
+    kind = cpu_class(have)
+    order = STATIC_PREFERENCE[kind]
+    allowed = set(backends)
+    for label in order:
+        backend, precision = label.split("/")
+        if backend not in allowed or (precision in _NEEDS and not have & set(_NEEDS[precision])):
+            continue
+        if gated(spec, label, variant_artifact(spec, label)):
+            return Pick(backend, precision, f"{label} is the first gated variant of the static preference for this "
+                                            f"CPU ({kind}: {' > '.join(order)}){_weak(spec, label)}")
+    return Pick(None, None, f"no gated variant of the static preference for this CPU ({kind}: {' > '.join(order)}) "
+                            "can run here: static order")

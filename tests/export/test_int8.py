@@ -97,17 +97,59 @@ def test_calibration_never_sees_test_images(sample_dir, tmp_path):
         int8_calibration(None, {"train": {"data": str(tmp_path / "gone")}}, 64, "area")
 
 
-def test_defaults_come_from_the_checkpoint(sample_dir):
+def test_defaults_come_from_the_checkpoint(sample_dir, tmp_path):
     ckpt = {"train": {"data": str(sample_dir), "format": "mvtec"}, "thresholds": {"held_out": ["002.png"]}}
     cal = int8_calibration(None, ckpt, 64, "area")
     names = [Path(p).name for p in cal.paths]
     assert "002.png" not in names and len(names) == 4 and all("/train/good/" in p for p in cal.paths)
+    # the recorded data set's labelled test split comes first: never trained or calibrated on
     val = int8_validation(None, ckpt, 64, "area", cal)
-    assert [Path(p).name for p in val.paths] == ["002.png"] and val.source.startswith("held-out:")
-    assert not val.two_classes and "AUROC not gated" in val.note
+    assert val.source.startswith("recorded-test-split:") and val.two_classes and val.masks is not None
+    assert all("/test/" in p for p in val.paths) and len(val) == 10
     lab = int8_validation(sample_dir, ckpt, 64, "area", cal)
     assert lab.two_classes and lab.masks is not None and lab.masks.shape == (len(lab), 64, 64)
     assert all("/test/" in p for p in lab.paths)
+    # a data set without a test split: the held-out good images the thresholds were chosen on
+    ckpt = {"train": {"data": str(_train_only_copy(sample_dir, tmp_path)), "format": "mvtec"},
+            "thresholds": {"held_out": ["002.png"]}}
+    val = int8_validation(None, ckpt, 64, "area")
+    assert [Path(p).name for p in val.paths] == ["002.png"] and val.source.startswith("held-out:")
+    assert not val.two_classes and "AUROC not gated" in val.note
+
+
+def _train_only_copy(sample_dir: Path, root: Path) -> Path:
+    """A data set with train/good only (no test split): the checkpoint's held-out images are its gate images."""
+    (root / "train" / "good").mkdir(parents=True)
+    for p in sorted((sample_dir / "train" / "good").iterdir()):
+        (root / "train" / "good" / p.name).write_bytes(p.read_bytes())
+    return root
+
+
+def test_the_gate_never_judges_on_calibration_images(sample_dir, tmp_path, monkeypatch):
+    """Without --val-data and without a recorded split, the calibration images were also the gate images
+    (issue 24): now every other one is held out of calibration; held-out gate images leave --calib-data."""
+    import stlm_export.int8_data as gd
+
+    resolved = lambda paths: {Path(p).resolve() for p in paths}  # noqa: E731
+    monkeypatch.setattr(gd, "sample_data_root", lambda: None)  # no bundled sample to fall back on
+    train = sample_dir / "train" / "good"
+    cal, val = gd.gate_data(train, None, {}, 64, "area", int8=True)
+    assert cal.paths and val.paths and not resolved(cal.paths) & resolved(val.paths)
+    assert resolved(cal.paths) | resolved(val.paths) == resolved(train.iterdir())
+    assert val.source.startswith("held-out-of-calibration:") and val.labels is None
+    assert "(unlabelled)" in val.evidence().line() and not val.evidence().to_dict()["sufficient"]
+    # --calib-data pointing at the training folder: the checkpoint's held-out gate image is not calibrated on
+    data = _train_only_copy(sample_dir, tmp_path / "data")
+    ckpt = {"train": {"data": str(data), "format": "mvtec"}, "thresholds": {"held_out": ["002.png"]}}
+    cal, val = gd.gate_data(data / "train" / "good", None, ckpt, 64, "area", int8=True)
+    assert [Path(p).name for p in val.paths] == ["002.png"] and "002.png" not in [Path(p).name for p in cal.paths]
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes(next(train.iterdir()).read_bytes())
+    with pytest.raises(ValueError, match=r"--val-data: needed here .*1 image\(s\); none can be held out"):
+        gd.gate_data(one, None, {}, 64, "area", int8=True)
+    with pytest.raises(ValueError, match=r"--calib-data .*every image is also a gate image"):
+        gd.int8_calibration(one, {}, 64, "area", exclude=[one / "a.png"])
 
 
 def test_int8_option_errors(small_ckpt, tmp_path):
@@ -115,8 +157,10 @@ def test_int8_option_errors(small_ckpt, tmp_path):
         export_engine(ExportOptions(ckpt=small_ckpt, out=tmp_path / "e", int8=True, verify=False))
     with pytest.raises(ExportError, match="--int8 with --batch 2"):
         export_engine(ExportOptions(ckpt=small_ckpt, out=tmp_path / "e", int8=True, batch=2))
-    with pytest.raises(ExportError, match="--val-data: only used by --int8"):
-        export_engine(ExportOptions(ckpt=small_ckpt, out=tmp_path / "e", val_data=tmp_path))
+    with pytest.raises(ExportError, match="--val-data with --no-verify"):
+        export_engine(ExportOptions(ckpt=small_ckpt, out=tmp_path / "e", val_data=tmp_path, verify=False))
+    with pytest.raises(ExportError, match="--gate-images: must be a positive integer, got 0"):
+        export_engine(ExportOptions(ckpt=small_ckpt, out=tmp_path / "e", gate_images=0))
 
 
 # ------------------------------------------------------------------------------- real artifacts
