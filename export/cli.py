@@ -19,6 +19,7 @@ import click
 from stlm_deploy.console import CommandError, OneLineCommand, require_extra
 
 from .calib import DEFAULT_MAX_IMAGES
+from .int8_data import DEFAULT_VAL_IMAGES
 from .opset import DEFAULT_OPSET
 from .tensorrt_build import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB
 
@@ -50,8 +51,12 @@ def _echo(msg: str) -> None:
                    "(DIR/train/good when present; never test images) calibrate the quantisation "
                    "(default: the training split recorded in the checkpoint).")
 @click.option("--val-data", type=click.Path(path_type=str), default=None,
-              help="--int8: labelled MVTec-style folder (test/, ground_truth/) for the accuracy gate "
-                   "(default: the checkpoint's held-out split, good images only).")
+              help="Labelled MVTec-style folder (test/, ground_truth/) the task gates judge on (bf16/fp16 inference, "
+                   "INT8); default: the test split of the data set the checkpoint records, else its held-out good "
+                   "images, else the bundled sample. Never used for calibration.")
+@click.option("--gate-images", type=click.IntRange(min=1), default=DEFAULT_VAL_IMAGES, show_default=True,
+              help="At most this many gate images (spread evenly over the split); 50 or more resolve the 98 % "
+                   "agreement limit.")
 @click.option("--no-accuracy-control", is_flag=True,
               help="--int8: plain nncf.quantize even with labelled --val-data (faster; the gate still runs).")
 @click.option("--parity-images", type=int, default=DEFAULT_MAX_IMAGES, show_default=True,
@@ -83,7 +88,8 @@ def _echo(msg: str) -> None:
 @click.option("--version-compatible", is_flag=True, help="TensorRT plan loadable by later TensorRT versions.")
 @click.option("--hardware-compatible", is_flag=True, help="TensorRT plan for any Ampere-or-newer GPU.")
 def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, batch: str, opset: int, fp16: bool,
-         int8: bool, calib_data: str | None, val_data: str | None, no_accuracy_control: bool, parity_images: int, target: str | None, no_verify: bool,
+         int8: bool, calib_data: str | None, val_data: str | None, gate_images: int, no_accuracy_control: bool,
+         parity_images: int, target: str | None, no_verify: bool,
          no_fuse_pre: bool, with_tlm: bool, no_simplify: bool, max_batch: int, opt_batch: int, workspace_mb: int,
          timing_cache: str | None, version_compatible: bool, hardware_compatible: bool, engine_out: str | None = None,
          instances: int = 1, max_queue_delay_us: int = 2000, storage_uri: str | None = None) -> None:
@@ -102,7 +108,7 @@ def main(ckpt: str, out: str | None, name: str | None, img_size: int | None, bat
         repo, out, target = out, engine_out, "all"
     opts = ExportOptions(ckpt=ckpt, out=out, name=name, img_size=img_size, batch=batch, opset=opset, fp16=fp16,
                          int8=int8, target=target, verify=not no_verify, fuse_pre=not no_fuse_pre,
-                         with_tlm=with_tlm, calib_data=calib_data, val_data=val_data,
+                         with_tlm=with_tlm, calib_data=calib_data, val_data=val_data, gate_images=gate_images,
                          int8_accuracy_control=not no_accuracy_control, parity_images=parity_images,
                          simplify=not no_simplify, max_batch=max_batch, opt_batch=opt_batch,
                          workspace_mb=workspace_mb, timing_cache=timing_cache, version_compatible=version_compatible,

@@ -559,3 +559,55 @@ def test_auto_follows_the_timings_in_python_and_cpp(cpp_build: CppBuild, cpp_eng
     assert f"no timing for this machine ({machine_key()}," in both()[1]
     (engine / "timings.json").write_text("{broken")
     assert "not readable JSON" in both()[1]
+
+
+@pytest.mark.parametrize("bf16_gated", [True, False])
+def test_auto_follows_the_export_variants_in_python_and_cpp(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                            tmp_path: Path, bf16_gated: bool) -> None:
+    """Right after stlm-export (no timings.json) both runtimes run the first gated variant of the static
+    preference for this CPU and say so in the same words; 'variants' decides, not the legacy field."""
+    import openvino as ov
+
+    from stlm_deploy import Detector
+    from stlm_deploy.spec import load_spec, write_spec
+    from stlm_deploy.timings import cpu_model_and_flags
+
+    engine = tmp_path / "engine"
+    shutil.copytree(cpp_engines["fused"], engine)
+    spec = load_spec(engine)
+    ir = "openvino/model.xml"
+    spec.artifacts[ir].extra["inference_precision"] = "fp32"  # what an older runtime would run
+    spec.set_variants({"ort/fp32": {"artifact": "model.onnx", "gated": True, "why": "parity"},
+                       "openvino/fp32": {"artifact": ir, "gated": True, "why": "parity"},
+                       "openvino/bf16": {"artifact": ir, "gated": bf16_gated, "why": "task gate",
+                                         "evidence": {"n_images": 10, "sufficient": False}}})
+    write_spec(engine, spec)
+    [img] = write_images(tmp_path / "imgs", [(64, 64)], gray=False)
+    proc = run_app(cpp_build, engine, img, "--json", "--verbose")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    bf16_here = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") and \
+        bool(cpu_model_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
+    expected = "bf16" if bf16_gated and bf16_here else "fp32"
+    assert (doc["backend"], doc["precision"], doc["artifact"]) == _python_pick(engine) == ("openvino", expected, ir)
+    cpp_note = next(ln.split("note: ", 1)[1] for ln in proc.stderr.splitlines() if "note: static: " in ln)
+    with Detector.load(engine) as det:
+        py_note = next(n for n in det.selection_notes if n.startswith("static: "))
+    assert cpp_note == py_note and cpp_note.startswith(f"static: openvino/{expected} is the first gated variant")
+    assert cpp_note.endswith("; gated on weak evidence (10 images, see stlm.json variants)") == (expected == "bf16")
+
+
+def test_a_malformed_variants_entry_is_refused_in_cpp_as_in_python(cpp_build: CppBuild, cpp_engines: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    from tests.stlm_deploy.test_spec import BAD_VARIANTS
+
+    [img] = write_images(tmp_path / "imgs", [(64, 64)], gray=False)
+    for i, (value, needle) in enumerate(BAD_VARIANTS):
+        engine = tmp_path / f"engine{i}"
+        shutil.copytree(cpp_engines["fused"], engine)
+        data = json.loads((engine / "stlm.json").read_text())
+        data["variants"] = value
+        (engine / "stlm.json").write_text(json.dumps(data))
+        proc = run_app(cpp_build, engine, img)
+        [line] = stderr_lines(proc)
+        assert proc.returncode == 1 and line.endswith("stlm.json: " + needle), (needle, line)

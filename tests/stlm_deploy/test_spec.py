@@ -216,3 +216,42 @@ def test_nan_in_an_unknown_field_is_refused_and_never_written(engine_copy):
     with pytest.raises(SpecError, match="field 'thresholds.image' must be a finite number, got Infinity"):
         write_spec(engine, spec)
     assert (engine / "stlm.json").read_text() == before  # the good file is kept
+
+
+# ------------------------------------------------------------------------------------------- variants
+#: (variants value, the message both runtimes give); the C++ tests reuse these cases.
+BAD_VARIANTS = [
+    ([1], "field 'variants' must be a JSON object, got [1]"),
+    ({"gpu/fp32": {"artifact": "model.onnx", "gated": True}},
+     "field 'variants' key 'gpu/fp32' must be <backend>/<precision> with backend one of ort, openvino, tensorrt and "
+     "precision one of fp32, fp16, bf16, int8"),
+    ({"openvino/bf16": {"gated": True}}, "field 'variants.openvino/bf16.artifact' is missing (required)"),
+    ({"openvino/bf16": {"artifact": "openvino/model.xml", "gated": "yes"}},
+     "field 'variants.openvino/bf16.gated' must be true or false, got \"yes\""),
+    ({"ort/fp32": {"artifact": "../model.onnx", "gated": True}},
+     "field 'variants.ort/fp32.artifact' must be a relative path inside the engine directory (forward slashes, "
+     "no '..'), got \"../model.onnx\""),
+    ({"ort/fp32": "gated"}, "field 'variants.ort/fp32' must be a JSON object, got \"gated\""),
+]
+
+
+def test_variants_round_trip_and_say_why(engine_copy):
+    """Issue 24: stlm.json says why each variant is or is not gated; older engines simply have no 'variants'."""
+    eng = engine_copy("fused")
+    assert load_spec(eng).variants == {} and "variants" not in _data(eng)
+    spec = load_spec(eng)
+    spec.set_variants({"openvino/bf16": {"artifact": "openvino/model.xml", "gated": True, "why": "task gate passed",
+                                         "evidence": {"n_images": 10, "sufficient": False}},
+                       "ort/int8": {"artifact": "model.int8.onnx", "gated": False, "why": "not built"}})
+    write_spec(eng, spec)
+    again = load_spec(eng)
+    assert again.variants["openvino/bf16"].gated and again.variants["openvino/bf16"].why == "task gate passed"
+    assert again.variants["openvino/bf16"].extra["evidence"]["sufficient"] is False
+    assert again.to_dict() == _data(eng) and "variants" not in again.extra
+
+
+@pytest.mark.parametrize("value,needle", BAD_VARIANTS)
+def test_a_malformed_variants_entry_is_refused_naming_the_field(engines, value, needle):
+    data = _data(engines["fused"])
+    data["variants"] = value
+    assert _err(data) == "engines/x/stlm.json: " + needle

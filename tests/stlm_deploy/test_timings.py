@@ -175,3 +175,81 @@ def test_int8_is_picked_only_when_the_gate_published_it(int8_engine, tmp_path):
     write_spec(eng, spec)
     det = Detector.load(eng, verify=False)
     assert det.artifact.name == "model.xml"
+
+
+# ----------------------------------------------------------------------------- without timings.json
+AMX = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8"}
+EPYC = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}
+
+
+def _gate(eng: Path, **gated: bool) -> None:
+    """stlm.json 'variants' as stlm-export writes it: label -> gated (artifacts: the conventional files)."""
+    from stlm_deploy.timings import variant_artifact
+
+    spec = load_spec(eng)
+    spec.set_variants({label.replace("_", "/"): {"artifact": variant_artifact(spec, label.replace("_", "/")),
+                                                 "gated": ok, "why": "test"} for label, ok in gated.items()})
+    write_spec(eng, spec)
+
+
+def test_cpu_class_keys_the_static_preference():
+    from stlm_deploy.timings import STATIC_PREFERENCE, cpu_class
+
+    assert [cpu_class(f) for f in (AMX, EPYC, {"avx2", "avx_vnni"}, {"avx2"}, set())] == \
+        ["amx", "avx512_bf16", "vnni", "other", "other"]
+    assert STATIC_PREFERENCE["amx"][0] == "openvino/bf16"  # AMX: bf16 beats the INT8 IR (docs/int8.md)
+    assert STATIC_PREFERENCE["avx512_bf16"][:2] == ("openvino/int8", "openvino/bf16")  # measured on the EPYC
+    assert all(order[-2:] == ("openvino/fp32", "ort/fp32") for order in STATIC_PREFERENCE.values())
+
+
+def test_static_pick_runs_the_first_gated_variant_for_the_cpu(engine_copy):
+    """Right after stlm-export (no timings.json) auto runs the export's gated bf16, not the fp32 IR (issue 24)."""
+    from stlm_deploy.timings import static_pick
+
+    eng = engine_copy("fused")  # model.onnx, model.fp16.onnx, openvino/model.xml
+    _gate(eng, ort_fp32=True, openvino_fp32=True, openvino_bf16=True, openvino_fp16=True, ort_fp16=True)
+    spec = load_spec(eng)
+    both = ["openvino", "ort"]
+    assert (static_pick(spec, both, AMX).backend, static_pick(spec, both, AMX).precision) == ("openvino", "bf16")
+    assert static_pick(spec, both, EPYC).precision == "bf16"  # no INT8 IR in this engine
+    assert static_pick(spec, both, {"avx2"}).precision == "fp32"  # a CPU without BF16 never gets bf16
+    ort_only = static_pick(spec, ["ort"], AMX)  # no OpenVINO installed
+    assert (ort_only.backend, ort_only.precision) == ("ort", "fp32")
+    note = static_pick(spec, both, EPYC).note
+    assert note == ("openvino/bf16 is the first gated variant of the static preference for this CPU (avx512_bf16: "
+                    "openvino/int8 > openvino/bf16 > openvino/fp32 > ort/fp32)")
+    _gate(eng, ort_fp32=True, openvino_fp32=True, openvino_bf16=False)  # the task gate failed bf16
+    assert static_pick(load_spec(eng), both, AMX).precision == "fp32"
+    # an engine from before 'variants': bf16 counts where the IR records it as its inference precision
+    spec = load_spec(eng)
+    spec.variants = {}
+    spec.artifacts["openvino/model.xml"].extra["inference_precision"] = "bf16"
+    assert static_pick(spec, both, AMX).precision == "bf16"
+    spec.artifacts["openvino/model.xml"].extra["inference_precision"] = "fp32"
+    assert static_pick(spec, both, AMX).precision == "fp32"
+    assert static_pick(spec, both, AMX | {"amx_fp16"}).precision == "fp32"  # fp16 weights do not gate fp16 inference
+
+
+def test_auto_right_after_export_and_timings_still_override(engine_copy):
+    """Detector.load: the static pick when no timing applies, says so with the evidence; stlm-bench's timings win."""
+    import openvino as ov
+
+    from stlm_deploy.timings import cpu_model_and_flags, static_pick
+
+    eng = engine_copy("fused")
+    _gate(eng, ort_fp32=True, openvino_fp32=True, openvino_bf16=True)
+    spec = load_spec(eng)
+    spec.variants["openvino/bf16"].extra["evidence"] = {"n_images": 10, "sufficient": False}
+    write_spec(eng, spec)
+    det = Detector.load(eng)
+    expected = static_pick(load_spec(eng), ["openvino", "ort"])
+    bf16_here = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") and \
+        bool(cpu_model_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
+    assert (det.backend_name, det.backend.precision) == ("openvino", "bf16" if bf16_here else "fp32")
+    static = next(n for n in det.selection_notes if n.startswith("static: "))
+    assert static == f"static: {expected.note}"
+    if bf16_here:
+        assert static.endswith("; gated on weak evidence (10 images, see stlm.json variants)")
+    _write(eng, {"ort/fp32": 1.0, "openvino/bf16": 9.0})
+    det = Detector.load(eng)
+    assert det.backend_name == "ort" and not any(n.startswith("static: ") for n in det.selection_notes)

@@ -502,11 +502,15 @@ Detector Detector::load(const std::string& engine, const LoadOptions& opt) {
     if (candidates.front().first == "ort") candidates.push_back({"openvino", precision});  // OpenVINO reads ONNX too
   } else {
     candidates = {{"tensorrt", precision}};
-    if (precision.empty()) {  // the fastest gated CPU variant stlm-bench timed here goes before the static ones
+    if (precision.empty()) {  // the fastest gated CPU variant timed here (else the static preference's) goes first
       std::vector<std::string> cpu{"openvino"};
       if (compiled("ort")) cpu.push_back("ort");
-      const Pick pick = measured_pick(engine_dir, spec, opt.threads > 0 ? opt.threads : default_threads(), cpu);
+      Pick pick = measured_pick(engine_dir, spec, opt.threads > 0 ? opt.threads : default_threads(), cpu);
       notes.push_back("timings: " + pick.note);
+      if (pick.backend.empty()) {  // right after stlm-export: the static preference for this CPU
+        pick = static_pick(spec, cpu, cpu_flags());
+        notes.push_back("static: " + pick.note);
+      }
       if (!pick.backend.empty()) candidates.push_back({pick.backend, pick.precision});
     }
     for (const char* b : {"openvino", "ort"})

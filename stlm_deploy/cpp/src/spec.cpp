@@ -250,6 +250,12 @@ const ArtifactDesc* EngineSpec::artifact(const std::string& relpath) const {
   return nullptr;
 }
 
+const VariantDesc* EngineSpec::variant(const std::string& label) const {
+  for (const auto& [k, v] : variants)
+    if (k == label) return &v;
+  return nullptr;
+}
+
 const TensorDesc* EngineSpec::output(const std::string& n) const {
   for (const auto& o : outputs)
     if (o.name == n) return &o;
@@ -358,6 +364,35 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
                   std::to_string(*s.score_min) + "), got " + std::to_string(*s.score_max));
   }
   if (f.has("source")) Fields(f.get("source"), where, "source");
+  if (f.has("variants")) {  // stlm_deploy/spec.py _parse_variants: same rules, same messages
+    const json& vars = f.get("variants");
+    if (!vars.is_object()) throw f.fail("variants", "a JSON object", vars);
+    for (const auto& [label, val] : vars.items()) {
+      const auto slash = label.find('/');
+      const std::string backend = label.substr(0, slash), precision = slash == std::string::npos ? "" : label.substr(slash + 1);
+      const bool ok = (backend == "ort" || backend == "openvino" || backend == "tensorrt") &&
+                      std::count(kPrecisions.begin(), kPrecisions.end(), precision);
+      if (!ok)
+        throw Error(where + ": field 'variants' key '" + label + "' must be <backend>/<precision> with backend one of "
+                    "ort, openvino, tensorrt and precision one of fp32, fp16, bf16, int8");
+      Fields v(val, where, "variants." + label);
+      VariantDesc d;
+      d.artifact = v.str("artifact", {}, true);
+      fs::path ap(d.artifact);
+      bool bad = d.artifact.find('\\') != std::string::npos || ap.is_absolute();
+      for (const auto& part : ap) bad = bad || part == "..";
+      if (bad)
+        throw v.fail("artifact", "a relative path inside the engine directory (forward slashes, no '..')", v.get("artifact"));
+      d.gated = v.boolean("gated");
+      if (v.has("why")) d.why = v.str("why");
+      if (v.has("evidence") && v.get("evidence").is_object()) {
+        const json& ev = v.get("evidence");
+        if (ev.contains("sufficient") && ev["sufficient"].is_boolean()) d.evidence_sufficient = ev["sufficient"].get<bool>();
+        if (ev.contains("n_images") && ev["n_images"].is_number_integer()) d.evidence_images = ev["n_images"].get<int64_t>();
+      }
+      s.variants.emplace_back(label, std::move(d));
+    }
+  }
   s.opset = static_cast<int>(f.integer("opset", 1));
   validate(s, where);
   return s;

@@ -43,6 +43,16 @@ struct ArtifactDesc {
   std::optional<std::string> inference_precision;
 };
 
+// One entry of stlm.json "variants" (label "<backend>/<precision>"): whether the export gated it, and why.
+// backend "auto" runs gated variants only; engines without "variants" use the older per-artifact rule.
+struct VariantDesc {
+  std::string artifact;
+  bool gated = false;
+  std::string why;
+  std::optional<bool> evidence_sufficient;  // evidence.sufficient of a task gate, when recorded
+  std::optional<int64_t> evidence_images;   // evidence.n_images
+};
+
 struct EngineSpec {
   int format_version = kFormatVersion;
   std::string model_family;
@@ -62,8 +72,10 @@ struct EngineSpec {
   std::vector<std::pair<std::string, ArtifactDesc>> artifacts;  // in listing order
   int batch = 0;                                                // 0 = "dynamic"
   int opset = 0;
+  std::vector<std::pair<std::string, VariantDesc>> variants;    // empty for engines written before the field
 
   const ArtifactDesc* artifact(const std::string& relpath) const;
+  const VariantDesc* variant(const std::string& label) const;
   const TensorDesc* output(const std::string& name) const;
 };
 

@@ -21,8 +21,31 @@ using json = nlohmann::json;
 const char* const kIsaFlags[] = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16",
                                  "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16"};
 // Selectable variants, in the order that breaks exact ties (timings.py VARIANTS).
-const std::vector<std::string> kVariants = {"openvino/int8", "openvino/bf16", "openvino/fp32",
+const std::vector<std::string> kVariants = {"openvino/int8", "openvino/bf16", "openvino/fp16", "openvino/fp32",
                                             "ort/int8", "ort/fp32", "ort/fp16"};
+// timings.py STATIC_PREFERENCE: per CPU class, the variants tried in order without a timing.
+const std::vector<std::pair<std::string, std::vector<std::string>>> kStaticPreference = {
+    {"amx", {"openvino/bf16", "openvino/fp16", "openvino/int8", "openvino/fp32", "ort/fp32"}},
+    {"avx512_bf16", {"openvino/int8", "openvino/bf16", "openvino/fp32", "ort/fp32"}},
+    {"vnni", {"openvino/int8", "openvino/fp32", "ort/fp32"}},
+    {"other", {"openvino/fp32", "ort/fp32"}},
+};
+
+bool has(const std::vector<std::string>& v, const std::string& x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+// The conventional artifact of each variant (engines without "variants" name nothing else; timings.py _ARTIFACT).
+std::string conventional_artifact(const std::string& label) {
+  if (label == "ort/fp32") return "model.onnx";
+  if (label == "ort/fp16") return "model.fp16.onnx";
+  if (label == "ort/int8") return "model.int8.onnx";
+  if (label == "openvino/int8") return "openvino/model.int8.xml";
+  return "openvino/model.xml";
+}
+
+std::string variant_artifact(const EngineSpec& spec, const std::string& label) {
+  const VariantDesc* v = spec.variant(label);
+  return v ? v->artifact : conventional_artifact(label);
+}
 
 std::string trim_collapse(const std::string& s) {
   std::istringstream in(s);
@@ -37,24 +60,12 @@ std::string ms(double v) {
   return buf;
 }
 
-// Listed, and published by its gate: bf16 only where the IR records inference_precision bf16.
-bool gated(const EngineSpec& spec, const std::string& label, const std::string& artifact) {
-  const ArtifactDesc* entry = spec.artifact(artifact);
-  if (!entry) return false;
-  const std::string backend = label.substr(0, label.find('/'));
-  const std::string precision = label.substr(label.find('/') + 1);
-  if (backend == "openvino" && precision == "bf16")
-    return artifact.size() > 4 && artifact.compare(artifact.size() - 4, 4, ".xml") == 0 &&
-           entry->inference_precision.value_or("") == "bf16";
-  if (backend == "openvino" && precision == "fp32")  // an IR's own precision is its weight storage (fp16)
-    return entry->precision.value_or("") != "int8";
-  if (precision == "int8" || precision == "fp16") return entry->precision.value_or("") == precision;
-  return precision == "fp32" && entry->precision.value_or("fp32") == "fp32";
-}
-
 }  // namespace
 
-std::string machine_key(const std::string& cpuinfo) {
+namespace {
+
+// The first "model name" and "flags" of /proc/cpuinfo text (timings.py cpu_model_and_flags).
+std::pair<std::string, std::vector<std::string>> model_and_flags(const std::string& cpuinfo) {
   std::string model;
   std::vector<std::string> flags;
   bool have_flags = false;
@@ -72,6 +83,51 @@ std::string machine_key(const std::string& cpuinfo) {
       for (std::string f; in >> f;) flags.push_back(f);
     }
   }
+  return {model, flags};
+}
+
+std::string this_cpuinfo() {
+  try {
+    return read_file("/proc/cpuinfo");
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> cpu_flags(const std::string& cpuinfo) { return model_and_flags(cpuinfo).second; }
+std::vector<std::string> cpu_flags() { return cpu_flags(this_cpuinfo()); }
+
+std::string cpu_class(const std::vector<std::string>& flags) {
+  if (has(flags, "amx_bf16")) return "amx";
+  if (has(flags, "avx512_bf16")) return "avx512_bf16";
+  if (has(flags, "avx512_vnni") || has(flags, "avx_vnni")) return "vnni";
+  return "other";
+}
+
+// Listed, and published by its gate: the export's "variants" verdict where the engine has one; else the older
+// rule (bf16/fp16 where the IR records that inference_precision, int8/fp16 artifacts listed with that precision).
+bool gated(const EngineSpec& spec, const std::string& label, const std::string& artifact) {
+  const ArtifactDesc* entry = spec.artifact(artifact);
+  if (!entry) return false;
+  if (!spec.variants.empty()) {
+    const VariantDesc* v = spec.variant(label);
+    return v && v->gated && v->artifact == artifact;
+  }
+  const std::string backend = label.substr(0, label.find('/'));
+  const std::string precision = label.substr(label.find('/') + 1);
+  if (backend == "openvino" && (precision == "bf16" || precision == "fp16"))
+    return artifact.size() > 4 && artifact.compare(artifact.size() - 4, 4, ".xml") == 0 &&
+           entry->inference_precision.value_or("") == precision;
+  if (backend == "openvino" && precision == "fp32")  // an IR's own precision is its weight storage (fp16)
+    return entry->precision.value_or("") != "int8";
+  if (precision == "int8" || precision == "fp16") return entry->precision.value_or("") == precision;
+  return precision == "fp32" && entry->precision.value_or("fp32") == "fp32";
+}
+
+std::string machine_key(const std::string& cpuinfo) {
+  auto [model, flags] = model_and_flags(cpuinfo);
   if (model.empty()) {  // e.g. ARM Linux: the machine name, as Python's platform.machine()
     struct utsname u {};
     model = uname(&u) == 0 && u.machine[0] ? u.machine : "unknown";
@@ -82,14 +138,7 @@ std::string machine_key(const std::string& cpuinfo) {
   return model + " [" + isa + "]";
 }
 
-std::string machine_key() {
-  std::string text;
-  try {
-    text = read_file("/proc/cpuinfo");
-  } catch (const std::exception&) {
-  }
-  return machine_key(text);
-}
+std::string machine_key() { return machine_key(this_cpuinfo()); }
 
 Pick measured_pick(const std::filesystem::path& engine_dir, const EngineSpec& spec, int threads,
                    const std::vector<std::string>& backends) {
@@ -160,6 +209,34 @@ Pick measured_pick(const std::filesystem::path& engine_dir, const EngineSpec& sp
           best + " is the fastest gated variant timed here (" + ms(best_ms) + " ms p50" +
               (others.empty() ? "" : "; " + others) + (faster.empty() ? "" : "; faster but not gated: " + faster) +
               "; timings.json)"};
+}
+
+Pick static_pick(const EngineSpec& spec, const std::vector<std::string>& backends,
+                 const std::vector<std::string>& flags) {
+  const std::string kind = cpu_class(flags);
+  const std::vector<std::string>* order = nullptr;
+  for (const auto& [k, v] : kStaticPreference)
+    if (k == kind) order = &v;
+  std::string chain;
+  for (const auto& l : *order) chain += (chain.empty() ? "" : " > ") + l;
+  for (const auto& label : *order) {
+    const std::string backend = label.substr(0, label.find('/'));
+    const std::string precision = label.substr(label.find('/') + 1);
+    if (!has(backends, backend)) continue;
+    if (precision == "bf16" && !has(flags, "avx512_bf16") && !has(flags, "amx_bf16")) continue;
+    if (precision == "fp16" && !has(flags, "avx512_fp16") && !has(flags, "amx_fp16")) continue;
+    if (!gated(spec, label, variant_artifact(spec, label))) continue;
+    std::string weak;
+    const VariantDesc* v = spec.variant(label);
+    if (v && v->evidence_sufficient && !*v->evidence_sufficient)
+      weak = "; gated on weak evidence (" + (v->evidence_images ? std::to_string(*v->evidence_images) : "?") +
+             " images, see stlm.json variants)";
+    return {backend, precision,
+            label + " is the first gated variant of the static preference for this CPU (" + kind + ": " + chain + ")" +
+                weak};
+  }
+  return {"", "", "no gated variant of the static preference for this CPU (" + kind + ": " + chain +
+                      ") can run here: static order"};
 }
 
 }  // namespace stlm::detail
