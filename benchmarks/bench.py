@@ -82,6 +82,9 @@ def default_variants(engine_dir: Path) -> list[Variant]:
     if [a for a in spec.find_artifacts("openvino") if spec.artifacts[a].precision != "int8"]:
         out.append(Variant("openvino", "fp32"))
         out.append(Variant("openvino", "bf16"))
+        fp16 = spec.variants.get("openvino/fp16")
+        if fp16 is not None and fp16.gated:  # tried (and passed) only on CPUs whose OpenVINO has FP16
+            out.append(Variant("openvino", "fp16"))
     if spec.find_artifacts("openvino", "int8"):
         out.append(Variant("openvino", "int8"))
     if spec.find_artifacts("tensorrt"):
