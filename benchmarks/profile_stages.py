@@ -77,9 +77,17 @@ def eager_profile(ckpt: str | None, img_size: int, runs: int, threads: int) -> d
     return out
 
 
+def random_image(img_size: int) -> np.ndarray:
+    """The profiles' input: one random uint8 (1, S, S, 3) image (timing does not depend on the pixels)."""
+    return np.random.default_rng(0).integers(0, 256, (1, img_size, img_size, 3), dtype=np.uint8)
+
+
 def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int,
-                ops: dict[str, float] | None = None) -> dict[str, float]:
-    """Per-stage kernel time; ``ops`` (if given) is filled with kernel time per ORT op type."""
+                ops: dict[str, float] | None = None, x: np.ndarray | None = None) -> dict[str, float]:
+    """Per-stage kernel time; ``ops`` (if given) is filled with kernel time per ORT op type.
+
+    ``x``: the graph's input (default :func:`random_image`; a graph without fused preprocessing, such as
+    the plain conversion of ``stlm_bench.vs_plain``, takes its normalised float NCHW tensor)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -88,7 +96,7 @@ def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int,
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).integers(0, 256, (1, img_size, img_size, 3), dtype=np.uint8)
+    x = random_image(img_size) if x is None else x
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x})
     t0 = time.perf_counter()
@@ -110,9 +118,11 @@ def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int,
 
 
 def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, precision: str,
-                     ops: dict[str, float] | None = None, hint: str = "LATENCY") -> dict[str, float]:
+                     ops: dict[str, float] | None = None, hint: str = "LATENCY",
+                     x: np.ndarray | None = None) -> dict[str, float]:
     """Per-stage time from the CPU plugin's counters; ``ops`` gets time per executed layer type
-    (e.g. ``MatMul_I8`` style names appear as the ``exec_type`` the plugin chose)."""
+    (e.g. ``MatMul_I8`` style names appear as the ``exec_type`` the plugin chose); ``x`` as for
+    :func:`ort_profile`."""
     import openvino as ov
 
     core = ov.Core()
@@ -120,7 +130,7 @@ def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, pr
            "INFERENCE_PRECISION_HINT": precision}
     compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", cfg)
     req = compiled.create_infer_request()
-    x = np.random.default_rng(0).integers(0, 256, (1, img_size, img_size, 3), dtype=np.uint8)
+    x = random_image(img_size) if x is None else x
     req.infer({0: x})
     per: dict[str, float] = defaultdict(float)
     t0 = time.perf_counter()
