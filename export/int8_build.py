@@ -26,7 +26,7 @@ import numpy as np
 
 from stlm_deploy.spec import EngineSpec
 
-from .gate import backend_outputs, ort_outputs
+from .gate import OPENVINO_GATE_CHUNK, backend_outputs, ort_outputs
 from .calib import CalibSet
 from .int8_data import ValSet, gate_data
 from .precision_gate import int8_entries
@@ -155,7 +155,7 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
             tried: list[Int8Record] = []
             for prec in dict.fromkeys([preferred_precision(caps), "fp32"]):
                 backend = OpenVinoBackend(tmp / OV_INT8_XML, precision=prec, artifact_precision="int8")
-                got = backend_outputs(backend, val.images, spec.batch)
+                got = backend_outputs(backend, val.images, spec.batch, OPENVINO_GATE_CHUNK)
                 ran = backend.inference_precision or prec
                 tried.append(gate(OV_INT8_XML, "openvino-cpu", got, {"nncf": ov.to_dict(), "inference_precision": ran}))
                 if tried[-1].passed:

@@ -7,7 +7,7 @@ Order of work (each step gated before the next one runs):
 3. fused fp32 ONNX (TorchScript exporter, full checker, onnxslim kept only if the parity probe
    passes) -> ``model.onnx``, gated with ONNX Runtime CPU;
 4. ``--fp16``: ``model.fp16.onnx`` with the precision policy, gated;
-5. OpenVINO IR with fp16-compressed weights, parity-gated at f32; its bf16/fp16 inference task-gated
+5. OpenVINO IR (fp32 weights), parity-gated at f32; its bf16/fp16 inference task-gated
    against fp32 on the gate images (:mod:`stlm_export.precision_gate`: AUROC within 0.01, decisions
    >= 98 %, evidence recorded), the first that passes recorded as the IR's ``inference_precision``;
 6. TensorRT plan + sidecar (needs TensorRT and a GPU), gated through the runtime's TensorRT backend;
@@ -425,7 +425,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                               opts.task_tolerance or TaskTolerance())
         precision: PrecisionOutcome | None = None
         if "openvino" in targets:
-            precision = build_gated_openvino(tmp, batch, graph_inputs, gate, notes, spec, task, say)
+            precision = build_gated_openvino(tmp, batch, graph_inputs, gate, spec, task, say)
 
         if "tensorrt" in targets:
             try:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .gate import ParityRecord, backend_outputs
+from .gate import OPENVINO_GATE_CHUNK, ParityRecord, backend_outputs
 from .int8_data import ValSet
 from .task_gate import TASK_TOLERANCE, TaskRecord, TaskTolerance, task_compare
 
@@ -92,8 +92,8 @@ def gate_openvino_precisions(xml: Path, images: GateImages, batch: int | str, ca
                                  f"(OPTIMIZATION_CAPABILITIES: {', '.join(capabilities) or 'none'})")
             say(f"precision gate {IR_XML} [{prec}]: {out.skipped[prec]}")
             continue
-        backend = OpenVinoBackend(xml, precision=prec)
-        got = backend_outputs(backend, images.val.images, batch)
+        backend = OpenVinoBackend(xml, precision=prec, artifact_precision=weights)
+        got = backend_outputs(backend, images.val.images, batch, OPENVINO_GATE_CHUNK)
         ran = backend.inference_precision or prec
         if ran != prec:
             out.skipped[prec] = f"not tried: OpenVINO compiled the IR at {ran} when asked for {prec}"

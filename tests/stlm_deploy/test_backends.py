@@ -191,3 +191,21 @@ def test_registry_and_available_backends(engines):
     with pytest.raises(DeployError, match="backend: expected one of auto, tensorrt, ort, openvino, got 'onnx'"):
         backend_class("onnx")
     assert default_threads() >= 1
+
+
+def test_openvino_compiles_a_dynamic_batch_ir_for_batch_1_too(engines):
+    """Issue 24: single images run on a batch-1 compilation of a dynamic IR (no dynamic-shape execution), other
+    batch sizes on the IR as exported, compiled on first use; same numbers, the reported shape stays dynamic."""
+    path = engines["plain"] / "model.onnx"
+    with OpenVinoBackend(path, precision="f32") as be, OpenVinoBackend(path, precision="f32", static_batch1=False) as ref:
+        assert be.input_shape[0] == -1 and be.fixed_batch is None and be.compiled_shapes == ["batch 1"]
+        one, three = _batch(1), _batch(3)
+        a, b = be.infer({"image": one}), ref.infer({"image": one})
+        assert be.compiled_shapes == ["batch 1"] and ref.compiled_shapes == ["as exported"]
+        assert np.abs(a["anomaly_map"] - b["anomaly_map"]).max() <= 1e-6 and a["score"].shape == (1,)
+        c = be.infer({"image": three})
+        assert be.compiled_shapes == ["batch 1", "as exported"] and c["anomaly_map"].shape[0] == 3
+        assert np.abs(c["anomaly_map"] - ref.infer({"image": three})["anomaly_map"]).max() <= 1e-6
+        assert be.info()["compiled_shapes"] == ["batch 1", "as exported"] and be.requests_created == 2
+    with OpenVinoBackend(engines["fixed"] / "model.onnx", precision="f32") as fixed:  # nothing to specialise
+        assert fixed.compiled_shapes == ["as exported"] and fixed.fixed_batch == 2

@@ -4,8 +4,12 @@
 // INFERENCE_PRECISION_HINT. Difference on purpose: with no precision requested the C++ runtime asks for
 // f32 explicitly (the CPU plugin would otherwise silently run bf16 on AMX CPUs); precision "device"
 // keeps the device default. bf16/f16 are requested only when OPTIMIZATION_CAPABILITIES lists them.
-// Thread-safety: a pool of InferRequests created from the shared CompiledModel; a request is used by
-// one thread at a time and no lock is held during inference.
+// Static batch 1 (as the Python backend, openvino.py): a dynamic-batch IR is compiled reshaped to batch 1 for
+// single-image calls (5-12 % faster on the CPU plugin, which otherwise runs every layer with dynamic shapes)
+// and, on the first call with another batch size, once more as it is; input_shape stays the IR's own. Not for
+// an IR stored with fp16 weights (older engines): its static compilation is less exact than the gated one.
+// Thread-safety: a pool of InferRequests per CompiledModel; a request is used by one thread at a time and
+// no lock is held during inference.
 #include <algorithm>
 #include <cstring>
 #include <mutex>
@@ -90,42 +94,58 @@ class OpenVinoBackend final : public Backend {
     if (hint == "f32") config.insert(ov::hint::inference_precision(ov::element::f32));
     if (hint == "bf16") config.insert(ov::hint::inference_precision(ov::element::bf16));
     if (hint == "f16") config.insert(ov::hint::inference_precision(ov::element::f16));
+    std::shared_ptr<ov::Model> model;
     try {
-      std::shared_ptr<ov::Model> model = core_.read_model(cfg.path.string());
-      compiled_ = core_.compile_model(model, dev, config);
+      model = core_.read_model(cfg.path.string());
     } catch (const std::exception& e) {
-      throw Error(where_ + ": OpenVINO cannot compile the model for " + dev + " (" + first_line(e.what()) + ")");
+      throw Error(where_ + ": OpenVINO cannot read the model (" + first_line(e.what()) + ")");
     }
+    const auto inputs = model->inputs();
+    if (inputs.size() != 1) {
+      std::string names;
+      for (const auto& p : inputs) names += (names.empty() ? "" : ", ") + p.get_any_name();
+      throw Error(where_ + ": expected exactly one graph input, found [" + names + "]");
+    }
+    const ov::PartialShape ps = inputs[0].get_partial_shape();
+    // fp16-stored weights (engines exported before issue 24) stay on the dynamic compilation they were gated on
+    bool single = cfg.artifact_precision != "fp16" && ps.rank().is_static() && ps.size() > 1 && ps[0].is_dynamic();
+    for (size_t i = 1; single && i < ps.size(); ++i) single = ps[i].is_static();
+    device_name_ = dev;
+    config_ = config;
+    std::shared_ptr<ov::Model> target = model;
+    if (single) {
+      target = model->clone();
+      ov::PartialShape one = ps;
+      one[0] = 1;
+      target->reshape({{inputs[0].get_any_name(), one}});
+      dynamic_model_ = model;  // compiled on the first call with another batch size
+    }
+    ov::CompiledModel compiled = compile(target);
+    (single ? batch1_ : general_) = std::make_unique<Pool>(compiled);
     try {
-      precision = precision_name(compiled_.get_property(ov::hint::inference_precision).to_string());
+      precision = precision_name(compiled.get_property(ov::hint::inference_precision).to_string());
     } catch (const std::exception&) {  // some devices do not expose the property
       precision = precision_name(hint);
     }
     if (cfg.artifact_precision == "int8") precision = "int8";
     device = dev;
     std::transform(device.begin(), device.end(), device.begin(), [](unsigned char c) { return std::tolower(c); });
-    const auto inputs = compiled_.inputs();
-    if (inputs.size() != 1) {
-      std::string names;
-      for (const auto& p : inputs) names += (names.empty() ? "" : ", ") + p.get_any_name();
-      throw Error(where_ + ": expected exactly one graph input, found [" + names + "]");
-    }
     input_name = inputs[0].get_any_name();
     input_dtype = from_ov(inputs[0].get_element_type());
-    const ov::PartialShape ps = inputs[0].get_partial_shape();
-    if (ps.rank().is_static())
+    if (ps.rank().is_static())  // the IR's own shape, not the batch-1 specialisation
       for (const auto& d : ps) input_shape.push_back(d.is_static() ? d.get_length() : -1);
-    for (const auto& p : compiled_.outputs()) output_names.push_back(p.get_any_name());
+    for (const auto& p : compiled.outputs()) output_names.push_back(p.get_any_name());
     max_batch = (!input_shape.empty() && input_shape[0] > 0) ? static_cast<int>(input_shape[0]) : 0;
   }
 
   std::map<std::string, HostOutput> infer(const InputView& in) override {
-    ov::InferRequest req = acquire();
+    Pool& pool = pool_for(in.shape.empty() ? 1 : in.shape[0]);
+    ov::InferRequest req = pool.acquire();
     struct Return {
-      OpenVinoBackend* self;
+      Pool* pool;
       ov::InferRequest* req;
-      ~Return() { self->release(std::move(*req)); }
-    } give_back{this, &req};
+      ~Return() { pool->release(std::move(*req)); }
+    } give_back{&pool, &req};
     std::map<std::string, HostOutput> out;
     try {
       ov::Shape shape(in.shape.begin(), in.shape.end());
@@ -160,28 +180,53 @@ class OpenVinoBackend final : public Backend {
   }
 
  private:
-  ov::InferRequest acquire() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!idle_.empty()) {
-        ov::InferRequest r = std::move(idle_.back());
-        idle_.pop_back();
-        return r;
+  // The InferRequests of one CompiledModel, created on demand and handed back after each call.
+  struct Pool {
+    explicit Pool(ov::CompiledModel c) : compiled(std::move(c)) {}
+    ov::InferRequest acquire() {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!idle.empty()) {
+          ov::InferRequest r = std::move(idle.back());
+          idle.pop_back();
+          return r;
+        }
       }
+      return compiled.create_infer_request();  // thread-safe on a CompiledModel
     }
-    return compiled_.create_infer_request();  // thread-safe on a CompiledModel
+    void release(ov::InferRequest&& r) {
+      std::lock_guard<std::mutex> lock(mu);
+      idle.push_back(std::move(r));
+    }
+    ov::CompiledModel compiled;
+    std::mutex mu;
+    std::vector<ov::InferRequest> idle;
+  };
+
+  ov::CompiledModel compile(const std::shared_ptr<ov::Model>& model) {
+    try {
+      return core_.compile_model(model, device_name_, config_);
+    } catch (const std::exception& e) {
+      throw Error(where_ + ": OpenVINO cannot compile the model for " + device_name_ + " (" + first_line(e.what()) +
+                  ")");
+    }
   }
 
-  void release(ov::InferRequest&& r) {
-    std::lock_guard<std::mutex> lock(mu_);
-    idle_.push_back(std::move(r));
+  // The batch-1 model for one image, else the model as it is (a dynamic IR: compiled on its first use).
+  Pool& pool_for(int64_t batch) {
+    if (batch1_ && batch == 1) return *batch1_;
+    std::lock_guard<std::mutex> lock(lazy_);
+    if (!general_) general_ = std::make_unique<Pool>(compile(dynamic_model_));
+    return *general_;
   }
 
   std::string where_;
   ov::Core core_;
-  ov::CompiledModel compiled_;
-  std::mutex mu_;
-  std::vector<ov::InferRequest> idle_;
+  std::string device_name_;
+  ov::AnyMap config_;
+  std::shared_ptr<ov::Model> dynamic_model_;
+  std::unique_ptr<Pool> batch1_, general_;
+  std::mutex lazy_;
 };
 
 }  // namespace
