@@ -46,7 +46,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "am
 VARIANTS = ("openvino/int8", "openvino/bf16", "openvino/fp16", "openvino/fp32", "ort/int8", "ort/fp32", "ort/fp16")
 #: Without timings: the variants tried in order per CPU class (:func:`cpu_class`), the first gated one runs.
 #: Measured (docs/engine_format.md): AMX Xeon bf16 311-436 ms < INT8 IR 336-517 < OpenVINO f32 972 < ORT f32 1119
-#: at 1024 px; AVX-512-BF16 EPYC without AMX: INT8 IR 1.17x faster than bf16 at 1024, 47 vs 52 ms at 256.
+#: at 1024 px; AVX-512-BF16 EPYC without AMX: INT8 IR 1.17x faster than bf16 at 1024, 40 vs 57 ms at 256.
 STATIC_PREFERENCE = {
     "amx": ("openvino/bf16", "openvino/fp16", "openvino/int8", "openvino/fp32", "ort/fp32"),
     "avx512_bf16": ("openvino/int8", "openvino/bf16", "openvino/fp32", "ort/fp32"),
