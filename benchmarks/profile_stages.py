@@ -129,16 +129,21 @@ def ort_profile(onnx_path: Path, img_size: int, runs: int, threads: int,
 
 def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, precision: str,
                      ops: dict[str, float] | None = None, hint: str = "LATENCY",
-                     x: np.ndarray | None = None) -> dict[str, float]:
+                     x: np.ndarray | None = None, batch1: bool = False) -> dict[str, float]:
     """Per-stage time from the CPU plugin's counters; ``ops`` gets time per executed layer type
     (e.g. ``MatMul_I8`` style names appear as the ``exec_type`` the plugin chose); ``x`` as for
-    :func:`ort_profile`."""
+    :func:`ort_profile`. ``batch1``: compile a dynamic batch axis as 1, as the runtime does for single
+    images (:mod:`stlm_deploy.backends.openvino`)."""
     import openvino as ov
 
     core = ov.Core()
     cfg = {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint,
            "INFERENCE_PRECISION_HINT": precision}
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", cfg)
+    model = core.read_model(str(onnx_path))
+    shape = model.inputs[0].get_partial_shape()
+    if batch1 and shape.rank.is_static and shape[0].is_dynamic:
+        model.reshape({model.inputs[0].get_any_name(): ov.PartialShape([1, *list(shape)[1:]])})
+    compiled = core.compile_model(model, "CPU", cfg)
     req = compiled.create_infer_request()
     x = random_image(img_size) if x is None else x
     req.infer({0: x})

@@ -296,7 +296,7 @@ def run_size(size: int, args: argparse.Namespace, work: Path, obj: Any, ckpt_sha
                 key = f"{name} openvino {prec}"
                 path = ov_path if ov_path.is_file() else onnx_path
                 stages[key] = openvino_profile(path, size, args.profile_runs, args.threads, _OV_HINT[prec],
-                                               ops[key], x=x)
+                                               ops[key], x=x, batch1=True)
         section["profile"] = {"stages": stages, "stage_names": list(STAGES),
                               "ops": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in ops.items()}}
     return section
