@@ -421,8 +421,9 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
 
         task: GateImages | None = None
         if val is not None:
-            task = GateImages(val, ort_outputs(tmp / "model.onnx", val.images, batch), spec.thresholds.image,
-                              opts.task_tolerance or TaskTolerance())
+            val_inputs = val.images if opts.fuse_pre else normalize_images(stlm, val.images)
+            task = GateImages(val, ort_outputs(tmp / "model.onnx", val_inputs, batch), spec.thresholds.image,
+                              opts.task_tolerance or TaskTolerance(), val_inputs)
         precision: PrecisionOutcome | None = None
         if "openvino" in targets:
             precision = build_gated_openvino(tmp, batch, graph_inputs, gate, spec, task, say)

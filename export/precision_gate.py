@@ -46,6 +46,11 @@ class GateImages:
     fp32: dict[str, np.ndarray]
     threshold: float | None
     tolerance: TaskTolerance = TASK_TOLERANCE
+    inputs: np.ndarray | None = None  # what the graph takes (None: ``val.images``; normalised for --no-fuse-pre)
+
+    @property
+    def graph_inputs(self) -> np.ndarray:
+        return self.val.images if self.inputs is None else self.inputs
 
     def compare(self, got: Mapping[str, np.ndarray], *, artifact: str, backend: str, precision: str,
                 details: dict[str, Any] | None = None) -> TaskRecord:
@@ -93,7 +98,7 @@ def gate_openvino_precisions(xml: Path, images: GateImages, batch: int | str, ca
             say(f"precision gate {IR_XML} [{prec}]: {out.skipped[prec]}")
             continue
         backend = OpenVinoBackend(xml, precision=prec, artifact_precision=weights)
-        got = backend_outputs(backend, images.val.images, batch, OPENVINO_GATE_CHUNK)
+        got = backend_outputs(backend, images.graph_inputs, batch, OPENVINO_GATE_CHUNK)
         ran = backend.inference_precision or prec
         if ran != prec:
             out.skipped[prec] = f"not tried: OpenVINO compiled the IR at {ran} when asked for {prec}"

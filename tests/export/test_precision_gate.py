@@ -111,3 +111,12 @@ def test_auto_runs_bf16_right_after_export_only_when_its_task_gate_passed(small_
         assert (det.backend_name, det.backend.precision) == ("openvino", "bf16" if gated else "fp32")
         static = next(n for n in det.selection_notes if n.startswith("static: "))
         assert static.startswith(f"static: openvino/{'bf16' if gated else 'fp32'} is the first gated variant")
+
+
+def test_an_unfused_graph_is_gated_on_normalised_gate_images(small_ckpt, tmp_path):
+    """--no-fuse-pre takes float NCHW: the task gates feed it the normalised gate images, as the parity gate does."""
+    out = tmp_path / "unfused"
+    export_engine(ExportOptions(ckpt=small_ckpt, out=out, fuse_pre=False, target="openvino", parity_images=2))
+    spec = json.loads((out / "stlm.json").read_text())
+    assert spec["input"]["dtype"] == "float32" and spec["variants"]["openvino/fp32"]["gated"]
+    assert spec["variants"]["openvino/bf16"]["gate"] in ("task", "none")  # tried where the CPU has BF16
