@@ -5,7 +5,9 @@ One training run is noise (within one 20-minute run the FA image AUROC of a real
 the ablation table (:data:`VARIANTS`): ``current`` is the trainer's defaults; ``v0`` reproduces the
 first trainer (teacher drawn from the students' seed, its first randomisation recipe, the first
 texture bank, bilinear resize); ``v0+<change>`` adds one change to v0 and ``current-<change>``
-removes one from the defaults, so each change is measured alone and together.
+removes one from the defaults, so each change is measured alone and together. The localisation round
+has its own base, ``r2`` (the trainer before it: official train-mode student BatchNorm, the "reference"
+teacher recipe, the highest held-out score as threshold), with ``r2+<change>`` rows.
 
     python -m stlm_bench.accuracy --seeds 0,1,2 --time-budget 20             # the accuracy benchmark
     python -m stlm_bench.accuracy --variants ablation --seeds 0,1,2 --steps 150 --name ablation_bottle_xs
@@ -40,17 +42,29 @@ CHANGES: dict[str, dict[str, Any]] = {
     "augment-before-resize": {"augment_before_resize": True},
 }
 V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
-                      "augment_before_resize": False}
+                      "augment_before_resize": False, "student_bn": "train", "threshold_target": None}
+#: The localisation round: each change against the trainer before it (r2).
+CHANGES_R3: dict[str, dict[str, Any]] = {
+    "frozen-bn": {"student_bn": "frozen"},
+    "recalibrated-bn": {"student_bn": "recalibrate"},
+    "local-teacher": {"teacher_recipe": "local"},
+    "fpr-threshold": {"threshold_target": "fpr<=0.05"},
+}
+R2: dict[str, Any] = {"student_bn": "train", "teacher_recipe": "reference", "threshold_target": None}
 VARIANTS: dict[str, dict[str, Any]] = {
     "v0": dict(V0),
     **{f"v0+{name}": {**V0, **change} for name, change in CHANGES.items()},
     **{f"current-{name}": {k: V0[k] for k in change} for name, change in CHANGES.items()},
+    "r2": dict(R2),
+    **{f"r2+{name}": {**R2, **change} for name, change in CHANGES_R3.items()},
+    **{f"current-{name}": {k: R2[k] for k in change} for name, change in CHANGES_R3.items() if name != "recalibrated-bn"},
     "current": {},
 }
 GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],
+          "localisation": ["r2", *(f"r2+{n}" for n in CHANGES_R3), "current"],
           "ablation-full": list(VARIANTS)}
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
-           ("tlm", "aupro"), ("fa", "fpr"))
+           ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
 
 def bundled_sample_or_exit(alternative: str) -> str:
@@ -103,7 +117,7 @@ def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
         s: dict[str, Any] = {"variant": v, "n": len(rs), "seeds": [r["seed"] for r in rs],
                              "steps": statistics.mean(r["steps"] for r in rs)}
         for m, k in METRICS:
-            vals = [float(r[f"{m}_{k}"]) for r in rs if r[f"{m}_{k}"] is not None]
+            vals = [float(r[f"{m}_{k}"]) for r in rs if r.get(f"{m}_{k}") is not None]
             s[f"{m}_{k}"] = ([statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0] if vals
                              else [None, None])
         out.append(s)
@@ -113,7 +127,8 @@ def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = ["variant", "seeds", "steps", *(f"{m.upper()} {k.replace('_', '-')}" for m, k in METRICS)]
     lines = [f"# Accuracy: {meta['data']} ({meta['budget']}, config {meta['config']} at {meta['img_size']} px)",
-             "", f"mean +- sd over seeds; fa-fpr = good test images flagged at the stored threshold. "
+             "", f"mean +- sd over seeds; fa-fnr / fa-fpr = defective test images missed / good test images "
+             "flagged at the stored threshold. "
              f"Machine: {meta['machine']}. Command: `{meta['command']}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:

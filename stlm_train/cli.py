@@ -16,6 +16,8 @@ import click
 
 from stlm_deploy.console import require_extra, run_command
 
+from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET
+
 from .config import CONFIGS, validate_img_size
 
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
@@ -62,13 +64,17 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               help="Save RUN_DIR/last.ckpt every N steps (0: only at the end).")
 @click.option("--holdout", type=float, default=0.2, show_default=True,
               help="Fraction of train/good held out (never trained on) to set thresholds; at least 1 image.")
+@click.option("--threshold-target", default=DEFAULT_THRESHOLD_TARGET, show_default=True, metavar="TARGET",
+              help="Trade-off of the stored image threshold: 'fpr<=A' (at most a fraction A of held-out good images "
+              "above it), or f1 / 'fnr<=B' judged against their pseudo-anomalous versions. Change it later with "
+              "stlm-threshold.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @click.pass_context
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, epochs, steps, time_budget,
               teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
-              init_mobile_sam, save_every, holdout, do_eval, quiet) -> int:
+              init_mobile_sam, save_every, holdout, threshold_target, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -82,7 +88,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         epochs=epochs, steps=steps, time_budget=time_budget, teacher=teacher, anomaly_source=anomaly_source,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
-        evaluate=do_eval, progress=not quiet)
+        threshold_target=threshold_target, evaluate=do_eval, progress=not quiet)
     try:
         opts.validate()
     except TrainError as e:  # bad flags: a usage error (exit 2), like click's own checks
@@ -137,6 +143,44 @@ def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, dev
     return 0
 
 
+@click.command(name="stlm-threshold", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--target", required=True, metavar="TARGET",
+              help="f1 (F1-max; needs good and defective images), 'fpr<=A' (at most a fraction A of good parts "
+              "flagged; good images suffice) or 'fnr<=B' (at most B of defective parts missed; needs defective "
+              "images).")
+@click.option("--data", required=True, metavar="ROOT", help="Labelled validation images (a data-set root).")
+@click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), default="mvtec", show_default=True)
+@click.option("--category", default=None)
+@click.option("--split", type=click.Choice(("test", "train")), default="test", show_default=True,
+              help="Which split of ROOT holds the validation images.")
+@click.option("--ckpt", default=None, metavar="CKPT", help="Project checkpoint to re-threshold (scores come from it).")
+@click.option("--engine", default=None, metavar="ENGINE", help="Engine directory (or a file in it) whose stlm.json "
+              "is rewritten; scored by the engine itself when no --ckpt is given.")
+@click.option("--backend", default="auto", show_default=True, help="Runtime backend for engine-only scoring.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the threshold and its rates; write nothing.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the choice as JSON (atomically).")
+def threshold_cmd(target, data, format_, category, split, ckpt, engine, backend, batch_size, dry_run,
+                  json_path) -> int:
+    """Set the image decision threshold of a checkpoint and/or an engine from labelled validation images at
+    a chosen trade-off; stlm-infer, the C++ runtime and stlm-serve decide with it without a re-export."""
+    if ckpt is not None:
+        require_extra("stlm-threshold --ckpt", "train")
+        if not os.path.isfile(ckpt):
+            raise click.BadParameter(f"'{ckpt}': no such checkpoint file", param_hint="'--ckpt'")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="'--batch-size'")
+    from .rethreshold import rethreshold
+
+    result = rethreshold(target, data, ckpt=ckpt, engine=engine, format=format_, category=category, split=split,
+                         backend=backend, batch_size=batch_size, dry_run=dry_run, log=click.echo)
+    if json_path:
+        from stlm_deploy.files import atomic_write_json
+
+        atomic_write_json(json_path, result)
+    return 0
+
+
 def _run(cmd: click.Command, argv: Sequence[str] | None, prog: str) -> int:
     """Run a click command with one-line errors and an integer exit code (never sys.exit here)."""
     return run_command(cmd, argv, prog, known=(ValueError, OSError, RuntimeError, json.JSONDecodeError))
@@ -152,20 +196,26 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return _run(eval_cmd, argv, "stlm-eval")
 
 
-_COMMANDS = {"train": train_main, "eval": eval_main}
+def threshold_main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``stlm-threshold``."""
+    return _run(threshold_cmd, argv, "stlm-threshold")
+
+
+_COMMANDS = {"train": train_main, "eval": eval_main, "threshold": threshold_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stlm_train.cli train|eval [OPTIONS]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        click.echo("Usage: python -m stlm_train.cli train|eval [OPTIONS]\n\n"
-                   "  train  train an STLM model (same as stlm-train)\n"
-                   "  eval   evaluate a checkpoint (same as stlm-eval)\n\n"
+        click.echo("Usage: python -m stlm_train.cli train|eval|threshold [OPTIONS]\n\n"
+                   "  train      train an STLM model (same as stlm-train)\n"
+                   "  eval       evaluate a checkpoint (same as stlm-eval)\n"
+                   "  threshold  re-threshold a checkpoint / engine (same as stlm-threshold)\n\n"
                    "Run 'python -m stlm_train.cli train --help' for the options.")
         return 0 if args else 2
     if args[0] not in _COMMANDS:
-        click.echo(f"Error: unknown command '{args[0]}' (expected train or eval)", err=True)
+        click.echo(f"Error: unknown command '{args[0]}' (expected train, eval or threshold)", err=True)
         return 2
     return _COMMANDS[args[0]](args[1:])
 

@@ -18,7 +18,7 @@ from ..checkpoint import init_students_from_mobile_sam
 from ..modeling.stfpm import STFPM
 from ..modeling.stlm import STLM
 from ..modeling.teacher import calibrate_batchnorm
-from .loop import StepRunner, Trainer
+from .loop import StepRunner, Trainer, calibrate_students
 from .options import TrainOptions
 from .sampling import resolve_augmentation
 from .stfpm_step import SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY, STFPMTrainer
@@ -48,7 +48,17 @@ class STLMFamily:
         run.model = model.to(run.device)
         teacher, desc = early or build_teacher(opts, run.cfg, run._calibration_batches, run.device,
                                                run.state.get("teacher") if run.state else None, run.say)
-        return run.model, teacher, desc, Trainer(run.model, teacher, run.device, opts, run.info)
+        if opts.student_bn == "frozen" and run.state is None:  # resumed: the statistics come with the weights
+            n = calibrate_students(run.model, run._calibration_batches)
+            run.say(f"students: BatchNorm statistics calibrated on {n} clean training images and frozen")
+        return run.model, teacher, desc, Trainer(run.model, teacher, run.device, opts, run.info,
+                                                 calibration=run._calibration_batches, step_counter=lambda: run.step)
+
+    def finish(self, run: "_Run") -> None:
+        """After the last step: ``--student-bn recalibrate`` re-estimates the students' statistics."""
+        if run.opts.student_bn == "recalibrate":
+            n = calibrate_students(run.model, run._calibration_batches)
+            run.say(f"students: BatchNorm statistics re-estimated on {n} clean training images")
 
     def early_teacher(self, run: "_Run") -> Any:
         """A teacher file is read before any data work, so a bad one fails first."""
@@ -115,6 +125,9 @@ class STFPMFamily(STLMFamily):
         trainer = STFPMTrainer(model, run.device, opts, run.info, validation=run._held_out_batches,
                                step_counter=lambda: run.step)
         return model, model.teacher, desc, trainer
+
+    def finish(self, run: "_Run") -> None:
+        """STFPM has no students' BatchNorm option (its selection happens in the trainer)."""
 
     def loss_keys(self, model: nn.Module) -> tuple[str, ...]:
         return stfpm_loss_keys(model)

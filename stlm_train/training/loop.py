@@ -7,10 +7,22 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
 3. FA head on ``fa_input`` (gradients flow into the students, as in the official code);
 4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``); Adam on students + shared decoder,
    SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
+
+The students' BatchNorm (``student_bn``): the official code trains them in train mode, so every step
+normalises with the statistics of two pseudo-anomalous images and the running statistics that
+inference uses drift away from clean images; at 256 px the mostly zero-padded right/bottom attention
+windows can turn that mismatch into a fixed hot band in the map. ``frozen`` (default) keeps those
+layers in eval mode, so training optimises exactly the function that is deployed, with statistics
+estimated on clean training images before the first step and again every ``BN_REFRESH_STEPS``
+steps (they follow the weights; the FA head then trains on what inference will compute).
+``recalibrate`` trains as the official code and re-estimates the statistics on clean images once,
+afterwards; ``train`` is the official behaviour. The FA head's BatchNorm always trains as usual: its
+statistics describe the products it was trained on.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,9 +31,12 @@ from torch import nn
 
 from ..losses import LossTerms, stlm_loss
 from ..modeling.stlm import STLM, Features, fa_input
+from ..modeling.teacher import calibrate_batchnorm
 from .distributed import DistInfo, all_ranks_all
 from .options import TrainError, TrainOptions
 
+#: Steps between re-estimations of the frozen students' BatchNorm statistics on clean images.
+BN_REFRESH_STEPS = 100
 #: Consecutive steps GradScaler may skip for a non-finite fp16 loss before the run is stopped.
 MAX_SKIPPED_STEPS = 20
 
@@ -56,6 +71,29 @@ def teacher_features(teacher: nn.Module, x_clean: torch.Tensor, x_pseudo: torch.
         p[diff] = t[b:]
         pseudo.append(p)
     return (pseudo[0], pseudo[1]), clean
+
+
+def student_batchnorms(model: STLM) -> list[nn.Module]:
+    """The BatchNorm layers of both student encoders (the decoder has none, the FA head is not a student)."""
+    return [m for enc in (model.plain, model.denoising) for m in enc.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def calibrate_students(model: STLM, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+    """Both students' BatchNorm statistics as a plain average over clean images; returns the image count."""
+    n = 0
+    for encoder in (model.plain, model.denoising):
+        n = calibrate_batchnorm(encoder, batches())
+    return n
+
+
+def set_train_mode(model: STLM, student_bn: str) -> None:
+    """The mode a training step runs ``model`` in: train, except the students' BatchNorm when frozen."""
+    model.train()
+    if student_bn == "frozen":
+        for bn in student_batchnorms(model):
+            bn.eval()
 
 
 def build_optimizers(model: STLM, opts: TrainOptions) -> tuple[torch.optim.Adam, torch.optim.SGD]:
@@ -139,9 +177,12 @@ class Trainer(StepRunner):
     """STLM: owns the two official optimisers and performs steps; ``model`` is updated in place."""
 
     def __init__(self, model: STLM, teacher: nn.Module, device: torch.device, opts: TrainOptions,
-                 info: DistInfo = DistInfo()) -> None:
+                 info: DistInfo = DistInfo(), calibration: Callable[[], Iterable[torch.Tensor]] | None = None,
+                 step_counter: Callable[[], int] | None = None) -> None:
         super().__init__(model, TrainGraph(model), device, opts, info)
         self.teacher = teacher
+        self.student_bn = opts.student_bn
+        self.calibration, self.step_counter = calibration, step_counter
         self.opt_students, self.opt_fa = build_optimizers(model, opts)
         self.optimizers = {"opt_students": self.opt_students, "opt_fa": self.opt_fa}
 
@@ -153,9 +194,13 @@ class Trainer(StepRunner):
         norm = self.model.normalize
         x_clean, x_pseudo = norm(clean), norm(pseudo)
         self.graph.train()
+        set_train_mode(self.model, self.student_bn)
         with self._autocast():
             t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
             plain, denoising, logits = self.graph(x_pseudo)
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask)
         self.update(terms.total, terms)
+        done = self.step_counter() + 1 if self.step_counter is not None else 0
+        if self.student_bn == "frozen" and self.calibration is not None and done % BN_REFRESH_STEPS == 0:
+            calibrate_students(self.model, self.calibration)
         return terms

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from stlm_deploy.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
+from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET, ThresholdError, parse_target
 
 from ..anomalies import AUGMENTATIONS, DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
 from ..config import CONFIGS, validate_img_size
@@ -18,7 +19,11 @@ DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the pap
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
-                   "augment_before_resize")
+                   "augment_before_resize", "student_bn", "threshold_target")
+#: How the students' BatchNorm layers behave during training (see :mod:`.loop`).
+STUDENT_BN_MODES = ("frozen", "recalibrate", "train")
+DEFAULT_STUDENT_BN = "frozen"
+
 
 
 class TrainError(ValueError):
@@ -52,7 +57,7 @@ class TrainOptions:
     overwrite: bool = False  # replace a run already in ``out`` (without it, and without resume: an error)
     holdout: float = 0.2  # fraction of train/good kept for thresholds (at least 1 image)
     calib_images: int = 32  # clean training images used to calibrate the built-in teacher's BN
-    image_quantile: float = 0.995
+    image_quantile: float = 0.995  # the image threshold rule of runs with threshold_target None (before it existed)
     pixel_quantile: float = 0.999
     evaluate: bool = True  # run the test split at the end when there is one
     eval_batch_size: int = 8
@@ -66,6 +71,10 @@ class TrainOptions:
     texture_bank: str = DEFAULT_TEXTURE_BANK
     resize: str = DEFAULT_RESIZE
     augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
+    student_bn: str = DEFAULT_STUDENT_BN  # frozen | recalibrate | train (official: train)
+    # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
+    # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
+    threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
@@ -132,9 +141,15 @@ class TrainOptions:
                              f"got {self.augmentation!r}")
         for name, value, choices in (("teacher_recipe", self.teacher_recipe, TEACHER_RECIPES),
                                      ("texture_bank", self.texture_bank, TEXTURE_BANKS),
-                                     ("resize", self.resize, RESIZE_POLICIES)):
+                                     ("resize", self.resize, RESIZE_POLICIES),
+                                     ("student_bn", self.student_bn, STUDENT_BN_MODES)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.threshold_target is not None:
+            try:
+                parse_target(self.threshold_target)
+            except ThresholdError as e:
+                raise TrainError(str(e).replace("--target", "--threshold-target")) from None
         for q in (self.image_quantile, self.pixel_quantile):
             if not 0.0 < q <= 1.0:
                 raise TrainError(f"threshold quantiles must be in (0, 1], got {q}")
@@ -150,6 +165,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
                              "(a resumed run keeps its data, model, seed and teacher)")
     # Runs saved before a recipe knob existed were trained with its old value, not today's default.
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
-              "resize": "bilinear", "augment_before_resize": False}
+              "resize": "bilinear", "augment_before_resize": False,
+              "student_bn": "train", "threshold_target": None}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in IDENTITY_FIELDS
                             if k in stored or k in legacy})

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from stlm_deploy.thresholds import choose_threshold, parse_target
+
 from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer, sample_rng
 from ..checkpoint import load_teacher, save_checkpoint
 from ..config import ModelConfig, STLMConfig, get_config
@@ -151,16 +153,29 @@ def pseudo_anomaly_scores(model: STLM, images: Sequence[np.ndarray], synth: Pseu
 @torch.no_grad()
 def held_out_thresholds(model: STLM | STFPM, dataset: Any, indices: Sequence[int], opts: TrainOptions,
                         device: torch.device, synth: PseudoAnomalySynthesizer | None = None) -> dict[str, Any]:
-    """Image/pixel thresholds from held-out good images only (the deployed map; STLM's TLM map too), plus the
-    calibration score range (good held-out scores and, with ``synth``, their pseudo-anomalous versions)."""
+    """Image/pixel thresholds from held-out images (the deployed map; STLM's TLM map too), plus the
+    calibration score range (good held-out scores and, with ``synth``, their pseudo-anomalous versions).
+
+    The image threshold follows ``opts.threshold_target`` (:mod:`stlm_deploy.thresholds`): ``fpr<=A`` on
+    the held-out good scores, or ``f1`` / ``fnr<=B`` with the pseudo-anomalous versions as the defective
+    class; the rates it reaches on both are stored with the scores, so the trade-off is visible and
+    ``stlm-threshold`` can move it. ``threshold_target=None``: the older rule, a high quantile.
+    """
     pred = predict_dataset(model, dataset, batch_size=opts.eval_batch_size, indices=indices, device=device)
     iq, pq = opts.image_quantile, opts.pixel_quantile
     which = "FA" if pred.tlm_maps is not None else "anomaly"
-    seen = pred.fa_scores
-    if synth is not None:
-        seen = np.concatenate([seen, pseudo_anomaly_scores(model, [dataset[i].image for i in indices], synth,
-                                                           opts.seed, opts.eval_batch_size, device)])
-    image_threshold = threshold_from_good(pred.fa_scores, iq)
+    pseudo = (pseudo_anomaly_scores(model, [dataset[i].image for i in indices], synth, opts.seed,
+                                    opts.eval_batch_size, device) if synth is not None else np.zeros(0))
+    seen = np.concatenate([pred.fa_scores, pseudo])
+    target = opts.threshold_target
+    if target is None:
+        image_threshold = threshold_from_good(pred.fa_scores, iq)
+        rule = f"quantile {iq} of {which} image scores (+1e-6)"
+    else:
+        tgt = parse_target(target)
+        image_threshold = choose_threshold(pred.fa_scores, pseudo, tgt).threshold
+        rule = f"target {tgt} of {which} image scores" + (" (defective: their pseudo-anomalous versions)"
+                                                            if tgt.needs_defective else "")
     lo, hi = float(min(seen.min(), image_threshold)), float(max(seen.max(), image_threshold))
     if not hi > lo:  # a single constant score: keep a non-empty span so the normalized score is defined
         hi = lo + 1e-6
@@ -169,8 +184,13 @@ def held_out_thresholds(model: STLM | STFPM, dataset: Any, indices: Sequence[int
         "pixel": float(np.quantile(pred.fa_maps, pq)),
         "score_min": lo,
         "score_max": hi,
-        "method": (f"held-out good: quantile {iq} of {which} image scores (+1e-6) and quantile {pq} of {which} map "
-                   f"pixels over {len(indices)} train/good images never trained on"),
+        "method": (f"held-out good: {rule} and quantile {pq} of {which} map pixels over {len(indices)} "
+                   "train/good images never trained on"),
+        "target": target,
+        "held_out_fpr": float(np.mean(pred.fa_scores > image_threshold)),
+        "pseudo_fnr": float(np.mean(pseudo <= image_threshold)) if pseudo.size else None,
+        "calibration_scores": {"good": [round(float(v), 6) for v in pred.fa_scores],
+                               "pseudo": [round(float(v), 6) for v in pseudo]},
     }
     if pred.tlm_maps is not None:
         out.update(tlm_image=threshold_from_good(pred.tlm_scores, iq), tlm_pixel=float(np.quantile(pred.tlm_maps, pq)))
@@ -359,7 +379,8 @@ class _Run:
             "img_size": cfg.img_size, "data": str(opts.data), "format": self.fmt, "category": self.category,
             "augmentation": self.augmentation, "anomaly_source": opts.anomaly_source,
             "texture_bank": opts.texture_bank, "resize": cfg.resize,
-            "augment_before_resize": opts.augment_before_resize, "batch_size": opts.batch_size,
+            "augment_before_resize": opts.augment_before_resize, "student_bn": opts.student_bn,
+            "batch_size": opts.batch_size,
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
             "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),
             "n_held_out": len(self.held_idx),
@@ -373,6 +394,7 @@ class _Run:
         opts, cfg, say, model = self.opts, self.cfg, self.say, self.model
         epochs = self.step / self.spe
         self.selection = self.trainer.finalize()  # e.g. STFPM: back to the best held-out student (every rank)
+        self.family.finish(self)
         if self.selection is not None:
             say(f"selection: the student of step {self.selection['selected_step']} "
                 f"(held-out error {self.selection['validation_error']:.6f})")

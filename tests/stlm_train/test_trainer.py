@@ -195,16 +195,19 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     from stlm_train.training import merge_resume_options
 
     old = {k: v for k, v in TrainOptions(data="builtin", out=str(tmp_path), seed=4).identity().items()
-           if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize")}
+           if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize", "student_bn", "threshold_target")}
     merged = merge_resume_options(TrainOptions(data="", out=str(tmp_path), resume=True), old, set())
     assert (merged.teacher_seed, merged.teacher_recipe, merged.texture_bank, merged.resize) == (4, "v1", "v1", "bilinear")
+    assert (merged.student_bn, merged.threshold_target) == ("train", None)  # official BatchNorm, quantile rule
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("teacher_recipe", "fancy", "teacher_recipe must be one of reference, v1"),
+    ("teacher_recipe", "fancy", "teacher_recipe must be one of local, reference, v1"),
+    ("student_bn", "eval", "student_bn must be one of frozen, recalibrate, train"),
+    ("threshold_target", "auc", "--threshold-target: expected f1, fpr<=A"),
     ("texture_bank", "dtd", "texture_bank must be one of reference, v1"),
     ("resize", "nearest", "resize must be one of area, bilinear"),
     ("holdout", 1.0, "--holdout must be in (0, 1)"),

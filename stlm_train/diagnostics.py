@@ -1,0 +1,201 @@
+"""Map diagnostics: does a trained model's map follow the image content or the network's frame?
+
+Three measurements, each a number with a documented pass level, kept as fast tests and printed by
+``python -m stlm_train.diagnostics`` for a checkpoint:
+
+- **positional flatness** (:func:`edge_ratio`): the mean map over good images, pooled on a coarse grid
+  and divided by its mean, should be flat. A hot right column / bottom row is the network frame (at
+  256 px TinyViT's right/bottom attention windows are mostly zero padding), not content.
+- **BatchNorm consistency** (:func:`batchnorm_consistency`): the students run at inference exactly
+  as they ran in training. With ``--student-bn train`` (the official code) training normalised every
+  step with the statistics of its own two pseudo-anomalous images, which inference never does.
+- **teacher locality** (:func:`teacher_locality`): a pasted defect should change the teacher's
+  features more inside the defect than outside it, at every distilled level; if the teacher moves
+  everywhere the students learn to disagree everywhere (good image AUROC, maps that do not localise).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Pass levels used by the tests and printed by the command.
+MAX_EDGE_RATIO = 1.5
+MIN_TEACHER_LOCALITY = 1.4
+
+
+def grid_profile(maps: np.ndarray | torch.Tensor, grid: int = 8) -> np.ndarray:
+    """Mean of (N, H, W) maps, average-pooled to grid x grid and divided by its own mean."""
+    m = torch.as_tensor(np.asarray(maps, dtype=np.float32)).mean(dim=0)[None, None]  # (1, 1, H, W)
+    pooled = F.adaptive_avg_pool2d(m, grid)[0, 0].double().numpy()
+    return pooled / max(float(pooled.mean()), 1e-12)
+
+
+def edge_ratio(profile: np.ndarray) -> float:
+    """Mean of the right column and bottom row cells over the mean of the other cells."""
+    edge = np.zeros(profile.shape, dtype=bool)
+    edge[:, -1] = edge[-1, :] = True
+    return float(profile[edge].mean() / max(float(profile[~edge].mean()), 1e-12))
+
+
+@torch.no_grad()
+def mean_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """FA maps (N, S, S) of uint8 RGB images already at the model's size (model in eval mode)."""
+    was = model.training
+    model.eval()
+    try:
+        out = [model(model.normalize(torch.from_numpy(images[s:s + batch_size]))).anomaly_map.float().numpy()
+               for s in range(0, len(images), batch_size)]
+    finally:
+        model.train(was)
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def batchnorm_consistency(model: nn.Module, images: np.ndarray, train_mode: Callable[[nn.Module], None]) -> float:
+    """Largest |student feature difference| between inference (eval) and the training forward.
+
+    ``train_mode`` puts ``model`` in the state the trainer runs it in (``Trainer.forward_mode``); the
+    BatchNorm layers then keep their running statistics (momentum 0). Returns max |Δ| over both
+    students' decoder features on the clean ``images``, relative to their largest magnitude.
+    """
+    was = model.training
+    x = model.normalize(torch.from_numpy(images))
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    try:
+        model.eval()
+        ref = torch.cat([torch.cat(f, 1) for f in model.student_features(x)], 1)
+        train_mode(model)
+        for m in bns:
+            m.momentum = 0.0  # a train-mode forward must not touch the running statistics
+        got = torch.cat([torch.cat(f, 1) for f in model.student_features(x)], 1)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was)
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def teacher_locality(teacher: nn.Module, normalize: nn.Module, pairs: Sequence[tuple[np.ndarray, np.ndarray,
+                     np.ndarray]]) -> list[float]:
+    """Per distilled level: mean 1 - cos(T(N), T(I_a)) inside the pasted mask over the mean outside it.
+
+    ``pairs``: (clean N, pseudo-anomalous I_a, mask M) at the teacher's input size, as the
+    synthesizer makes them; positions count as inside where more than half of the feature cell is
+    masked. Per-image means are averaged, so a large defect does not outweigh a small one.
+    """
+    inside: list[list[float]] = []
+    outside: list[list[float]] = []
+    for clean, pseudo, mask in pairs:
+        feats = teacher(normalize(torch.from_numpy(np.stack([clean, pseudo]))))
+        cover = None
+        for k, f in enumerate(feats):
+            if cover is None or cover.shape != f.shape[2:]:
+                cover = F.adaptive_avg_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], f.shape[2:])[0, 0]
+            d = 1 - F.cosine_similarity(f[0], f[1], dim=0)  # (h, w)
+            hit, miss = cover > 0.5, cover <= 0.5
+            if not hit.any() or not miss.any():
+                continue
+            while len(inside) <= k:
+                inside.append([])
+                outside.append([])
+            inside[k].append(float(d[hit].mean()))
+            outside[k].append(float(d[miss].mean()))
+    if not inside:
+        raise ValueError("teacher_locality: no pair has positions both inside and outside its mask")
+    return [float(np.mean(i) / max(np.mean(o), 1e-12)) for i, o in zip(inside, outside)]
+
+
+def locality_pairs(images: Sequence[np.ndarray], img_size: int, seed: int = 0, n: int = 16) -> list[tuple[np.ndarray,
+                                                                                                        np.ndarray,
+                                                                                                        np.ndarray]]:
+    """(N, I_a, M) triples with one pasted defect each, from the trainer's own synthesizer (no augmentation)."""
+    from .anomalies import PseudoAnomalySynthesizer, sample_rng
+
+    synth = PseudoAnomalySynthesizer(img_size, probability=1.0, seed=seed)
+    return [synth(images[j % len(images)], sample_rng(seed, 0, j)) for j in range(n)]
+
+
+def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, format: str = "mvtec",
+                        n_images: int = 24) -> dict[str, object]:
+    """All three diagnostics for a trained STLM checkpoint on ``data`` (good test and training images)."""
+    from .checkpoint import model_from_checkpoint, read_file
+    from .data import build_dataset
+    from .modeling.teacher import build_builtin_teacher, calibrate_batchnorm
+    from .training.loop import set_train_mode
+
+    obj = read_file(ckpt)
+    model = model_from_checkpoint(obj, ckpt)
+    train = obj.get("train") or {}
+    size, resize = model.cfg.img_size, model.cfg.resize
+    held = set((obj.get("thresholds") or {}).get("held_out") or [])
+    tr = build_dataset(data, format, category, "train", size, resize)
+    idx = [i for i, r in enumerate(tr.records) if r.image_path.name not in held]
+    idx = idx[::max(1, len(idx) // n_images)][:n_images]
+    train_images = np.stack([tr[i].image for i in idx])
+    out: dict[str, object] = {"checkpoint": str(ckpt), "student_bn": train.get("student_bn", "train")}
+    try:
+        te = build_dataset(data, format, category, "test", size, resize)
+        good = [te[i].image for i, r in enumerate(te.records) if r.label == 0]
+    except Exception:  # no test split: the training images only
+        good = []
+    for name, imgs in (("test_good", np.stack(good) if good else None), ("train", train_images)):
+        if imgs is not None:
+            prof = grid_profile(mean_maps(model, imgs))
+            out[f"edge_ratio_{name}"] = edge_ratio(prof)
+            out[f"profile_{name}"] = np.round(prof, 2).tolist()
+    mode = str(out["student_bn"])
+    out["batchnorm_consistency"] = batchnorm_consistency(model, train_images[:8], lambda m: set_train_mode(m, mode))
+    t = train.get("teacher") or {}
+    if t.get("kind") == "builtin":
+        teacher = build_builtin_teacher(model.cfg, int(t["seed"]), t.get("recipe", "v1"))
+        calibrate_batchnorm(teacher, (model.normalize(torch.from_numpy(train_images[s:s + 8]))
+                                      for s in range(0, len(train_images), 8)))
+        out["teacher_locality"] = teacher_locality(teacher, model.normalize, locality_pairs(train_images, size))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlm_train.diagnostics --ckpt CKPT --data ROOT [--category C]``: print the diagnostics."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m stlm_train.diagnostics", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--category", default=None)
+    p.add_argument("--format", default="mvtec")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    a = p.parse_args(argv)
+    try:
+        res = diagnose_checkpoint(a.ckpt, a.data, a.category, a.format)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"Error: {' '.join(str(e).split())}") from None
+    for k in ("edge_ratio_test_good", "edge_ratio_train"):
+        if k in res:
+            print(f"{k}: {res[k]:.2f} (flat: <= {MAX_EDGE_RATIO})")
+    print(f"batchnorm_consistency: {res['batchnorm_consistency']:.4f} (max |eval - training forward| / max |feature|)")
+    if "teacher_locality" in res:
+        print("teacher_locality: " + ", ".join(f"level {k + 1} {v:.2f}" for k, v in enumerate(res["teacher_locality"]))
+              + f" (local: >= {MIN_TEACHER_LOCALITY})")
+    if "profile_test_good" in res:
+        print("mean map of good test images, 8x8, / mean:")
+        print("\n".join(" ".join(f"{v:5.2f}" for v in row) for row in res["profile_test_good"]))
+    if a.json:
+        from stlm_deploy.files import atomic_write_json
+
+        atomic_write_json(a.json, res)
+    return 0
+
+
+__all__ = ["MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "diagnose_checkpoint", "edge_ratio",
+           "grid_profile", "locality_pairs", "mean_maps", "teacher_locality"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
