@@ -5,7 +5,9 @@ verifies its sha256 (an engine edited after export is refused), activates the ba
 that the graph it loaded matches the spec. ``predict`` accepts one image, an (N, H, W, 3) batch or
 a list of images of different sizes, resizes to ``img_size``, runs the graph in chunks (a fixed-batch
 engine's batch, padded; otherwise ``batch_size``, default :data:`DEFAULT_CHUNK`, never one giant batch)
-and maps every result back to its original size. Outputs holding NaN or +-Infinity (an fp16 overflow,
+and maps every result back to its original size. A tiled engine (stlm.json ``preprocessing.work_size``)
+resizes each image to its work shape instead, runs its overlapping tiles ``chunk_size`` at a time, blends
+the tile maps and scores the stitched map (:mod:`stlm_deploy.tiling`). Outputs holding NaN or +-Infinity (an fp16 overflow,
 a broken plan) raise :class:`~stlm_deploy.errors.NonFiniteOutput`: a NaN score would otherwise compare
 False with the threshold and read as "normal".
 
@@ -32,10 +34,11 @@ from .backends import Backend, backend_class
 from .errors import BackendUnavailable, DeployError, NonFiniteOutput, SpecError
 from .images import DEFAULT_MAX_PIXELS
 from .normalization import normalized_score
-from .preprocess import make_input, prepare_batch, resize_map, split_images
+from .preprocess import make_input, prepare_batch, resize_map, split_images, to_rgb, work_image
 from .selection import (BACKEND_CHOICES, Planner, accepted_options, artifact_hint, auto_candidates,
                         explicit_candidates)
 from .spec import EngineSpec, display_path, load_spec, normalize_precision, resolve_engine, verify_artifacts
+from .tiling import run_tiled
 
 __all__ = ["Detector", "Prediction", "DEFAULT_CHUNK"]
 
@@ -66,6 +69,8 @@ class Prediction:
     backend: str = ""
     precision: str | None = None
     normalized_score: float | None = None
+    #: tiles the image was cut into (tiled engines; 1 otherwise)
+    n_tiles: int = 1
 
     @property
     def tlm_map(self) -> np.ndarray | None:
@@ -84,6 +89,8 @@ class Detector:
         self.artifact = Path(artifact)
         self.selected_by = selected_by
         self.selection_notes = list(selection_notes)
+        #: how images are cut into tiles (None: untiled, each image resized to img_size)
+        self.tiling = spec.tiling
         if batch_size is not None and int(batch_size) < 0:
             raise DeployError(f"batch_size: expected a positive integer (or None/0 for the default), got "
                               f"{batch_size!r}")
@@ -242,25 +249,37 @@ class Detector:
         self._check_finite(outs, n)
         return outs
 
+    def _prediction(self, score: float, small_map: np.ndarray, extras: dict[str, np.ndarray],
+                    size: tuple[int, int], n_tiles: int = 1) -> Prediction:
+        """One result from the graph-side map (img_size, or a tiled engine's stitched work map) and its score."""
+        m = resize_map(small_map, size)
+        t_img, t_pix = self.spec.thresholds.image, self.spec.thresholds.pixel
+        return Prediction(
+            score=score, anomaly_map=m,
+            is_anomalous=None if t_img is None else bool(score > t_img),
+            mask=None if t_pix is None else m > t_pix,
+            extra_maps={k: resize_map(np.asarray(v, np.float32), size) for k, v in extras.items()},
+            normalized_score=normalized_score(score, self.spec.thresholds),
+            backend=self.backend.name, precision=self.backend.precision, n_tiles=n_tiles)
+
     def _postprocess(self, outs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[Prediction]:
         amap = np.asarray(outs["anomaly_map"], dtype=np.float32)
         scores = np.asarray(outs["score"], dtype=np.float32).reshape(-1)
         s = self.spec.img_size
         extra_names = [k for k, v in outs.items() if k not in ("anomaly_map", "score")
                        and np.ndim(v) == 3 and np.shape(v)[1:] == (s, s)]
-        t_img, t_pix = self.spec.thresholds.image, self.spec.thresholds.pixel
-        preds = []
-        for j, size in enumerate(sizes):
-            m = resize_map(amap[j], size)
-            score = float(scores[j])
-            preds.append(Prediction(
-                score=score, anomaly_map=m,
-                is_anomalous=None if t_img is None else bool(score > t_img),
-                mask=None if t_pix is None else m > t_pix,
-                extra_maps={k: resize_map(np.asarray(outs[k][j], np.float32), size) for k in extra_names},
-                normalized_score=normalized_score(score, self.spec.thresholds),
-                backend=self.backend.name, precision=self.backend.precision))
-        return preds
+        return [self._prediction(float(scores[j]), amap[j], {k: outs[k][j] for k in extra_names}, size)
+                for j, size in enumerate(sizes)]
+
+    def _predict_tiled(self, image: np.ndarray, bgr: bool) -> Prediction:
+        """One image of a tiled engine: work image, tiles in chunks, blended maps, score on the stitched map."""
+        tiling = self.tiling
+        assert tiling is not None
+        rgb = to_rgb(np.ascontiguousarray(image), bgr)
+        work = work_image(rgb, tiling, self.spec.preprocessing.resize)
+        res = run_tiled(work, tiling, self._run, self.chunk_size, self.spec.top_k)
+        extras = {k: v for k, v in res.maps.items() if k != "anomaly_map"}
+        return self._prediction(float(res.score), res.maps["anomaly_map"], extras, rgb.shape[:2], res.n_tiles)
 
     def predict(self, images: np.ndarray | Sequence[np.ndarray], bgr: bool = False) -> Prediction | list[Prediction]:
         """Score one RGB uint8 image (H, W, 3) -> Prediction, or a batch/list -> list[Prediction].
@@ -277,6 +296,9 @@ class Detector:
         imgs, single = split_images(images)
         if not imgs:
             return []
+        if self.tiling is not None:  # image by image; each image's tiles run chunk_size at a time
+            tiled = [self._predict_tiled(im, bgr) for im in imgs]
+            return tiled[0] if single else tiled
         preds: list[Prediction] = []
         step = self._chunk(len(imgs))
         for i in range(0, len(imgs), step):
@@ -291,8 +313,9 @@ class Detector:
     def info(self) -> dict[str, Any]:
         """What is running: backend, precision actually used, providers/devices, artifact, why chosen."""
         b = self.backend
+        tiling = self.tiling
         return {"engine": str(self.engine_dir), "name": self.spec.name, "model_family": self.spec.model_family,
-                "img_size": self.spec.img_size, "backend": b.name, "precision": b.precision,
+                "img_size": self.spec.img_size, "tiling": None if tiling is None else tiling.to_preprocessing(), "backend": b.name, "precision": b.precision,
                 "providers": list(b.providers_used), "device": b.device, "artifact": str(self.artifact),
                 "selected_by": self.selected_by, "selection_notes": list(self.selection_notes),
                 "chunk_size": self.chunk_size, "max_pixels": self.max_pixels,

@@ -10,6 +10,8 @@ that training, evaluation and export calibration call (``stlm_train`` imports it
   made good test images score high when training images passed an extra warp), ``INTER_LINEAR`` when
   enlarging;
 * ``bilinear`` (older engines and checkpoints): ``INTER_LINEAR`` (half-pixel centres) both ways.
+
+Tiled engines resize once to the work shape instead (:func:`work_image`, :mod:`stlm_deploy.tiling`).
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import cv2
 import numpy as np
 
 from .errors import InputError
+from .tiling import Tiling
 
 __all__ = ["describe", "validate_image", "split_images", "to_rgb", "resize_image", "prepare_batch",
-           "normalize_nchw", "make_input", "resize_map", "RESIZE_POLICIES", "DEFAULT_RESIZE", "interpolation_for"]
+           "normalize_nchw", "make_input", "resize_map", "work_image", "RESIZE_POLICIES", "DEFAULT_RESIZE", "interpolation_for"]
 
 #: Resize policies an engine or checkpoint may name; the first is what new ones are written with.
 RESIZE_POLICIES: tuple[str, ...] = ("area", "bilinear")
@@ -81,6 +84,11 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int], policy: str = "
         return np.ascontiguousarray(image)
     flag = interpolation_for(policy, image.shape[:2], (h, w))
     return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=flag)
+
+
+def work_image(image: np.ndarray, tiling: Tiling, policy: str = "bilinear") -> np.ndarray:
+    """A tiled model's view of ``image``: resized once by ``policy`` to ``tiling.work_shape`` (long side work_size)."""
+    return resize_image(image, tiling.work_shape(image.shape[0], image.shape[1]), policy)
 
 
 def prepare_batch(images: Sequence[np.ndarray], img_size: int, bgr: bool = False,

@@ -22,16 +22,23 @@ from typing import Any, Iterable, Mapping
 from .errors import DeployError, SpecError
 from .files import atomic_write_json, sha256_file
 from .preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
+from .tiling import Tiling, check_tiling
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "SPEC_FILENAME", "DEFAULT_MEAN", "DEFAULT_STD", "ARTIFACT_KINDS",
+    "FORMAT", "FORMAT_VERSION", "UNTILED_VERSION", "TILED_VERSION", "TILING_KEYS", "SPEC_FILENAME", "DEFAULT_MEAN",
+    "DEFAULT_STD", "ARTIFACT_KINDS",
     "PRECISIONS", "IMG_SIZE_MULTIPLE", "TensorSpec", "InputSpec", "Preprocessing", "Thresholds",
     "Source", "Artifact", "VariantGate", "VARIANT_BACKENDS", "EngineSpec", "load_spec", "write_spec", "verify_artifacts",
     "resolve_engine", "artifact_entry", "display_path", "normalize_precision",
 ]
 
 FORMAT = "stlm-engine"
-FORMAT_VERSION = 1  # newest stlm.json version this runtime understands
+FORMAT_VERSION = 2  # newest stlm.json version this runtime understands
+#: the version untiled engines are written with (what runtimes before tiling read); tiled engines need TILED_VERSION
+UNTILED_VERSION = 1
+TILED_VERSION = 2
+#: preprocessing keys of a tiled engine (docs/engine_format.md, "Tiling"; stlm_deploy/tiling.py)
+TILING_KEYS = ("work_size", "tile_overlap", "tile_blend")
 SPEC_FILENAME = "stlm.json"
 DEFAULT_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean on RGB 0..255 (SAM/TinyViT preprocessing)
 DEFAULT_STD = (58.395, 57.12, 57.375)
@@ -250,12 +257,19 @@ class InputSpec:
 
 @dataclass
 class Preprocessing:
-    """What happens before the graph: resize to img_size, and (unfused engines) ``(x - mean) / std``."""
+    """What happens before the graph: resize to img_size, and (unfused engines) ``(x - mean) / std``.
+
+    Tiled engines (format_version 2) add ``work_size``, ``tile_overlap`` and ``tile_blend``: the image is
+    resized to a long side of ``work_size`` and cut into overlapping img_size tiles (:mod:`stlm_deploy.tiling`).
+    """
 
     resize: str = DEFAULT_RESIZE
     mean: list[float] = field(default_factory=lambda: list(DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(DEFAULT_STD))
     extra: dict[str, Any] = field(default_factory=dict)
+    work_size: int | None = None  # None: untiled
+    tile_overlap: float | None = None
+    tile_blend: str | None = None
 
     @classmethod
     def _parse(cls, f: _Fields) -> "Preprocessing":
@@ -268,11 +282,33 @@ class Preprocessing:
 
         obj = cls(resize=f.str_("resize", choices=RESIZE_POLICIES), mean=triple("mean", False),
                   std=triple("std", True))
+        if "work_size" in f.data:
+            obj.work_size = f.int_("work_size", minimum=1)
+            obj.tile_overlap = f.float_("tile_overlap")
+            obj.tile_blend = f.str_("tile_blend")
+        else:
+            stray = [k for k in TILING_KEYS if k in f.data]
+            if stray:
+                raise f.fail("work_size", "given with " + ", ".join(stray) + " (a tiled engine names its work size)",
+                             None)
         obj.extra = f.extra()
         return obj
 
+    @property
+    def tiled(self) -> bool:
+        return self.work_size is not None
+
+    def tiling(self, img_size: int) -> Tiling | None:
+        """The engine's :class:`~stlm_deploy.tiling.Tiling` (tile = img_size), None when untiled."""
+        if self.work_size is None:
+            return None
+        return Tiling(img_size, self.work_size, self.tile_overlap, self.tile_blend)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "mean": list(self.mean), "std": list(self.std), **self.extra}
+        out = {"resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        if self.work_size is not None:
+            out.update(work_size=self.work_size, tile_overlap=self.tile_overlap, tile_blend=self.tile_blend)
+        return {**out, **self.extra}
 
 
 @dataclass
@@ -431,7 +467,7 @@ class EngineSpec:
     trtexec: str | None = None
     created: str = field(default_factory=_now_iso)
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = UNTILED_VERSION  # TILED_VERSION once tiled (set_tiling, create)
     extra: dict[str, Any] = field(default_factory=dict)
     #: why each selectable variant is or is not gated (empty for engines written before the field existed)
     variants: dict[str, VariantGate] = field(default_factory=dict)
@@ -452,8 +488,27 @@ class EngineSpec:
             outputs.append(TensorSpec("tlm_map", "float32", [n, s, s]))
         spec = cls(name=name, img_size=s, input=inp, outputs=outputs, opset=int(opset), batch=batch,
                    **fields)
+        if spec.preprocessing.tiled:
+            spec.format_version = max(spec.format_version, TILED_VERSION)
         spec.validate()
         return spec
+
+    def set_tiling(self, tiling: Tiling | None) -> None:
+        """Make the engine tiled (format_version 2: older runtimes refuse it instead of running it untiled)
+        or untiled (``None``; the version untiled engines are written with)."""
+        pre = self.preprocessing
+        if tiling is None:
+            pre.work_size = pre.tile_overlap = pre.tile_blend = None
+            self.format_version = UNTILED_VERSION
+        else:
+            pre.work_size, pre.tile_overlap, pre.tile_blend = tiling.work_size, tiling.overlap, tiling.blend
+            self.format_version = max(self.format_version, TILED_VERSION)
+        self.validate()
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How the runtime tiles images for this engine (None: untiled, the whole image goes to img_size)."""
+        return self.preprocessing.tiling(self.img_size)
 
     def add_artifact(self, engine_dir: str | os.PathLike, relpath: str, kind: str,
                      precision: str | None = None, **extra: Any) -> Artifact:
@@ -543,11 +598,20 @@ class EngineSpec:
         }
 
     def validate(self, where: str = SPEC_FILENAME) -> None:
-        """Cross-field checks of the graph contract (input/outputs agree with img_size and batch)."""
+        """Cross-field checks of the graph contract (input/outputs agree with img_size and batch; tiling)."""
         s, inp = self.img_size, self.input
         if not _is_int(s) or s <= 0 or s % IMG_SIZE_MULTIPLE:
             raise SpecError(f"{where}: field 'img_size' must be a positive multiple of {IMG_SIZE_MULTIPLE}, "
                             f"got {_short(s)}")
+        pre = self.preprocessing
+        if pre.tiled:
+            for problem in check_tiling(s, pre.work_size, pre.tile_overlap, pre.tile_blend):
+                key, _, what = problem.partition(": ")
+                raise SpecError(f"{where}: field 'preprocessing.{key}' {what}")
+            if self.format_version < TILED_VERSION:
+                raise SpecError(f"{where}: field 'format_version' must be {TILED_VERSION} or more for a tiled engine "
+                                f"(preprocessing.work_size), got {self.format_version}: a runtime older than tiling "
+                                "would read version 1 and run it untiled")
         n = -1 if self.batch == "dynamic" else self.batch
         if inp.fused_preprocessing:
             want = {"dtype": "uint8", "layout": "NHWC", "shape": [n, s, s, 3]}

@@ -75,11 +75,12 @@ def build_onnx(path: Path, *, img_size: int = IMG, top_k: int = TOP_K, fused: bo
 def make_engine(root: Path, name: str = "tiny", *, fused: bool = True, batch: int | str = "dynamic",
                 with_tlm: bool = False, fp16: bool = False, openvino_ir: bool = False, half_input: bool = False,
                 image_threshold: float | None = None, pixel_threshold: float | None = None,
-                nan_on_white: bool = False, score_range: tuple[float, float] | None = None) -> Path:
+                nan_on_white: bool = False, score_range: tuple[float, float] | None = None,
+                work_size: int | None = None, tile_overlap: float = 0.25) -> Path:
     """An engine directory exactly as the exporter writes it (stlm.json via write_spec + checksums).
 
     ``score_range``: the calibration (score_min, score_max) behind the normalized score (None: an older
-    engine without them)."""
+    engine without them). ``work_size``: a tiled engine (tiles of IMG px, ``tile_overlap``)."""
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     b = None if batch == "dynamic" else int(batch)
@@ -95,6 +96,10 @@ def make_engine(root: Path, name: str = "tiny", *, fused: bool = True, batch: in
     if score_range is not None:
         spec.thresholds.score_min, spec.thresholds.score_max = map(float, score_range)
     spec.source.checkpoint, spec.source.sha256 = "runs/tiny/model.ckpt", "0" * 64
+    if work_size is not None:
+        from stlm_deploy.tiling import Tiling
+
+        spec.set_tiling(Tiling(IMG, work_size, tile_overlap))
     spec.add_artifact(d, "model.onnx", "onnx", "fp32")
     if fp16:
         build_onnx(d / "model.fp16.onnx", fused=fused, batch=b, with_tlm=with_tlm, fp16_inside=True)
