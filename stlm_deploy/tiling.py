@@ -24,6 +24,7 @@ overlap outside [0, 0.9) is refused (:func:`check_tiling`).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,14 @@ MAX_TILE_OVERLAP = 0.9
 Runner = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 
+def _got(value: Any) -> str:
+    """A value as JSON shows it (the C++ runtime's messages quote the same way)."""
+    try:
+        return json.dumps(value.item() if isinstance(value, np.generic) else value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def check_tiling(tile: Any, work_size: Any, overlap: Any, blend: Any = DEFAULT_TILE_BLEND) -> list[str]:
     """Problems with a tiling, one phrase per bad field keyed by its name (empty: valid).
 
@@ -54,18 +63,18 @@ def check_tiling(tile: Any, work_size: Any, overlap: Any, blend: Any = DEFAULT_T
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
     if not is_int(tile) or tile <= 0:
-        problems.append(f"tile: must be a positive integer, got {tile!r}")
+        problems.append(f"tile: must be a positive integer, got {_got(tile)}")
     if not is_int(work_size) or work_size <= 0:
-        problems.append(f"work_size: must be a positive integer, got {work_size!r}")
+        problems.append(f"work_size: must be a positive integer, got {_got(work_size)}")
     elif is_int(tile) and work_size < tile:
         problems.append(f"work_size: must be at least the tile size {tile} (the model input, img_size), "
                         f"got {work_size}")
     ok_number = isinstance(overlap, (int, float, np.floating)) and not isinstance(overlap, bool) \
         and math.isfinite(float(overlap))
     if not ok_number or not 0.0 <= float(overlap) < MAX_TILE_OVERLAP:
-        problems.append(f"tile_overlap: must be a number in [0, {MAX_TILE_OVERLAP:g}), got {overlap!r}")
+        problems.append(f"tile_overlap: must be a number in [0, {MAX_TILE_OVERLAP:g}), got {_got(overlap)}")
     if blend not in TILE_BLENDS:
-        problems.append(f"tile_blend: must be one of {', '.join(repr(b) for b in TILE_BLENDS)}, got {blend!r}")
+        problems.append(f"tile_blend: must be one of {', '.join(repr(b) for b in TILE_BLENDS)}, got {_got(blend)}")
     return problems
 
 

@@ -249,7 +249,7 @@ def test_checksum_mismatch(cpp_build: CppBuild, cpp_engines: dict[str, Path], tm
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (lambda d: d.update(format_version=2), "field 'format_version' is 2, newer than this runtime supports (1)"),
+    (lambda d: d.update(format_version=3), "field 'format_version' is 3, newer than this runtime supports (2)"),
     (lambda d: d.update(format="something-else"), "field 'format' must be 'stlm-engine'"),
     (lambda d: d.update(img_size=100), "field 'img_size' must be a positive multiple of 64"),
     (lambda d: d["artifacts"]["openvino/model.xml"].update(sha256="xyz"), "must be 64 lowercase hex digits"),

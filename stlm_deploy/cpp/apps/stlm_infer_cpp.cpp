@@ -454,7 +454,7 @@ int main(int argc, char** argv) {
       stlm::Prediction pred = det->predict(bgr, true);
       json r = {{"path", in.path}, {"score", pred.score}, {"is_anomalous", nullptr},
                 {"height", bgr.rows}, {"width", bgr.cols}, {"backend", pred.backend},
-                {"precision", pred.precision}};
+                {"precision", pred.precision}, {"n_tiles", pred.n_tiles}};
       if (pred.is_anomalous) r["is_anomalous"] = *pred.is_anomalous;
       r["normalized_score"] = pred.normalized_score ? json(*pred.normalized_score) : json(nullptr);
       double median_ms = -1;

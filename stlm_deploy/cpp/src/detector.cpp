@@ -10,6 +10,7 @@
 #include "common.hpp"
 #include "spec.hpp"
 #include "stlm/detector.hpp"
+#include "tiling.hpp"
 #include "timings.hpp"
 
 namespace stlm {
@@ -355,26 +356,27 @@ struct Detector::Impl {
                   " differs from stlm.json field 'input.shape' " + shape_str(spec.input.shape));
   }
 
-  // One backend call for up to fixed_batch (or any number of) RGB images.
-  void run_chunk(const std::vector<cv::Mat>& rgb, std::vector<Prediction>& preds) const {
+  // stlm_deploy.preprocess.resize_image: "area" shrinks with INTER_AREA (both sides shrink), else INTER_LINEAR.
+  cv::Mat resize_rgb(const cv::Mat& rgb, int h, int w) const {
+    if (rgb.rows == h && rgb.cols == w) return rgb;
+    const bool shrinking = h <= rgb.rows && w <= rgb.cols;
+    cv::Mat out;
+    cv::resize(rgb, out, cv::Size(w, h), 0, 0, spec.resize == "area" && shrinking ? cv::INTER_AREA : cv::INTER_LINEAR);
+    return out;
+  }
+
+  // One backend call on m img_size x img_size RGB images (padded to a fixed batch); the outputs' sizes and
+  // finiteness are checked. `count` = the batch the graph ran (m, or the fixed batch).
+  std::map<std::string, HostOutput> infer(const std::vector<cv::Mat>& small, size_t& count) const {
     const int s = spec.img_size;
-    const size_t m = rgb.size();
+    const size_t m = small.size();
     const int fixed = fixed_batch();
-    const size_t count = fixed > 0 ? static_cast<size_t>(fixed) : m;  // pad fixed-batch graphs with black images
+    count = fixed > 0 ? static_cast<size_t>(fixed) : m;  // pad fixed-batch graphs with black images
     const size_t plane = static_cast<size_t>(s) * s;
     std::vector<uint8_t> batch(count * plane * 3, 0);
     for (size_t i = 0; i < m; ++i) {
       cv::Mat slot(s, s, CV_8UC3, batch.data() + i * plane * 3);
-      if (rgb[i].rows == s && rgb[i].cols == s) {
-        rgb[i].copyTo(slot);
-      } else {
-        cv::Mat small;
-        // stlm_deploy.preprocess.interpolation_for: "area" shrinks with INTER_AREA, else INTER_LINEAR.
-        const bool shrinking = rgb[i].rows >= s && rgb[i].cols >= s;
-        const int flag = spec.resize == "area" && shrinking ? cv::INTER_AREA : cv::INTER_LINEAR;
-        cv::resize(rgb[i], small, cv::Size(s, s), 0, 0, flag);
-        small.copyTo(slot);
-      }
+      small[i].copyTo(slot);
     }
     InputView view;
     std::vector<float> f32;
@@ -418,28 +420,80 @@ struct Detector::Impl {
       throw Error(where + ": output 'score' has shape " + shape_str(score.shape) + ", expected [" +
                   std::to_string(count) + "]");
     check_finite(outs, m, count);
-    for (size_t j = 0; j < m; ++j) {
-      Prediction p;
-      const int h = rgb[j].rows, w = rgb[j].cols;
-      cv::Mat small(s, s, CV_32FC1, const_cast<float*>(amap.data.data() + j * plane));
-      p.anomaly_map = resize_map(small, h, w);
-      p.score = score.data[j];
-      p.backend = backend->name;
-      p.precision = backend->precision;
-      if (spec.threshold_image) {
-        p.is_anomalous = static_cast<double>(p.score) > *spec.threshold_image;
-        p.normalized_score = normalized_score(p.score, spec);
-      }
-      if (spec.threshold_pixel)  // numpy compares a float32 map with the threshold cast to float32
-        p.mask = p.anomaly_map > static_cast<float>(*spec.threshold_pixel);
-      for (const auto& [name, out] : outs) {
-        if (name == "anomaly_map" || name == "score" || out.data.size() != count * plane || out.shape.size() != 3)
-          continue;
-        cv::Mat extra(s, s, CV_32FC1, const_cast<float*>(out.data.data() + j * plane));
-        p.extra_maps[name] = resize_map(extra, h, w);
-      }
-      preds.push_back(std::move(p));
+    return outs;
+  }
+
+  // The per-pixel outputs ([count, S, S]) other than the map and the score: e.g. "tlm_map".
+  static bool is_extra(const std::string& name, const HostOutput& out, size_t count, size_t plane) {
+    return name != "anomaly_map" && name != "score" && out.data.size() == count * plane && out.shape.size() == 3;
+  }
+
+  // A result from the graph-side map (img_size, or the stitched work map) and its score (stlm_deploy Detector._prediction).
+  Prediction prediction(float score, const cv::Mat& small_map, const std::map<std::string, cv::Mat>& extras, int h,
+                        int w, int n_tiles) const {
+    Prediction p;
+    p.anomaly_map = resize_map(small_map, h, w);
+    p.score = score;
+    p.backend = backend->name;
+    p.precision = backend->precision;
+    p.n_tiles = n_tiles;
+    if (spec.threshold_image) {
+      p.is_anomalous = static_cast<double>(p.score) > *spec.threshold_image;
+      p.normalized_score = normalized_score(p.score, spec);
     }
+    if (spec.threshold_pixel)  // numpy compares a float32 map with the threshold cast to float32
+      p.mask = p.anomaly_map > static_cast<float>(*spec.threshold_pixel);
+    for (const auto& [name, m] : extras) p.extra_maps[name] = resize_map(m, h, w);
+    return p;
+  }
+
+  // One backend call for up to fixed_batch (or any number of) RGB images.
+  void run_chunk(const std::vector<cv::Mat>& rgb, std::vector<Prediction>& preds) const {
+    const int s = spec.img_size;
+    std::vector<cv::Mat> small;
+    for (const cv::Mat& im : rgb) small.push_back(resize_rgb(im, s, s));
+    size_t count = 0;
+    std::map<std::string, HostOutput> outs = infer(small, count);
+    const size_t plane = static_cast<size_t>(s) * s;
+    const HostOutput& amap = outs.at("anomaly_map");
+    const HostOutput& score = outs.at("score");
+    for (size_t j = 0; j < rgb.size(); ++j) {
+      cv::Mat m(s, s, CV_32FC1, const_cast<float*>(amap.data.data() + j * plane));
+      std::map<std::string, cv::Mat> extras;
+      for (const auto& [name, out] : outs)
+        if (is_extra(name, out, count, plane)) extras[name] = cv::Mat(s, s, CV_32FC1, const_cast<float*>(out.data.data() + j * plane));
+      preds.push_back(prediction(score.data[j], m, extras, rgb[j].rows, rgb[j].cols, 1));
+    }
+  }
+
+  // One image of a tiled engine (stlm_deploy.tiling.run_tiled): work image, tiles chunk_size() at a time,
+  // mean-blended maps, top-k score of the stitched map.
+  Prediction predict_tiled(const cv::Mat& rgb) const {
+    const Tiling& t = *spec.tiling;
+    const auto [wh, ww] = t.work_shape(rgb.rows, rgb.cols);
+    const cv::Mat work = resize_rgb(rgb, wh, ww);
+    const std::vector<std::pair<int, int>> grid = t.grid(wh, ww);
+    const size_t step = static_cast<size_t>(chunk_size());
+    const size_t plane = static_cast<size_t>(t.tile) * t.tile;
+    std::map<std::string, Stitcher> stitchers;
+    for (size_t i = 0; i < grid.size(); i += step) {
+      const size_t n = std::min(step, grid.size() - i);
+      std::vector<cv::Mat> tiles;
+      for (size_t j = i; j < i + n; ++j)
+        tiles.push_back(work(cv::Rect(grid[j].second, grid[j].first, t.tile, t.tile)));
+      size_t count = 0;
+      std::map<std::string, HostOutput> outs = infer(tiles, count);
+      for (const auto& [name, out] : outs) {
+        if (name != "anomaly_map" && !is_extra(name, out, count, plane)) continue;
+        auto it = stitchers.try_emplace(name, t, wh, ww).first;
+        for (size_t j = 0; j < n; ++j) it->second.add(grid[i + j].first, grid[i + j].second, out.data.data() + j * plane);
+      }
+    }
+    const cv::Mat amap = stitchers.at("anomaly_map").result();
+    std::map<std::string, cv::Mat> extras;
+    for (const auto& [name, st] : stitchers)
+      if (name != "anomaly_map") extras[name] = st.result();
+    return prediction(topk_mean(amap, spec.top_k), amap, extras, rgb.rows, rgb.cols, static_cast<int>(grid.size()));
   }
 };
 
@@ -584,6 +638,10 @@ std::vector<Prediction> Detector::predict(const std::vector<cv::Mat>& images, bo
   std::vector<Prediction> preds;
   preds.reserve(images.size());
   // Chunk by chunk: only one chunk's RGB copies, input tensor and outputs are alive at a time.
+  if (impl_->spec.tiling) {  // image by image; each image's tiles run chunk_size() at a time
+    for (size_t i = 0; i < images.size(); ++i) preds.push_back(impl_->predict_tiled(to_rgb(images[i], bgr, label(i))));
+    return preds;
+  }
   const size_t step = static_cast<size_t>(impl_->chunk_size());
   for (size_t i = 0; i < images.size(); i += step) {
     std::vector<cv::Mat> chunk;
@@ -618,6 +676,8 @@ std::string Detector::artifact() const { return impl_->artifact; }
 std::string Detector::engine_dir() const { return impl_->engine_dir.string(); }
 std::string Detector::name() const { return impl_->spec.name; }
 int Detector::img_size() const { return impl_->spec.img_size; }
+int Detector::work_size() const { return impl_->spec.tiling ? impl_->spec.tiling->work_size : 0; }
+double Detector::tile_overlap() const { return impl_->spec.tiling ? impl_->spec.tiling->overlap : 0.0; }
 int Detector::top_k() const { return impl_->spec.top_k; }
 int Detector::chunk_size() const { return impl_->chunk_size(); }
 std::vector<std::string> Detector::notes() const { return impl_->notes; }

@@ -347,6 +347,36 @@ EngineSpec parse_spec(const std::string& text, const std::string& where) {
     s.resize = pre.str("resize", {"area", "bilinear"});
     s.mean = pre.triple("mean", false);
     s.std = pre.triple("std", true);
+    // stlm_deploy/spec.py Preprocessing._parse + EngineSpec.validate: same rules, same messages
+    if (pre.has("work_size")) {
+      Tiling t;
+      t.tile = s.img_size;
+      t.work_size = static_cast<int>(pre.integer("work_size", 1));
+      const json& ov = pre.get("tile_overlap");
+      if (!is_number(ov)) throw pre.fail("tile_overlap", "a number", ov);
+      t.overlap = ov.get<double>();
+      t.blend = pre.str("tile_blend");
+      if (t.work_size < t.tile)
+        throw Error(where + ": field 'preprocessing.work_size' must be at least the tile size " +
+                    std::to_string(t.tile) + " (the model input, img_size), got " + std::to_string(t.work_size));
+      if (!(t.overlap >= 0.0 && t.overlap < kMaxTileOverlap))
+        throw Error(where + ": field 'preprocessing.tile_overlap' must be a number in [0, 0.9), got " + short_json(ov));
+      if (t.blend != "mean")
+        throw Error(where + ": field 'preprocessing.tile_blend' must be one of 'mean', got " +
+                    short_json(pre.get("tile_blend")));
+      if (s.format_version < kTiledVersion)
+        throw Error(where + ": field 'format_version' must be " + std::to_string(kTiledVersion) +
+                    " or more for a tiled engine (preprocessing.work_size), got " + std::to_string(s.format_version) +
+                    ": a runtime older than tiling would read version 1 and run it untiled");
+      s.tiling = t;
+    } else {
+      std::string stray;
+      for (const char* k : {"tile_overlap", "tile_blend"})
+        if (pre.has(k)) stray += (stray.empty() ? "" : ", ") + std::string(k);
+      if (!stray.empty())
+        throw Error(where + ": field 'preprocessing.work_size' must be given with " + stray +
+                    " (a tiled engine names its work size), got null");
+    }
   }
   s.top_k = static_cast<int>(f.integer("top_k", 1));
   {

@@ -1,4 +1,4 @@
-// stlm.json (format "stlm-engine", format_version 1): parsing and validation with the same rules and
+// stlm.json (format "stlm-engine", format_version 1, or 2 for tiled engines): parsing and validation with the same rules and
 // one-line messages as the Python runtime (stlm_deploy/spec.py), artifact checksums, --engine resolution.
 #pragma once
 
@@ -10,12 +10,16 @@
 #include <utility>
 #include <vector>
 
+#include "tiling.hpp"
+
 namespace stlm::detail {
 
 namespace fs = std::filesystem;
 
 inline constexpr const char* kFormat = "stlm-engine";
-inline constexpr int kFormatVersion = 1;  // newest stlm.json version this runtime understands
+inline constexpr int kFormatVersion = 2;  // newest stlm.json version this runtime understands
+inline constexpr int kTiledVersion = 2;   // tiled engines (preprocessing.work_size) need at least this
+inline constexpr double kMaxTileOverlap = 0.9;  // stlm_deploy/tiling.py MAX_TILE_OVERLAP
 inline constexpr const char* kSpecFilename = "stlm.json";
 inline constexpr int kImgSizeMultiple = 64;
 
@@ -63,6 +67,7 @@ struct EngineSpec {
   std::string resize = "bilinear";  // preprocessing.resize: "area" | "bilinear" (see preprocess.py)
   std::array<double, 3> mean{};
   std::array<double, 3> std{};
+  std::optional<Tiling> tiling;     // preprocessing.work_size / tile_overlap / tile_blend (tiled engines)
   int top_k = 100;
   std::optional<double> threshold_image;
   std::optional<double> threshold_pixel;

@@ -6,7 +6,9 @@
 //
 // The numbers match the Python runtime (stlm_deploy.Detector) within 1e-4: same resize of the RGB uint8
 // image to img_size (stlm.json preprocessing.resize: area or bilinear), same graph, same bilinear resize of the map back to the image size,
-// same decision (score > thresholds.image). Backends: "openvino" (always built, CPU), "tensorrt" and
+// same decision (score > thresholds.image). Tiled engines (stlm.json format_version 2, preprocessing.work_size)
+// are cut into overlapping tiles exactly as stlm_deploy/tiling.py does: same work image, tile positions, mean
+// blend and top-k score of the stitched map. Backends: "openvino" (always built, CPU), "tensorrt" and
 // "ort" (built only where their SDKs were found at configure time; see compiled_backends()).
 // Every error is a stlm::Error whose what() is ONE line naming the file/field/argument at fault.
 #pragma once
@@ -57,6 +59,7 @@ struct Prediction {
   std::map<std::string, cv::Mat> extra_maps;  // other [N,S,S] outputs (e.g. "tlm_map"), image size
   std::string backend;                     // what ran: "openvino", "ort" or "tensorrt"
   std::string precision;                   // and at which precision ("fp32", "bf16", "fp16", "int8")
+  int n_tiles = 1;                         // tiles the image was cut into (tiled engines; 1 otherwise)
 };
 
 struct Thresholds {
@@ -100,7 +103,8 @@ class Detector {
   // One image of any size: CV_8UC3 (BGR when bgr, else RGB), CV_8UC1 (gray) or CV_8UC4 (BGRA/RGBA).
   // Thread-safe: several threads may call predict on one Detector.
   Prediction predict(const cv::Mat& image, bool bgr = true) const;
-  // Several images at once, run in chunks of chunk_size() (converted and resized chunk by chunk).
+  // Several images at once, run in chunks of chunk_size() (converted and resized chunk by chunk; a tiled engine:
+  // image by image, its tiles chunk_size() at a time).
   std::vector<Prediction> predict(const std::vector<cv::Mat>& images, bool bgr = true) const;
   // Packed RGB uint8 pixels, `stride` bytes per row (0 = width * 3).
   Prediction predict_rgb(const uint8_t* data, int height, int width, size_t stride = 0) const;
@@ -111,7 +115,9 @@ class Detector {
   std::string artifact() const;      // relative path of the artifact running (e.g. "openvino/model.xml")
   std::string engine_dir() const;
   std::string name() const;          // stlm.json name
-  int img_size() const;
+  int img_size() const;              // the graph's input side (the tile of a tiled engine)
+  int work_size() const;             // long side of the work image of a tiled engine; 0 = untiled
+  double tile_overlap() const;       // a tiled engine's minimum tile overlap (fraction of a tile)
   int top_k() const;
   int chunk_size() const;            // images per backend call: the fixed batch, else batch_size (default 8)
   Thresholds thresholds() const;
