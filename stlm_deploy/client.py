@@ -16,7 +16,10 @@ Models of a repository written by ``stlm-export --target triton`` serve the raw 
 client step itself (``raw`` mode, detected from the model config): resize to ``S`` with
 :func:`~stlm_deploy.preprocess.prepare_batch` (the engine's resize policy), resize the map back with
 :func:`~stlm_deploy.preprocess.resize_map` and decide with the thresholds and score range the config
-carries as ``stlm.*`` parameters, exactly as :class:`~stlm_deploy.detector.Detector` does locally.
+carries as ``stlm.*`` parameters, exactly as :class:`~stlm_deploy.detector.Detector` does locally. A tiled
+engine's model (``stlm.preprocessing.work_size``) is fed the image's tiles and the client blends and scores
+them as the Detector does (:func:`stlm_deploy.tiling.run_tiled`); a model whose ``stlm.format_version`` is
+newer than this client knows is refused (one line), never run untiled.
 
 tritonclient clients are not thread-safe: use one RemoteDetector per thread. Server-side errors come
 back as one-line :class:`~stlm_deploy.errors.DeployError` messages (the Python traceback Triton relays
@@ -36,9 +39,10 @@ from .detector import Prediction
 from .errors import DeployError
 from .images import DEFAULT_MAX_PIXELS
 from .normalization import normalized_score
-from .preprocess import DEFAULT_RESIZE, prepare_batch, resize_map, split_images
+from .preprocess import DEFAULT_RESIZE, prepare_batch, resize_map, split_images, to_rgb, work_image
 from .serve import INPUT_BYTES, INPUT_IMAGE
-from .spec import Thresholds
+from .spec import FORMAT_VERSION, Thresholds
+from .tiling import Tiling, run_tiled
 
 __all__ = ["RemoteDetector", "parse_url", "server_error"]
 
@@ -85,6 +89,26 @@ def _thresholds_from(params: dict[str, str]) -> Thresholds | None:
                       method=params.get("stlm.thresholds.method", "none"), score_min=lo, score_max=hi)
 
 
+def _tiling_from(params: dict[str, str], img_size: int, where: str) -> Tiling | None:
+    """The tiling of a repository model config (None: untiled); a newer format or bad values: one line."""
+    try:
+        version = int(params.get("stlm.format_version", "1"))
+    except ValueError:
+        raise DeployError(f"{where}: parameter 'stlm.format_version' must be an integer, got "
+                          f"{params['stlm.format_version']!r}") from None
+    if version > FORMAT_VERSION:
+        raise DeployError(f"{where}: parameter 'stlm.format_version' is {version}, newer than this client supports "
+                          f"({FORMAT_VERSION}): upgrade stlm-deploy")
+    work = params.get("stlm.preprocessing.work_size")
+    if work is None:
+        return None
+    try:
+        return Tiling(img_size, int(work), float(params.get("stlm.preprocessing.tile_overlap", "nan")),
+                      params.get("stlm.preprocessing.tile_blend", ""))
+    except ValueError as e:
+        raise DeployError(f"{where}: parameters 'stlm.preprocessing.*': {e}") from None
+
+
 @dataclass
 class _RemoteSpec:
     """The part of EngineSpec that result writers read (name + thresholds)."""
@@ -98,7 +122,7 @@ class RemoteDetector:
 
     def __init__(self, url: str, model: str | None = None, *, protocol: str | None = None,
                  thresholds: Thresholds | None = None, timeout_s: float = 60.0,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, tiling: Tiling | None = None) -> None:
         self.protocol, self.address = parse_url(url, protocol)
         self.url = f"{self.protocol}://{self.address}"
         self.timeout_s = float(timeout_s)
@@ -131,10 +155,17 @@ class RemoteDetector:
         self.raw = len(dims) == 3 and dims[-1] == 3 and min(dims) > 0
         self.img_size = int(params.get("stlm.img_size", dims[0] if self.raw else 0) or 0)
         self.resize = params.get("stlm.resize", DEFAULT_RESIZE)
+        self.top_k = int(params.get("stlm.top_k", "100") or 100)
         if self.raw and params.get("stlm.input.fused_preprocessing", "true") != "true":
             self.close()
             raise DeployError(f"{self.url} model '{self.model}': unfused engines (float NCHW input) are not supported "
                               "by the client step; export with fused preprocessing (the default)")
+        try:  #: raw models of tiled engines: the client step cuts the tiles (stlm-serve models tile on the server)
+            found = _tiling_from(params, self.img_size, f"{self.url} model '{self.model}'") if self.raw else None
+            self.tiling = tiling if tiling is not None and self.raw else found
+        except DeployError:
+            self.close()
+            raise
         self.spec = _RemoteSpec(self.model, thresholds or _thresholds_from(params) or Thresholds())
         self.engine_dir = self.url
 
@@ -198,11 +229,10 @@ class RemoteDetector:
                     normalized_score=n if np.isfinite(n) else normalized_score(float(s), t), backend="triton"))
         return preds
 
-    def _predict_raw(self, imgs: list[np.ndarray], bgr: bool) -> list[Prediction]:
-        """The client step for raw repository models: resize, run, resize back, decide."""
-        batch, sizes = prepare_batch(imgs, self.img_size, bgr=bgr, policy=self.resize)
+    def _run_raw(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The raw graph on a uint8 (n, S, S, 3) batch: one request per item, sent concurrently."""
         outputs = [self._tc.InferRequestedOutput(n) for n in ("anomaly_map", "score")]
-        inputs = [[self._input(INPUT_IMAGE, batch[i:i + 1], "UINT8")] for i in range(len(imgs))]
+        inputs = [[self._input(INPUT_IMAGE, batch[i:i + 1], "UINT8")] for i in range(len(batch))]
         try:
             if self.protocol == "http":
                 pending = [self._client.async_infer(self.model, inp, outputs=outputs) for inp in inputs]
@@ -212,18 +242,35 @@ class RemoteDetector:
                            for inp in inputs]
         except Exception as e:  # noqa: BLE001 - InferenceServerException and transport errors
             raise DeployError(f"{self.url} model '{self.model}': {server_error(e)}") from None
-        t, preds = self.spec.thresholds, []
-        for res, size in zip(results, sizes):
-            score = float(np.asarray(res.as_numpy("score"), np.float32).reshape(-1)[0])
-            if not np.isfinite(score):
-                raise DeployError(f"{self.url} model '{self.model}': non-finite score {score}; the result is refused")
-            m = resize_map(np.asarray(res.as_numpy("anomaly_map"), np.float32).reshape(self.img_size, self.img_size),
-                           size)
-            preds.append(Prediction(score=score, anomaly_map=m,
-                                    is_anomalous=None if t.image is None else bool(score > t.image),
-                                    mask=None if t.pixel is None else m > t.pixel,
-                                    normalized_score=normalized_score(score, t), backend="triton"))
-        return preds
+        s = self.img_size
+        out = {"anomaly_map": np.stack([np.asarray(r.as_numpy("anomaly_map"), np.float32).reshape(s, s)
+                                        for r in results]),
+               "score": np.asarray([np.asarray(r.as_numpy("score"), np.float32).reshape(-1)[0] for r in results])}
+        if not (np.isfinite(out["score"]).all() and np.isfinite(out["anomaly_map"]).all()):
+            raise DeployError(f"{self.url} model '{self.model}': non-finite output; the result is refused")
+        return out
+
+    def _raw_prediction(self, score: float, small_map: np.ndarray, size: tuple[int, int], n_tiles: int) -> Prediction:
+        t = self.spec.thresholds
+        m = resize_map(small_map, size)
+        return Prediction(score=score, anomaly_map=m, is_anomalous=None if t.image is None else bool(score > t.image),
+                          mask=None if t.pixel is None else m > t.pixel, normalized_score=normalized_score(score, t),
+                          backend="triton", n_tiles=n_tiles)
+
+    def _predict_raw(self, imgs: list[np.ndarray], bgr: bool) -> list[Prediction]:
+        """The client step for raw repository models: resize (or tile), run, resize back, decide."""
+        if self.tiling is not None:
+            preds = []
+            for im in imgs:
+                rgb = to_rgb(np.ascontiguousarray(im), bgr)
+                res = run_tiled(work_image(rgb, self.tiling, self.resize), self.tiling, self._run_raw, 8, self.top_k)
+                preds.append(self._raw_prediction(float(res.score), res.maps["anomaly_map"], rgb.shape[:2],
+                                                  res.n_tiles))
+            return preds
+        batch, sizes = prepare_batch(imgs, self.img_size, bgr=bgr, policy=self.resize)
+        outs = self._run_raw(batch)
+        return [self._raw_prediction(float(outs["score"][i]), outs["anomaly_map"][i], size, 1)
+                for i, size in enumerate(sizes)]
 
     def predict(self, images: np.ndarray | Sequence[np.ndarray], bgr: bool = False,
                 anomaly_map: bool = True) -> Prediction | list[Prediction]:
@@ -261,6 +308,7 @@ class RemoteDetector:
 
     def info(self) -> dict[str, Any]:
         return {"backend": "triton", "url": self.url, "protocol": self.protocol, "model": self.model, "raw": self.raw,
+                "tiling": None if self.tiling is None else self.tiling.to_preprocessing(),
                 "precision": None, "device": "server", "selected_by": "url",
                 "thresholds": self.spec.thresholds.to_dict()}
 

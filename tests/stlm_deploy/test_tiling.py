@@ -203,3 +203,23 @@ def test_tiles_run_in_bounded_chunks(tiled):
     p = det.predict(sample_image(400, 300, seed=1))
     assert sum(seen) == p.n_tiles and max(seen) == 3 and len(seen) == -(-p.n_tiles // 3)
     det.close()
+
+
+def test_stlm_infer_scores_a_tiled_engine_like_the_detector(tiled, tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+
+    from stlm_deploy.cli import main
+
+    imgs = {f"im{i}.png": sample_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES[:3])}
+    for name, im in imgs.items():
+        cv2.imwrite(str(tmp_path / name), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["--engine", str(tiled["plain"]), "--backend", "ort", "--save-maps",
+                                  *(str(tmp_path / n) for n in imgs), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with open(out / "scores.csv", newline="") as f:
+        rows = {p["path"].rsplit("/", 1)[-1]: float(p["score"]) for p in csv.DictReader(f)}
+    for name, im in imgs.items():
+        assert abs(rows[name] - expected_tiled(im)[1]) < 1e-5
