@@ -13,6 +13,12 @@ it is applied to the image at its own (full) resolution and only then resized to
 +-5 degree bilinear warp at 256 px blurs every training image while test images are never warped,
 so good test images looked sharper than anything seen in training and scored high.
 
+Tiled training (``tiling``): the image is resized once to its work shape (long side ``work_size``, aspect kept:
+:meth:`stlm_deploy.tiling.Tiling.work_shape`) instead of to ``img_size``, after the geometric augmentation as
+above, and an ``img_size`` crop at a position drawn from the sample's generator becomes N; the anomaly is
+pasted inside the crop. ``crop=False`` keeps the whole work image (the calibration stream of the thresholds,
+which is scored tile by tile and stitched like a test image).
+
 Differences from the official code, on purpose: randomness comes from a ``np.random.Generator``
 passed per sample (deterministic with any number of DataLoader workers), the Perlin noise and the
 rotations are numpy/OpenCV instead of imgaug/PIL, the noise is skipped entirely when no anomaly is
@@ -28,6 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 import cv2
 import numpy as np
 
+from stlm_deploy.preprocess import work_image
+from stlm_deploy.tiling import Tiling
 from stlm_train.data.io import DEFAULT_RESIZE, DataError, PathLike, list_images, read_image_rgb, resize_rgb
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "slight", "rotation")
@@ -313,6 +321,8 @@ class PseudoAnomalySynthesizer:
         texture_bank: str = DEFAULT_TEXTURE_BANK,
         resize: str = DEFAULT_RESIZE,
         augment_before_resize: bool = True,
+        tiling: Optional[Tiling] = None,
+        crop: bool = True,
     ) -> None:
         if augmentation not in AUGMENTATIONS:
             raise ValueError(
@@ -328,6 +338,10 @@ class PseudoAnomalySynthesizer:
         self.beta_max = float(beta_max)
         self.resize = resize
         self.augment_before_resize = bool(augment_before_resize)
+        if tiling is not None and tiling.tile != self.img_size:
+            raise ValueError(f"tiling tile {tiling.tile} must be the img_size {self.img_size}")
+        self.tiling = tiling
+        self.crop = bool(crop)
         self.textures = TextureSource(anomaly_source, texture_bank)
         self._rng = np.random.default_rng(seed)
         self.last_params: dict[str, Any] = {}
@@ -341,9 +355,13 @@ class PseudoAnomalySynthesizer:
             )
         rng = self._rng if rng is None else rng
         if self.augment_before_resize:  # warp the full-resolution image: the resize then removes the blur
-            clean = resize_rgb(augment_geometry(image, self.augmentation, rng), self.img_size, self.resize)
+            clean = self._model_size(augment_geometry(image, self.augmentation, rng))
         else:
-            clean = augment_geometry(resize_rgb(image, self.img_size, self.resize), self.augmentation, rng)
+            clean = augment_geometry(self._model_size(image), self.augmentation, rng)
+        if self.tiling is not None and self.crop:  # an img_size crop of the work image, drawn per sample
+            t = self.tiling.tile
+            y, x = int(rng.integers(0, clean.shape[0] - t + 1)), int(rng.integers(0, clean.shape[1] - t + 1))
+            clean = np.ascontiguousarray(clean[y:y + t, x:x + t])
         h, w = clean.shape[:2]
         params: dict[str, Any] = {"applied": bool(rng.random() < self.probability)}
         if not params["applied"]:
@@ -357,6 +375,12 @@ class PseudoAnomalySynthesizer:
         pseudo = np.rint(blend(clean, texture, mask, params["beta"])).astype(np.uint8)
         self.last_params = params
         return clean, pseudo, mask
+
+    def _model_size(self, image: np.ndarray) -> np.ndarray:
+        """``img_size`` square, or a tiled model's work shape."""
+        if self.tiling is None:
+            return resize_rgb(image, self.img_size, self.resize)
+        return work_image(image, self.tiling, self.resize)
 
 
 def sample_rng(seed: int, *keys: int) -> np.random.Generator:

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from stlm_deploy.tiling import Tiling
+
 from .config import SAM_VIT_CONFIGS, STLMConfig, config_from_dict, get_config, validate_img_size
-from .modeling import build_model
+from .modeling import build_model, tiling_of
 from .modeling.stfpm import STFPM
 from .modeling.stlm import STLM
 from .modeling.teacher import Teacher, build_tinyvit_teacher, build_vit_teacher
@@ -282,16 +284,19 @@ def init_students_from_mobile_sam(model: STLM, path: str | os.PathLike) -> STLM:
 def save_checkpoint(path: str | os.PathLike, model: STLM | STFPM, **extra: Any) -> Path:
     """Project checkpoint: weights + config + preprocessing + whatever the trainer adds (thresholds...).
 
-    An STFPM checkpoint holds the teacher's weights too (both networks run at inference).
+    An STFPM checkpoint holds the teacher's weights too (both networks run at inference). A tiled model
+    (``model.tiling``) adds ``work_size``, ``tile_overlap`` and ``tile_blend`` to ``preprocessing``.
     """
     from stlm_deploy.files import atomic_output
 
     cfg = model.cfg
+    tiling = tiling_of(model)  # a tiled model records its work size and overlap (untiled: no such keys)
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
         "preprocessing": {"resize": cfg.resize, "mean": list(cfg.pixel_mean), "std": list(cfg.pixel_std),
-                          "channel_order": "RGB", "img_size": cfg.img_size},
+                          "channel_order": "RGB", "img_size": cfg.img_size,
+                          **(tiling.to_preprocessing() if tiling is not None else {})},
         "state_dict": model.state_dict(),
         **extra,
     }
@@ -353,7 +358,18 @@ def model_from_checkpoint(obj: Any, path: str | os.PathLike, img_size: int | Non
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: missing 'state_dict'")
     load_converted(model, sd, None, path)
+    model.tiling = checkpoint_tiling(obj, cfg.img_size, path)
     return model.eval()
+
+
+def checkpoint_tiling(obj: Any, tile: int, path: str | os.PathLike = "<checkpoint>") -> Tiling | None:
+    """The tiling a project checkpoint's ``preprocessing`` records, with ``tile`` = the model input size
+    (None: no ``work_size``, an untiled checkpoint); bad values are a one-line :class:`CheckpointError`."""
+    pre = obj.get("preprocessing") if isinstance(obj, Mapping) else None
+    try:
+        return Tiling.from_preprocessing(tile, pre if isinstance(pre, Mapping) else None)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid 'preprocessing' tiling at img_size {tile}: {e}") from None
 
 
 def _load_official_obj(obj: Mapping[str, Any], path: Any, img_size: int, config: STLMConfig | None = None) -> STLM:

@@ -37,7 +37,14 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--config", type=click.Choice(sorted(CONFIGS)), default="paper", show_default=True,
               help="Model: STLM 'paper' or 'small' (tests and demos), or 'stfpm' (the STFPM family; official "
               "recipe: --img-size 256 --batch-size 32).")
-@click.option("--img-size", type=int, default=None, help="Input size, a multiple of 64 [default: the config's].")
+@click.option("--img-size", type=int, default=None, help="Input size, a multiple of 64 [default: the config's]; the "
+              "tile size with --work-size.")
+@click.option("--work-size", type=int, default=None, metavar="W",
+              help="Tiled training: resize each image once so its long side is W (aspect kept) and train on "
+              "img-size crops of it; thresholds, evaluation and the exported engines then run the image as "
+              "overlapping tiles [default: --img-size, no tiling].")
+@click.option("--tile-overlap", type=float, default=0.25, show_default=True, metavar="F",
+              help="With --work-size: the least fraction of a tile neighbouring tiles share, in [0, 0.9).")
 @click.option("--epochs", type=int, default=None, help="Train this many epochs (total, resumes included).")
 @click.option("--steps", type=int, default=None, help="Train this many steps (total, resumes included).")
 @click.option("--time-budget", type=float, default=None, metavar="MIN",
@@ -72,7 +79,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @click.pass_context
-def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, epochs, steps, time_budget,
+def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, work_size, tile_overlap, epochs,
+              steps, time_budget,
               teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
               init_mobile_sam, save_every, holdout, threshold_target, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
@@ -85,7 +93,8 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
     explicit = {"format" if n == "format_" else n for n in explicit}
     opts = TrainOptions(
         data=data or "", out=out, format=format_, category=category, config=config, img_size=img_size,
-        epochs=epochs, steps=steps, time_budget=time_budget, teacher=teacher, anomaly_source=anomaly_source,
+        work_size=work_size, tile_overlap=tile_overlap, epochs=epochs, steps=steps, time_budget=time_budget,
+        teacher=teacher, anomaly_source=anomaly_source,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
         threshold_target=threshold_target, evaluate=do_eval, progress=not quiet)

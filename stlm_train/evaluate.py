@@ -5,6 +5,12 @@ and STLM's no-FA TLM map under ``tlm`` (null for STFPM) — it reports I-AUROC, 
 P-AP and F1-max, plus FNR/FPR at the checkpoint's stored image threshold. Image scores are the
 family's own (STLM: mean of the top-k pixels of the full-size map; STFPM: its maximum), as in the
 official evaluations.
+
+A tiled checkpoint (``preprocessing.work_size``) is evaluated as its engines run: each image resized to
+its work shape, tiled, the tile maps blended and the score taken on the stitched map
+(:func:`stlm_deploy.tiling.run_tiled`); pixel metrics are computed on the work-shape grid (masks resized
+nearest to it; a test image whose work shape differs from the first image's is resampled to that one).
+Untiled checkpoints are evaluated on the img_size grid, as before.
 """
 from __future__ import annotations
 
@@ -22,6 +28,10 @@ import torch
 from .checkpoint import checkpoint_kind, load_model, read_file
 from .config import validate_img_size
 from .metrics import compute_metrics
+from stlm_deploy.preprocess import resize_map, work_image
+from stlm_deploy.tiling import Tiling, run_tiled, topk_mean
+
+from .modeling.predict import tile_runner, tiling_of
 from .modeling.stfpm import STFPM
 from .modeling.stlm import STLM, topk_score
 
@@ -30,7 +40,7 @@ BUILTIN_DATA = ("builtin", "generated")
 
 
 class Predictions(NamedTuple):
-    """Model outputs over a data set, at the model's img_size."""
+    """Model outputs over a data set, at the model's img_size (a tiled model: on its work-shape grid)."""
 
     fa_scores: np.ndarray  # (N,) float64
     tlm_scores: np.ndarray | None  # (N,) float64; None: the model has no TLM map (STFPM)
@@ -51,6 +61,9 @@ def predict_dataset(model: STLM | STFPM, dataset: Any, batch_size: int = 8, indi
                     device: str | torch.device | None = None) -> Predictions:
     """Run ``model`` (switched to eval) over ``dataset`` samples (image uint8 HxWx3 at img_size)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    tiling = tiling_of(model)
+    if tiling is not None:
+        return _predict_tiled_dataset(model, dataset, tiling, batch_size, indices)
     was_training = model.training
     model.eval()
     idx = list(range(len(dataset))) if indices is None else list(indices)
@@ -76,6 +89,51 @@ def predict_dataset(model: STLM | STFPM, dataset: Any, batch_size: int = 8, indi
                        np.concatenate(fa_m), np.concatenate(tlm_m) if tlm_m else None,
                        np.asarray(labels, dtype=np.int64),
                        np.stack(masks), paths)
+
+
+@torch.no_grad()
+def _predict_tiled_dataset(model: STLM | STFPM, dataset: Any, tiling: Tiling, batch_size: int,
+                           indices: Sequence[int] | None) -> Predictions:
+    """:func:`predict_dataset` of a tiled model: samples at their own size (``img_size=None`` data sets), each run
+    tile by tile, ``batch_size`` tiles per forward pass, and stitched (module docstring)."""
+    from .data.io import resize_mask
+
+    was_training = model.training
+    model.eval()
+    run = tile_runner(model)
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    fa_s, tlm_s, fa_m, tlm_m, labels, masks, paths = [], [], [], [], [], [], []
+    grid: tuple[int, int] | None = None
+    try:
+        for i in idx:
+            s = dataset[i]
+            res = run_tiled(work_image(s.image, tiling, model.cfg.resize), tiling, run, batch_size, model.cfg.top_k)
+            hw = res.maps["anomaly_map"].shape
+            grid = grid or hw
+            fa_s.append(float(res.score))
+            fa_m.append(resize_map(res.maps["anomaly_map"], grid))
+            if "tlm_map" in res.maps:
+                tlm_s.append(float(topk_mean(res.maps["tlm_map"], model.cfg.top_k)))
+                tlm_m.append(resize_map(res.maps["tlm_map"], grid))
+            labels.append(int(s.label))
+            masks.append(resize_mask(np.asarray(s.mask, dtype=np.uint8), grid))
+            paths.append(str(s.path))
+    finally:
+        model.train(was_training)
+    if not idx:
+        raise ValueError("predict_dataset: no samples")
+    return Predictions(np.asarray(fa_s, np.float64), np.asarray(tlm_s, np.float64) if tlm_s else None,
+                       np.stack(fa_m), np.stack(tlm_m) if tlm_m else None, np.asarray(labels, dtype=np.int64),
+                       np.stack(masks), paths)
+
+
+def model_split(model: STLM | STFPM, root: str | os.PathLike, format: str, category: str | None, split: str) -> Any:
+    """A data set split as ``model`` consumes it: resized to img_size, or, for a tiled model, at each image's own
+    size (tiles are cut from its work image)."""
+    from .data import build_dataset
+
+    size = None if tiling_of(model) is not None else model.cfg.img_size
+    return build_dataset(root, format, category, split, size, model.cfg.resize)
 
 
 def clean_json(v: Any) -> Any:
@@ -119,6 +177,8 @@ def evaluate_model(model: STLM | STFPM, dataset: Any, thresholds: dict[str, Any]
         "data": getattr(dataset, "name", ""),
         "n_images": int(len(pred.labels)), "n_anomalous": n_bad, "n_good": int(len(pred.labels)) - n_bad,
         "img_size": int(model.cfg.img_size), "model_family": getattr(model.cfg, "family", "stlm"),
+        **({"tiling": tiling_of(model).to_preprocessing(), "eval_grid": list(pred.fa_maps.shape[1:])}
+           if tiling_of(model) is not None else {}),
         "pixel_metrics": pixel_labels,
         "fa": metrics["fa"], "tlm": metrics["tlm"],
         "thresholds": thresholds or None,
@@ -144,6 +204,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     info = (f"{result.get('data', '')}: {result.get('n_images')} images "
             f"({result.get('n_anomalous')} anomalous) at {result.get('img_size')} px")
+    if result.get("tiling"):
+        t = result["tiling"]
+        grid = "x".join(str(v) for v in result.get("eval_grid") or [])
+        info += f" tiles (work size {t['work_size']}, overlap {t['tile_overlap']:g}; pixel metrics on a {grid} grid)"
     if not result.get("pixel_metrics", True):
         info += "; no pixel masks: pixel metrics skipped"
     return "\n".join([info, *lines])
@@ -176,13 +240,11 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format
                         img_size: int | None = None, json_path: str | os.PathLike | None = None,
                         teacher: str | os.PathLike | None = None) -> dict[str, Any]:
     """Library form of ``stlm-eval``: load, run the test split, optionally write JSON atomically."""
-    from .data import build_dataset
-
     model, thresholds = load_for_eval(ckpt, img_size, device, teacher)
     with tempfile.TemporaryDirectory(prefix="stlm-eval-") as tmp:
         root = resolve_eval_data(data, model.cfg.img_size, Path(tmp) / "data")
         fmt = "mvtec" if str(data).lower() in BUILTIN_DATA else format
-        dataset = build_dataset(root, fmt, category, "test", model.cfg.img_size, model.cfg.resize)
+        dataset = model_split(model, root, fmt, category, "test")
         result = evaluate_model(model, dataset, thresholds, batch_size=batch_size, device=device)
     result = {"checkpoint": str(ckpt), "data_root": str(data), "format": fmt, "category": category, **result}
     if json_path is not None:
@@ -192,5 +254,5 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format
     return result
 
 
-__all__ = ["Predictions", "predict_dataset", "metrics_from_predictions", "evaluate_model", "evaluate_checkpoint",
+__all__ = ["Predictions", "predict_dataset", "model_split", "metrics_from_predictions", "evaluate_model", "evaluate_checkpoint",
            "format_table", "load_for_eval", "resolve_eval_data", "METRIC_NAMES"]

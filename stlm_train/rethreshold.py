@@ -60,11 +60,10 @@ def _check_counts(ds: Any, target: Any, where: str) -> tuple[int, int]:
 def _scores_from_checkpoint(obj: dict[str, Any], path: Path, data: Any, format: str, category: str | None,
                             split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     from .checkpoint import model_from_checkpoint
-    from .data import build_dataset
-    from .evaluate import predict_dataset
+    from .evaluate import model_split, predict_dataset
 
     model = model_from_checkpoint(obj, path)
-    ds = build_dataset(data, format, category, split, model.cfg.img_size, model.cfg.resize)
+    ds = model_split(model, data, format, category, split)  # a tiled checkpoint: scored on stitched maps
     pred = predict_dataset(model, ds, batch_size=batch_size)
     return pred.fa_scores, pred.labels
 

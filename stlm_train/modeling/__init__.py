@@ -1,7 +1,7 @@
 """STLM and STFPM modules, one concept per file (segment-anything style)."""
 from .decoder import FeatureDecoder, PositionEmbeddingRandom
 from .fa_head import FAHead
-from .predict import InferenceOutput, predict_images, upsample
+from .predict import InferenceOutput, predict_images, predict_tiled, tiling_of, upsample
 from .resnet import ResNet18Features
 from .stfpm import STFPM, max_score, stfpm_loss, stfpm_map
 from .stlm import STLM, fa_input, l2n, tlm_map, topk_score
@@ -12,6 +12,7 @@ from .vit import ImageEncoderViT
 __all__ = ["STLM", "InferenceOutput", "TinyViT", "ImageEncoderViT", "FeatureDecoder", "PositionEmbeddingRandom",
            "FAHead", "Teacher", "build_builtin_teacher", "build_tinyvit_teacher", "build_vit_teacher",
            "calibrate_batchnorm", "l2n", "fa_input", "tlm_map", "topk_score", "upsample", "predict_images",
+           "predict_tiled", "tiling_of",
            "STFPM", "ResNet18Features", "stfpm_loss", "stfpm_map", "max_score"]
 
 

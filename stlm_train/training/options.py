@@ -7,6 +7,7 @@ from typing import Any
 
 from stlm_deploy.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
 from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET, ThresholdError, parse_target
+from stlm_deploy.tiling import DEFAULT_TILE_OVERLAP, Tiling, check_tiling
 
 from ..anomalies import AUGMENTATIONS, DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
 from ..config import CONFIGS, validate_img_size
@@ -20,6 +21,9 @@ IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
                    "augment_before_resize", "student_bn", "threshold_target")
+#: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
+#: values a run saved without them had: untiled.
+TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
 #: How the students' BatchNorm layers behave during training (see :mod:`.loop`).
 STUDENT_BN_MODES = ("frozen", "recalibrate", "train")
 DEFAULT_STUDENT_BN = "frozen"
@@ -75,9 +79,27 @@ class TrainOptions:
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
+    # Tiled training (stlm_deploy.tiling): each image resized once to a long side of work_size, the students
+    # trained on img_size crops of it; None (or img_size itself): untiled, every image resized to img_size.
+    work_size: int | None = None
+    tile_overlap: float = DEFAULT_TILE_OVERLAP  # of the tiles that thresholds/evaluation/engines stitch
 
     def identity(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        out = {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        if self.work_size is not None:
+            out.update({k: getattr(self, k) for k in TILING_FIELDS})
+        return out
+
+    def resolved_img_size(self) -> int:
+        """The model input (tile) size: ``img_size``, else the config's own."""
+        return int(self.img_size) if self.img_size is not None else int(CONFIGS[self.config].img_size)
+
+    def tiling(self) -> Tiling | None:
+        """The run's tiling (None: untiled; a work size equal to the tile is untiled too)."""
+        tile = self.resolved_img_size()
+        if self.work_size is None or self.work_size == tile:
+            return None
+        return Tiling(tile, self.work_size, self.tile_overlap)
 
     @property
     def builtin_teacher(self) -> bool:
@@ -122,6 +144,13 @@ class TrainOptions:
                 validate_img_size(self.img_size)
             except ValueError as e:
                 raise TrainError(f"--img-size: {e}") from None
+        if self.work_size is not None or self.tile_overlap != DEFAULT_TILE_OVERLAP:
+            work = self.resolved_img_size() if self.work_size is None else self.work_size
+            for problem in check_tiling(self.resolved_img_size(), work, self.tile_overlap):
+                key, _, what = problem.partition(": ")
+                raise TrainError(f"--{key.replace('_', '-')}: {what}")
+            if self.work_size == self.resolved_img_size():
+                self.work_size = None  # the documented default: no tiling
         self.stop_rule()
         for flag, value, low in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),
                                  ("--save-every", self.save_every, 0), ("--calib-images", self.calib_images, 1)):
@@ -158,14 +187,16 @@ class TrainOptions:
 
 def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: set[str]) -> TrainOptions:
     """Identity options come from the run; an explicitly given different value is an error."""
-    for k in IDENTITY_FIELDS:
-        if k in explicit and k in stored and getattr(opts, k) != stored[k]:
+    # an untiled run stores no tiling field: its work size was None (its tile overlap was never used)
+    run = {**({"work_size": None} if "work_size" not in stored else {}), **stored}
+    for k in (*IDENTITY_FIELDS, *TILING_FIELDS):
+        if k in explicit and k in run and getattr(opts, k) != run[k]:
             flag = "--" + k.replace("_", "-")
-            raise TrainError(f"--resume: {flag} {getattr(opts, k)!r} differs from the run's {stored[k]!r} "
+            raise TrainError(f"--resume: {flag} {getattr(opts, k)!r} differs from the run's {run[k]!r} "
                              "(a resumed run keeps its data, model, seed and teacher)")
     # Runs saved before a recipe knob existed were trained with its old value, not today's default.
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
               "resize": "bilinear", "augment_before_resize": False,
-              "student_bn": "train", "threshold_target": None}
-    return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in IDENTITY_FIELDS
+              "student_bn": "train", "threshold_target": None, **TILING_FIELDS}
+    return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

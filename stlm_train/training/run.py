@@ -14,6 +14,11 @@ trained on; the image threshold is a high quantile of their FA scores and the pi
 quantile of their FA map pixels. The lowest/highest image score over those images and their
 pseudo-anomalous versions (one synthetic defect each) is recorded as ``score_min``/``score_max``: the
 span of the normalized score (stlm_deploy/normalization.py), which maps the image threshold to 0.5.
+
+Tiled runs (``work_size`` > img_size; :mod:`stlm_deploy.tiling`): the training samples are img_size crops of
+each image's work image (the crop drawn from the sample's generator), the teachers' and students' BatchNorm
+calibration and STFPM's held-out selection see the tiles of the work images, and the thresholds, the
+calibration score range and the evaluation are computed on stitched maps, as every runtime computes them.
 """
 from __future__ import annotations
 
@@ -34,8 +39,11 @@ from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer, sample_r
 from ..checkpoint import load_teacher, save_checkpoint
 from ..config import ModelConfig, STLMConfig, get_config
 from ..data import DataError, build_dataset
-from ..evaluate import BUILTIN_DATA, clean_json, evaluate_model, format_table, predict_dataset
+from stlm_deploy.preprocess import work_image
+
+from ..evaluate import BUILTIN_DATA, clean_json, evaluate_model, format_table, model_split, predict_dataset
 from ..metrics import threshold_from_good
+from ..modeling.predict import predict_tiled, tiling_of
 from ..modeling.stfpm import STFPM
 from ..modeling.stlm import STLM
 from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
@@ -135,16 +143,22 @@ def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Itera
 @torch.no_grad()
 def pseudo_anomaly_scores(model: STLM, images: Sequence[np.ndarray], synth: PseudoAnomalySynthesizer, seed: int,
                           batch_size: int, device: torch.device) -> np.ndarray:
-    """FA image scores of ``images`` each with one synthetic defect (``synth`` should apply it always)."""
+    """FA image scores of ``images`` each with one synthetic defect (``synth`` should apply it always; a tiled
+    model: ``synth`` returns the whole work image, scored on its stitched map)."""
     was_training = model.training
     model.eval()
     scores = []
     try:
-        for start in range(0, len(images), max(1, int(batch_size))):
-            pseudo = [synth(im, sample_rng(seed, CALIBRATION_STREAM, start + j))[1]
-                      for j, im in enumerate(images[start:start + batch_size])]
-            x = torch.from_numpy(np.stack(pseudo)).to(device)
-            scores.append(model(model.normalize(x)).score.float().cpu().numpy())
+        if tiling_of(model) is not None:  # synth keeps the whole work image (crop=False): scored stitched
+            for j, im in enumerate(images):
+                work = synth(im, sample_rng(seed, CALIBRATION_STREAM, j))[1]
+                scores.append(np.asarray([predict_tiled(model, im, batch_size, work=work).score], np.float32))
+        else:
+            for start in range(0, len(images), max(1, int(batch_size))):
+                pseudo = [synth(im, sample_rng(seed, CALIBRATION_STREAM, start + j))[1]
+                          for j, im in enumerate(images[start:start + batch_size])]
+                x = torch.from_numpy(np.stack(pseudo)).to(device)
+                scores.append(model(model.normalize(x)).score.float().cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
@@ -222,9 +236,11 @@ class _Run:
         # a teacher file is read first: a bad one fails before any data work
         early = self.family.early_teacher(self)
 
-        # data: train split minus a deterministic held-out part
+        # data: train split minus a deterministic held-out part (tiled: images at their own size)
+        self.tiling = opts.tiling()
         self.root, self.fmt = resolve_data(opts, cfg, info)
-        self.train_ds = build_dataset(self.root, self.fmt, opts.category, "train", cfg.img_size, cfg.resize)
+        self.train_ds = build_dataset(self.root, self.fmt, opts.category, "train",
+                                      None if self.tiling else cfg.img_size, cfg.resize)
         self.train_idx, self.held_idx = holdout_split(len(self.train_ds), opts.holdout)
         self.category = opts.category or (getattr(self.train_ds, "root", None) or self.root).name
         self.augmentation = self.family.augmentation(opts, self.category)
@@ -233,19 +249,22 @@ class _Run:
                                          augmentation=self.augmentation, probability=self.family.anomaly_probability,
                                          seed=opts.seed,
                                          texture_bank=opts.texture_bank, resize=cfg.resize,
-                                         augment_before_resize=full_res)
-        source = build_dataset(self.root, self.fmt, opts.category, "train", None) if full_res else self.train_ds
+                                         augment_before_resize=full_res, tiling=self.tiling)
+        source = build_dataset(self.root, self.fmt, opts.category, "train", None) \
+            if full_res and not self.tiling else self.train_ds
         self.triples = PseudoAnomalyDataset(source, synth, seed=opts.seed, indices=self.train_idx)
         textures = (f", textures {opts.anomaly_source or 'procedural (' + opts.texture_bank + ' bank)'}"
                     if self.family.anomaly_probability else ", no pseudo anomalies")
         say(f"data: {self.train_ds.name}: {len(self.train_idx)} training images, {len(self.held_idx)} held out "
-            f"for thresholds; augmentation '{self.augmentation}'{textures}")
+            f"for thresholds; augmentation '{self.augmentation}'{textures}"
+            + (f"; tiled: {self.tiling.describe()}, training on random {cfg.img_size} px crops" if self.tiling else ""))
 
         # model (seeded init), teacher (its own seed), the family's trainer
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed % 2**32)
         random.seed(opts.seed)
         self.model, self.teacher, self.teacher_desc, self.trainer = self.family.setup(self, early)
+        self.model.tiling = self.tiling  # recorded in model.ckpt; thresholds and evaluation stitch with it
         self.loss_keys = self.family.loss_keys(self.model)
 
         if self.state is not None:
@@ -266,20 +285,34 @@ class _Run:
         self.budget_s = value * 60.0 if kind == "time_budget" else None
         self.stop_text = f"{self.target_steps} steps" if self.target_steps is not None else f"{value:g} min"
 
+    def _views(self, indices: Sequence[int], batch: int) -> Iterator[torch.Tensor]:
+        """What the model sees of ``train_ds[indices]``, normalised, ``batch`` at a time: the img_size images, or
+        (tiled) every tile of their work images."""
+        pending: list[np.ndarray] = []
+        for i in indices:
+            image = self.train_ds[i].image
+            if self.tiling is None:
+                pending.append(image[None])
+            else:
+                work = work_image(image, self.tiling, self.cfg.resize)
+                pending.append(self.tiling.crop(work, self.tiling.grid(work.shape[:2])))
+            views = np.concatenate(pending)
+            while len(views) >= batch:
+                yield self.model.normalize(torch.from_numpy(views[:batch]).to(self.device))
+                views = views[batch:]
+            pending = [views] if len(views) else []
+        if pending:
+            yield self.model.normalize(torch.from_numpy(np.concatenate(pending)).to(self.device))
+
     def _held_out_batches(self) -> Iterator[torch.Tensor]:
-        """The held-out good images, normalised, for a family's model selection."""
-        bs = max(1, self.opts.eval_batch_size)
-        for s in range(0, len(self.held_idx), bs):
-            imgs = np.stack([self.train_ds[i].image for i in self.held_idx[s:s + bs]])
-            yield self.model.normalize(torch.from_numpy(imgs).to(self.device))
+        """The held-out good images (tiled: their tiles), normalised, for a family's model selection."""
+        return self._views(self.held_idx, max(1, self.opts.eval_batch_size))
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
-        """Clean training images (evenly spread, never held-out ones) for the teacher's BatchNorm."""
+        """Clean training images (evenly spread, never held-out ones; tiled: their tiles) for BatchNorm."""
         n = min(self.opts.calib_images, len(self.train_idx))
         picks = [self.train_idx[int(j)] for j in np.linspace(0, len(self.train_idx) - 1, n).round()]
-        for s in range(0, n, 8):
-            imgs = np.stack([self.train_ds[i].image for i in picks[s:s + 8]])
-            yield self.model.normalize(torch.from_numpy(imgs).to(self.device))
+        return self._views(picks, 8)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -381,6 +414,7 @@ class _Run:
             "texture_bank": opts.texture_bank, "resize": cfg.resize,
             "augment_before_resize": opts.augment_before_resize, "student_bn": opts.student_bn,
             "batch_size": opts.batch_size,
+            **({"work_size": self.tiling.work_size, "tile_overlap": self.tiling.overlap} if self.tiling else {}),
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
             "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),
             "n_held_out": len(self.held_idx),
@@ -402,7 +436,8 @@ class _Run:
             return TrainResult(self.out, None, None, self.step, epochs, self.seconds, terms, None, None, model.eval())
         calib_synth = PseudoAnomalySynthesizer(cfg.img_size, anomaly_source=opts.anomaly_source, augmentation="none",
                                                probability=1.0, seed=opts.seed, texture_bank=opts.texture_bank,
-                                               resize=cfg.resize, augment_before_resize=False)
+                                               resize=cfg.resize, augment_before_resize=False, tiling=self.tiling,
+                                               crop=False)
         thresholds = held_out_thresholds(model, self.train_ds, self.held_idx, opts, self.device, calib_synth)
         say(f"thresholds: image {thresholds['image']:.5f}, pixel {thresholds['pixel']:.5f} "
             f"({len(self.held_idx)} held-out good image(s))")
@@ -412,7 +447,7 @@ class _Run:
         metrics = None
         if opts.evaluate:
             try:
-                test_ds = build_dataset(self.root, self.fmt, opts.category, "test", cfg.img_size, cfg.resize)
+                test_ds = model_split(model, self.root, self.fmt, opts.category, "test")
             except DataError:
                 test_ds = None
             if test_ds is None:
