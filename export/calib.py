@@ -7,37 +7,111 @@ overrides; its ``test/`` images: good and defective), and only then deterministi
 (smooth random colour fields with a few blobs, named ``generated:smooth-fields(seed=0)``).
 
 Images are resized by the runtime's own function and the engine's resize policy
-(``stlm_deploy.preprocess.resize_image``), so the graph sees what it sees in deployment.
+(``stlm_deploy.preprocess.resize_image``), so the graph sees what it sees in deployment. For a tiled
+engine (``tiled=TileLayout(tiling, top_k)``) every image is resized to its work shape instead and cut into
+its tiles (:mod:`stlm_deploy.tiling`): the set's ``images`` are then the graph inputs, the tiles of every image
+one image after the other, and its ``layout`` maps outputs on them back to per-image stitched maps and scores,
+which is what the gates compare.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from stlm_deploy.errors import InputError
 from stlm_deploy.files import IMAGE_EXTENSIONS
 from stlm_deploy.images import read_image_rgb
-from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image
+from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image, work_image
+from stlm_deploy.tiling import TiledResult, Tiling, gate_maps, stitch_tiles
 
-__all__ = ["CalibSet", "find_images", "load_images", "sample_data_root", "generated_images",
-           "calibration_images", "DEFAULT_MAX_IMAGES"]
+__all__ = ["CalibSet", "TileLayout", "find_images", "load_images", "model_views", "sample_data_root",
+           "generated_images", "calibration_images", "DEFAULT_MAX_IMAGES"]
 
 DEFAULT_MAX_IMAGES = 8
 
 
+@dataclass(frozen=True)
+class TileLayout:
+    """A tiled engine's gate inputs: the tiles of every image, image by image, each in grid order.
+
+    ``work_shapes`` is empty in the template callers pass to the loaders (``tiled=TileLayout(tiling, top_k)``)
+    and filled in the layout of a loaded set."""
+
+    tiling: Tiling
+    top_k: int
+    work_shapes: tuple[tuple[int, int], ...] = ()
+
+    def counts(self) -> list[int]:
+        return [len(self.tiling.grid(hw)) for hw in self.work_shapes]
+
+    def tile_index(self, images: Sequence[int]) -> np.ndarray:
+        """Rows of the tile stack that hold the tiles of ``images`` (in that order)."""
+        starts = np.concatenate([[0], np.cumsum(self.counts())]).astype(np.int64)
+        return np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images]) if len(images) else \
+            np.zeros(0, np.int64)
+
+    def take(self, images: Sequence[int]) -> "TileLayout":
+        return replace(self, work_shapes=tuple(self.work_shapes[i] for i in images))
+
+    def results(self, outs: Mapping[str, np.ndarray]) -> list[TiledResult]:
+        """Per-tile outputs -> each image's stitched maps and score, as every runtime computes them."""
+        return stitch_tiles(outs, self.work_shapes, self.tiling, self.top_k)
+
+    def stitch(self, outs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-tile outputs -> per-image ``anomaly_map`` (and other per-pixel outputs: :func:`gate_maps`) and
+        ``score`` (float32, the top-k mean of the stitched map)."""
+        return combine(self.results(outs))
+
+
+def combine(results: Sequence[TiledResult]) -> dict[str, np.ndarray]:
+    """Images' stitched results as the gates' output dict (maps: :func:`gate_maps`, ``score`` float32)."""
+    out = {name: gate_maps([r.maps[name] for r in results]) for name in (results[0].maps if results else ())}
+    out["score"] = np.asarray([r.score for r in results], np.float32)
+    return out
+
+
+def stitched(outs: Mapping[str, np.ndarray], layout: TileLayout | None) -> Mapping[str, np.ndarray]:
+    """``outs`` as the gates compare them: per image (stitched for a tiled engine, as they are otherwise)."""
+    return outs if layout is None else layout.stitch(outs)
+
+
+def model_views(images: Iterable[np.ndarray], img_size: int, policy: str = DEFAULT_RESIZE,
+                tiled: TileLayout | None = None) -> tuple[np.ndarray, TileLayout | None]:
+    """RGB images of any size -> the graph's uint8 inputs: (N, S, S, 3) resized by ``policy``, or (tiled) the
+    tiles of every image's work image, with their layout."""
+    if tiled is None:
+        imgs = list(images)
+        out = np.empty((len(imgs), img_size, img_size, 3), np.uint8)
+        for i, im in enumerate(imgs):
+            out[i] = resize_image(im, img_size, policy)
+        return out, None
+    tiles, shapes = [], []
+    for im in images:
+        work = work_image(im, tiled.tiling, policy)
+        shapes.append(work.shape[:2])
+        tiles.append(tiled.tiling.crop(work, tiled.tiling.grid(work.shape[:2])))
+    t = tiled.tiling.tile
+    stack = np.concatenate(tiles) if tiles else np.zeros((0, t, t, 3), np.uint8)
+    return stack, replace(tiled, work_shapes=tuple(shapes))
+
+
 @dataclass
 class CalibSet:
-    """uint8 (N, S, S, 3) RGB images plus where they came from (recorded in parity.json)."""
+    """uint8 (N, S, S, 3) RGB graph inputs plus where they came from (recorded in parity.json); a tiled engine's
+    set holds the tiles of its images and their ``layout``."""
 
     images: np.ndarray
     source: str  # "calib-data:<root>", "sample:<root>" or "generated:..."
     paths: list[str] = field(default_factory=list)
+    layout: TileLayout | None = None
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        """Images (not tiles)."""
+        return len(self.layout.work_shapes) if self.layout is not None else int(self.images.shape[0])
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -55,15 +129,23 @@ def _spread(paths: list[Path], n: int) -> list[Path]:
     return [paths[i] for i in dict.fromkeys(idx.tolist())]
 
 
-def load_images(paths: list[Path], img_size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
-    """Read with the runtime's one reader and resize by the engine's ``policy`` to (N, S, S, 3) uint8."""
-    out = np.empty((len(paths), img_size, img_size, 3), np.uint8)
-    for i, p in enumerate(paths):
+def _read(paths: Iterable[Path]) -> Iterable[np.ndarray]:
+    for p in paths:
         try:
-            out[i] = resize_image(read_image_rgb(p), img_size, policy)
+            yield read_image_rgb(p)
         except InputError as e:
             raise ValueError(str(e)) from None
-    return out
+
+
+def load_views(paths: list[Path], img_size: int, policy: str = DEFAULT_RESIZE,
+               tiled: TileLayout | None = None) -> tuple[np.ndarray, TileLayout | None]:
+    """Read with the runtime's one reader and make the graph inputs (:func:`model_views`)."""
+    return model_views(_read(paths), img_size, policy, tiled)
+
+
+def load_images(paths: list[Path], img_size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Read with the runtime's one reader and resize by the engine's ``policy`` to (N, S, S, 3) uint8."""
+    return load_views(paths, img_size, policy)[0]
 
 
 def sample_data_root() -> Path | None:
@@ -92,9 +174,16 @@ def generated_images(n: int, img_size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def _calib_set(paths: list[Path], img_size: int, policy: str, tiled: TileLayout | None, source: str) -> CalibSet:
+    images, layout = load_views(paths, img_size, policy, tiled)
+    return CalibSet(images, source, [str(p) for p in paths], layout)
+
+
 def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
-                       max_images: int = DEFAULT_MAX_IMAGES, policy: str = DEFAULT_RESIZE) -> CalibSet:
-    """The parity/calibration batch: ``calib_data``, else the bundled sample, else generated images."""
+                       max_images: int = DEFAULT_MAX_IMAGES, policy: str = DEFAULT_RESIZE,
+                       tiled: TileLayout | None = None) -> CalibSet:
+    """The parity/calibration batch: ``calib_data``, else the bundled sample, else generated images (tiled:
+    generated at the work size)."""
     if max_images < 1:
         raise ValueError(f"--parity-images: must be >= 1, got {max_images}")
     if calib_data is not None:
@@ -105,10 +194,13 @@ def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
         if not paths:
             raise ValueError(f"--calib-data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found below it")
         chosen = _spread(paths, max_images)
-        return CalibSet(load_images(chosen, img_size, policy), f"calib-data:{root}", [str(p) for p in chosen])
+        return _calib_set(chosen, img_size, policy, tiled, f"calib-data:{root}")
     sample = sample_data_root()
     if sample is not None:
         chosen = _spread(find_images(sample / "test"), max_images)
-        return CalibSet(load_images(chosen, img_size, policy), f"sample:{sample}", [str(p) for p in chosen])
+        return _calib_set(chosen, img_size, policy, tiled, f"sample:{sample}")
     n = max_images
-    return CalibSet(generated_images(n, img_size), "generated:smooth-fields(seed=0)", [])
+    if tiled is None:
+        return CalibSet(generated_images(n, img_size), "generated:smooth-fields(seed=0)", [])
+    images, layout = model_views(generated_images(n, tiled.tiling.work_size), img_size, policy, tiled)
+    return CalibSet(images, "generated:smooth-fields(seed=0)", [], layout)

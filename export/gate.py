@@ -29,7 +29,9 @@ are large and opposite, which is what the rule is there to catch. ``rank_pairs``
 n >= 3 images (null if a side is constant), but not gated.
 
 The reference is ``STLM.predict`` (the PyTorch model, fused normalisation, top-k score) on the
-same ``img_size`` uint8 batch the engine sees; nothing is resized on either side.
+same ``img_size`` uint8 batch the engine sees; nothing is resized on either side. A tiled engine's batch is
+the tiles of the parity images; both sides' tile outputs are stitched per image (:class:`~stlm_export.calib.
+TileLayout`: the runtime's blend and top-k score) and the stitched maps and scores are what is compared.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from stlm_deploy.backends import Backend
+
+from .calib import TileLayout, stitched
 
 if TYPE_CHECKING:  # torch is imported where the reference runs: benchmarks use the rules without it
     from stlm_train import STLM
@@ -254,8 +258,9 @@ def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], *, art
     for name in ref:
         if name not in got:
             failures.append(f"output {name!r} missing")
+    n_images = int(np.asarray(ref["score"]).size)  # (stitched maps of a tiled engine may be one row of pixels)
     if failures:
-        return ParityRecord(artifact, backend, precision, int(ref["anomaly_map"].shape[0]), image_source,
+        return ParityRecord(artifact, backend, precision, n_images, image_source,
                             math.inf, math.inf, math.inf, None, tolerance, False, failures, details=details or {})
 
     def diff(name: str) -> np.ndarray:
@@ -286,7 +291,7 @@ def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], *, art
         failures.append(f"{flips} of {pairs} image pairs that the reference scores more than "
                         f"{tolerance.score:g} apart come out in the opposite order")
     return ParityRecord(artifact=artifact, backend=backend, precision=precision,
-                        n_images=int(ref["anomaly_map"].shape[0]), image_source=image_source,
+                        n_images=n_images, image_source=image_source,
                         max_abs_map=max_map, mean_abs_map=mean_map, max_abs_score=max_score, spearman=rho,
                         tolerance=tolerance, passed=not failures, failures=failures, max_abs_tlm=max_tlm,
                         rank_pairs=pairs, rank_flips=flips, details=details or {})
@@ -324,17 +329,22 @@ def write_polygraphy_files(engine_dir: str | os.PathLike, input_name: str, input
 
 
 class Gate:
-    """One export's gate: compares backend outputs with the reference, keeps the records for parity.json."""
+    """One export's gate: compares backend outputs with the reference, keeps the records for parity.json.
+
+    ``layout`` (a tiled engine): ``ref`` and every ``got`` are outputs on the tiles of the parity images, and
+    both are stitched per image before the comparison."""
 
     def __init__(self, ref: Mapping[str, np.ndarray], image_source: str,
-                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None]) -> None:
-        self.ref, self.image_source, self.tolerances, self.say = ref, image_source, tolerances, say
+                 tolerances: Mapping[str, Tolerance] | None, say: Callable[[str], None],
+                 layout: TileLayout | None = None) -> None:
+        self.image_source, self.tolerances, self.say, self.layout = image_source, tolerances, say, layout
+        self.ref = stitched(ref, layout) if ref else ref
         self.records: list[ParityRecord] = []
 
     def check(self, artifact: str, backend: str, precision: str, got: Mapping[str, np.ndarray],
               details: dict[str, Any] | None = None) -> ParityRecord:
         """Compare only (not recorded): used by probes and fallbacks."""
-        return compare(self.ref, got, artifact=artifact, backend=backend, precision=precision,
+        return compare(self.ref, stitched(got, self.layout), artifact=artifact, backend=backend, precision=precision,
                        tolerance=tolerance_for(precision, self.tolerances), image_source=self.image_source,
                        details=details)
 

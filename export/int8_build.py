@@ -27,7 +27,7 @@ import numpy as np
 from stlm_deploy.spec import EngineSpec
 
 from .gate import OPENVINO_GATE_CHUNK, backend_outputs, ort_outputs
-from .calib import CalibSet
+from .calib import CalibSet, TileLayout, stitched
 from .int8_data import ValSet, gate_data
 from .precision_gate import int8_entries
 from .task_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
@@ -78,9 +78,11 @@ def _final(recs: list[Int8Record]) -> Int8Record:
     return recs[-1]
 
 
-def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str) -> tuple[CalibSet, ValSet]:
-    """Calibration and gate images at ``s`` px, disjoint (ValueError naming the flag when there are none)."""
-    calib, val = gate_data(calib_data, val_data, ckpt_obj, s, resize, int8=True)
+def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str,
+              tiled: TileLayout | None = None) -> tuple[CalibSet, ValSet]:
+    """Calibration and gate images at ``s`` px (tiled: the tiles of the images), disjoint (ValueError naming the
+    flag when there are none)."""
+    calib, val = gate_data(calib_data, val_data, ckpt_obj, s, resize, int8=True, tiled=tiled)
     assert calib is not None
     return calib, val
 
@@ -111,10 +113,12 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
     if fp32 is None:
         fp32 = ort_outputs(tmp / "model.onnx", val.images, spec.batch)
     threshold = spec.thresholds.image
+    fp32_images = stitched(fp32, val.layout)  # a tiled engine is judged on stitched maps and scores
 
     def gate(artifact: str, backend: str, got: dict[str, np.ndarray], details: dict[str, Any]) -> Int8Record:
-        return int8_compare(fp32, got, val.labels, val.masks, threshold, artifact=artifact, backend=backend,
-                            image_source=val.source, tolerance=tol, details=details)
+        return int8_compare(fp32_images, stitched(got, val.layout), val.labels, val.masks, threshold,
+                            artifact=artifact, backend=backend, image_source=val.source, tolerance=tol,
+                            details=details)
 
     def publish(rec: Int8Record, files: list[tuple[str, str]], **extra: Any) -> None:
         out.records.append(rec)
@@ -151,7 +155,7 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
             ov = quantize_openvino(tmp / "model.onnx", tmp / OV_INT8_XML, calib.images, val_images=val.images,
                                    fp32_val=fp32, labels=val.labels, masks=val.masks, threshold=threshold,
                                    tolerance=tol, accuracy_control=control, max_reverts=max_reverts, policy=policy,
-                                   say=say)
+                                   say=say, layout=val.layout, mask_list=val.mask_list)
             tried: list[Int8Record] = []
             for prec in dict.fromkeys([preferred_precision(caps), "fp32"]):
                 backend = OpenVinoBackend(tmp / OV_INT8_XML, precision=prec, artifact_precision="int8")

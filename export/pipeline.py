@@ -48,7 +48,7 @@ import numpy as np
 from stlm_deploy.files import atomic_directory, atomic_write_json, sha256_file
 from stlm_deploy.spec import EngineSpec, Preprocessing, Source, Thresholds, write_spec
 
-from .calib import DEFAULT_MAX_IMAGES, CalibSet, calibration_images
+from .calib import DEFAULT_MAX_IMAGES, CalibSet, TileLayout, calibration_images
 from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_onnx, save_onnx, set_metadata,
                           torch_param_count)
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
@@ -312,6 +312,7 @@ def _say_gate_images(val: ValSet, opts: ExportOptions, say: Callable[[str], None
 def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
     from stlm_train.checkpoint import checkpoint_kind, model_from_checkpoint, read_file_and_sha256
+    from stlm_train.modeling import tiling_of
 
     say = log or (lambda msg: log_.info(msg))
     t0 = time.perf_counter()
@@ -337,15 +338,18 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     trained_size = saved_cfg.get("img_size") if isinstance(saved_cfg, Mapping) else None
     cfg = stlm.cfg
     s = cfg.img_size
+    tiling = tiling_of(stlm)  # a tiled checkpoint: a per-tile graph, gated on stitched maps, stlm.json version 2
+    tiled = TileLayout(tiling, int(cfg.top_k)) if tiling is not None else None
     say(f"{ckpt}: {kind} {family} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
-        f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}")
+        f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}"
+        + (f"; tiled: {tiling.describe()}" if tiling is not None else ""))
 
     calib8: CalibSet | None = None
     val: ValSet | None = None
     if opts.verify:  # before any work: a bad --calib-data/--val-data fails fast
         try:
             calib8, val = gate_data(opts.calib_data, opts.val_data, obj, s, cfg.resize, int8=opts.int8,
-                                    max_images=opts.gate_images, parity_images=opts.parity_images)
+                                    max_images=opts.gate_images, parity_images=opts.parity_images, tiled=tiled)
         except ValueError as e:
             raise ExportError(str(e)) from None
         warnings = _say_gate_images(val, opts, say)
@@ -358,13 +362,14 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     graph_inputs: np.ndarray | None = None
     if opts.verify:
         try:
-            calib = calibration_images(opts.calib_data, s, opts.parity_images, cfg.resize)
+            calib = calibration_images(opts.calib_data, s, opts.parity_images, cfg.resize, tiled)
         except ValueError as e:
             raise ExportError(str(e)) from None
         ref = reference_outputs(stlm, calib.images, with_tlm=opts.with_tlm)
         graph_inputs = calib.images if opts.fuse_pre else normalize_images(stlm, calib.images)
-        say(f"parity images: {len(calib)} from {calib.source}")
-    gate = Gate(ref, calib.source if calib else "", opts.tolerances, say)
+        say(f"parity images: {len(calib)} from {calib.source}"
+            + (f" ({len(calib.images)} tiles, compared stitched)" if tiled is not None else ""))
+    gate = Gate(ref, calib.source if calib else "", opts.tolerances, say, calib.layout if calib else None)
 
     def probe(model: Any) -> tuple[bool, str]:
         rec = gate.check("model.onnx (simplified)", "onnxruntime-cpu", "fp32", ort_outputs(model, graph_inputs, batch))
@@ -391,7 +396,10 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
 
     spec = EngineSpec.create(
         name, s, opset=opts.opset, model_family=family, fused_preprocessing=opts.fuse_pre, batch=batch, with_tlm=opts.with_tlm,
-        preprocessing=Preprocessing(resize=cfg.resize, mean=[float(v) for v in cfg.pixel_mean], std=[float(v) for v in cfg.pixel_std]),
+        preprocessing=Preprocessing(resize=cfg.resize, mean=[float(v) for v in cfg.pixel_mean],
+                                    std=[float(v) for v in cfg.pixel_std],
+                                    **(dict(work_size=tiling.work_size, tile_overlap=tiling.overlap,
+                                            tile_blend=tiling.blend) if tiling is not None else {})),
         top_k=int(cfg.top_k), thresholds=_thresholds(obj, kind, trained_size, s, opts.with_tlm),
         source=Source(checkpoint=str(ckpt), sha256=ckpt_sha, kind=kind),
         tools=_tool_versions({"tensorrt": trt_ver if "tensorrt" in targets else None}), trtexec=settings.trtexec)
@@ -462,6 +470,10 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
             write_polygraphy_files(tmp, "image", graph_inputs[take], {k: v[take] for k, v in ref.items()})
             parity = {"format": "stlm-parity", "format_version": 1, "reference": "pytorch STLM.predict (cpu, fp32)",
                       "n_images": len(calib), "image_source": calib.source, "images": calib.paths,
+                      **({"tiling": {**tiling.to_preprocessing(), "n_tiles": int(len(calib.images)),
+                                     "compared": "stitched maps and top-k scores per image (stlm_deploy.tiling); "
+                                                 "inputs.json/outputs.json hold the per-tile graph I/O"}}
+                         if tiling is not None else {}),
                       "passed": all(r.passed for r in gate.records),
                       "artifacts": [r.to_dict() for r in gate.records],
                       "graph": graph, "fp16_policy": fp16_policy, "notes": notes,

@@ -19,11 +19,13 @@ gated and one line saying why. The runtimes' ``backend="auto"`` runs only gated 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .calib import stitched
 from .gate import OPENVINO_GATE_CHUNK, ParityRecord, backend_outputs
 from .int8_data import ValSet
 from .task_gate import TASK_TOLERANCE, TaskRecord, TaskTolerance, task_compare
@@ -43,7 +45,7 @@ class GateImages:
     """What every task gate of one export judges on: the gate images and the fp32 graph's outputs on them."""
 
     val: ValSet
-    fp32: dict[str, np.ndarray]
+    fp32: dict[str, np.ndarray]  # the fp32 graph's outputs on ``graph_inputs`` (a tiled engine: per tile)
     threshold: float | None
     tolerance: TaskTolerance = TASK_TOLERANCE
     inputs: np.ndarray | None = None  # what the graph takes (None: ``val.images``; normalised for --no-fuse-pre)
@@ -52,12 +54,17 @@ class GateImages:
     def graph_inputs(self) -> np.ndarray:
         return self.val.images if self.inputs is None else self.inputs
 
+    @cached_property
+    def fp32_images(self) -> Mapping[str, np.ndarray]:
+        """fp32 outputs per image (stitched for a tiled engine): what the gates judge."""
+        return stitched(self.fp32, self.val.layout)
+
     def compare(self, got: Mapping[str, np.ndarray], *, artifact: str, backend: str, precision: str,
                 details: dict[str, Any] | None = None) -> TaskRecord:
-        """The task gate of ``got`` against fp32 on these images."""
-        return task_compare(self.fp32, got, self.val.labels, self.val.masks, self.threshold, artifact=artifact,
-                            backend=backend, image_source=self.val.source, tolerance=self.tolerance, details=details,
-                            precision=precision)
+        """The task gate of ``got`` (graph outputs on ``graph_inputs``) against fp32, per image."""
+        return task_compare(self.fp32_images, stitched(got, self.val.layout), self.val.labels, self.val.masks,
+                            self.threshold, artifact=artifact, backend=backend, image_source=self.val.source,
+                            tolerance=self.tolerance, details=details, precision=precision)
 
     def data(self) -> dict[str, Any]:
         """parity.json's description of the gate images and their evidence."""

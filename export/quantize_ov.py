@@ -24,10 +24,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from stlm_deploy.tiling import gate_maps
+
+from .calib import TileLayout, combine
 from .int8_gate import INT8_TOLERANCE, Int8Tolerance, gate_margin
 from .quantize_ort import ORT_INT8_POLICY, QdqPolicy
 
-__all__ = ["OvInt8", "quantize_openvino", "ov_ignored_types", "OV_INT8_XML", "OV_IGNORED_PATTERNS",
+__all__ = ["OvInt8", "quantize_openvino", "validation_fn", "ov_ignored_types", "OV_INT8_XML", "OV_IGNORED_PATTERNS",
            "DEFAULT_MAX_REVERTS"]
 
 OV_INT8_XML = "openvino/model.int8.xml"
@@ -70,16 +73,48 @@ def _outputs(compiled: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def validation_fn(val_images: np.ndarray, fp32_val: Mapping[str, np.ndarray], labels: np.ndarray,
+                  masks: np.ndarray | None, threshold: float | None, tolerance: Int8Tolerance,
+                  layout: TileLayout | None = None, mask_list: list[np.ndarray] | None = None,
+                  ) -> tuple[list[tuple[np.ndarray, int]], Callable[[Any, Any], tuple[float, list[list[np.ndarray]]]]]:
+    """NNCF accuracy control's validation items (one per image: its input, or a tiled engine's tiles) and metric:
+    :func:`gate_margin` of the compiled model against ``fp32_val`` on the items given, per image (stitched maps
+    and scores for a tiled engine), plus each item's outputs for NNCF's ranking."""
+    rows = (lambda idx: np.asarray(idx, np.int64)) if layout is None else layout.tile_index
+    items = [(np.ascontiguousarray(val_images[rows([i])]), i) for i in range(len(labels))]
+
+    def validate(compiled: Any, data: Any) -> tuple[float, list[list[np.ndarray]]]:
+        data = list(data)
+        idx = [i for _, i in data]
+        got = _outputs(compiled, np.concatenate([x for x, _ in data]))
+        ref = {k: np.asarray(v)[rows(idx)] for k, v in fp32_val.items() if k in got}
+        if layout is None:
+            m = None if masks is None else masks[np.asarray(idx)]
+            per_item = [[got["anomaly_map"][j], got["score"][j:j + 1]] for j in range(len(idx))]
+        else:  # per image: stitched maps and scores on both sides
+            lay = layout.take(idx)
+            res = lay.results(got)
+            got, ref = combine(res), lay.stitch(ref)
+            m = None if mask_list is None else gate_maps([mask_list[i] for i in idx])
+            per_item = [[r.maps["anomaly_map"], np.asarray([r.score])] for r in res]
+        return gate_margin(ref, got, labels[np.asarray(idx)], m, threshold, tolerance), per_item
+
+    return items, validate
+
+
 def quantize_openvino(fp32_onnx: str | os.PathLike, out_xml: str | os.PathLike, calib: np.ndarray, *,
                       val_images: np.ndarray | None = None, fp32_val: Mapping[str, np.ndarray] | None = None,
                       labels: np.ndarray | None = None, masks: np.ndarray | None = None,
                       threshold: float | None = None, tolerance: Int8Tolerance = INT8_TOLERANCE,
                       accuracy_control: bool = True, max_reverts: int = DEFAULT_MAX_REVERTS,
-                      policy: QdqPolicy = ORT_INT8_POLICY, say: Callable[[str], None] = lambda _m: None) -> OvInt8:
+                      policy: QdqPolicy = ORT_INT8_POLICY, say: Callable[[str], None] = lambda _m: None,
+                      layout: TileLayout | None = None, mask_list: list[np.ndarray] | None = None) -> OvInt8:
     """Quantise the ``policy.op_types`` of ``fp32_onnx`` and save the INT8 IR at ``out_xml``.
 
     Accuracy control runs when ``accuracy_control`` and the validation images have both classes
-    (``labels``); ``fp32_val`` are the fp32 graph's outputs on ``val_images`` (the reference).
+    (``labels``); ``fp32_val`` are the fp32 graph's outputs on ``val_images`` (the reference). A tiled engine
+    (``layout``): ``val_images`` are the tiles of the validation images, each validation item is one image's
+    tiles, and the metric is the gate on stitched maps and scores (``mask_list``: each image's mask).
     """
     import nncf
     import openvino as ov
@@ -92,17 +127,7 @@ def quantize_openvino(fp32_onnx: str | os.PathLike, out_xml: str | os.PathLike, 
     two_classes = labels is not None and 0 < int(np.sum(labels)) < len(labels)
     notes: list[str] = []
     if accuracy_control and two_classes and val_images is not None and fp32_val is not None and max_reverts > 0:
-        items = [(np.ascontiguousarray(val_images[i:i + 1]), i) for i in range(len(val_images))]
-
-        def validate(compiled: Any, data: Any) -> tuple[float, list[list[np.ndarray]]]:
-            data = list(data)
-            idx = np.array([i for _, i in data])
-            got = _outputs(compiled, np.concatenate([x for x, _ in data]))
-            ref = {k: np.asarray(v)[idx] for k, v in fp32_val.items() if k in got}
-            per_item = [[got["anomaly_map"][j], got["score"][j:j + 1]] for j in range(len(idx))]
-            return gate_margin(ref, got, labels[idx], None if masks is None else masks[idx], threshold,
-                               tolerance), per_item
-
+        items, validate = validation_fn(val_images, fp32_val, labels, masks, threshold, tolerance, layout, mask_list)
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the CLI's result line
             q = nncf.quantize_with_accuracy_control(
                 model, calib_ds, nncf.Dataset(items, lambda item: item[0]), validate,
