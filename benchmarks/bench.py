@@ -4,6 +4,11 @@ One run measures everything on the same machine, so the speed-up ratios are mean
 absolute numbers vary between machines. Timings are per ``Detector.predict`` call on an img_size
 batch (preprocessing + graph + postprocessing), the eager reference is ``STLM.predict`` on the same
 batch with the same thread count.
+
+A tiled engine is timed on work_size x work_size images (each cut into the same number of tiles), the
+eager reference runs the same tiles through PyTorch and stitches them (:func:`stlm_train.predict_tiled`), and
+the report gives milliseconds per image and per tile (p50 / (batch x tiles per image)); accuracy is computed
+at the labelled images' own size, where both the engine and the reference return their maps.
 """
 from __future__ import annotations
 
@@ -125,7 +130,14 @@ class LabelledSet:
     source: str
 
 
-def load_labelled(root: str, fmt: str, category: str | None, img_size: int, resize: str = "area") -> LabelledSet:
+def bench_input_size(spec: Any) -> int:
+    """Side of the square images an engine is timed on: img_size, or a tiled engine's work size (no resize)."""
+    return spec.tiling.work_size if spec.tiling is not None else spec.img_size
+
+
+def load_labelled(root: str, fmt: str, category: str | None, img_size: int | None,
+                  resize: str = "area") -> LabelledSet:
+    """The labelled test split at ``img_size`` (None: the images' own size, for tiled engines)."""
     from stlm_train.data import build_dataset
 
     ds = build_dataset(root, fmt, category=category, split="test", img_size=img_size, resize=resize)
@@ -182,19 +194,32 @@ def check_reference_source(ckpt: str, sha256: str, recorded_sha256: str, recorde
 
 
 class Reference:
-    """PyTorch eager fp32 on the same inputs (the yardstick every engine is compared with)."""
+    """PyTorch eager fp32 on the same inputs (the yardstick every engine is compared with); a tiled checkpoint
+    runs each image's tiles and stitches them as the engines do."""
 
     def __init__(self, ckpt: str, img_size: int, threads: int) -> None:
         import torch
 
         from stlm_train.checkpoint import model_from_checkpoint, read_file_and_sha256
+        from stlm_train.modeling import tiling_of
 
         torch.set_num_threads(threads)
         self.torch = torch
         obj, self.sha256 = read_file_and_sha256(ckpt)  # read once: the checksum is of the bytes loaded
         self.model = model_from_checkpoint(obj, ckpt, img_size).eval()
+        self.tiled = tiling_of(self.model) is not None
+
+    def _tiled(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from stlm_deploy.preprocess import resize_map
+        from stlm_train.modeling import predict_tiled
+
+        res = [predict_tiled(self.model, im) for im in images]
+        return (np.stack([resize_map(r.maps["anomaly_map"], im.shape[:2]) for r, im in zip(res, images)]),
+                np.asarray([r.score for r in res], np.float32))
 
     def predict(self, images: np.ndarray, batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        if self.tiled:
+            return self._tiled(images)
         maps, scores = [], []
         for i in range(0, len(images), batch):
             out = self.model.predict(self.torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
@@ -203,6 +228,8 @@ class Reference:
         return np.concatenate(maps), np.concatenate(scores)
 
     def timer(self, images: np.ndarray):
+        if self.tiled:
+            return lambda: self._tiled(images)
         x = self.torch.from_numpy(np.ascontiguousarray(images))
         return lambda: self.model.predict(x)
 
@@ -230,12 +257,16 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
     if parity_images is None:
         from stlm_export.calib import calibration_images
 
-        calib = calibration_images(None, spec.img_size, max_images=8, policy=spec.preprocessing.resize)
+        calib = calibration_images(None, bench_input_size(spec), max_images=8, policy=spec.preprocessing.resize)
         parity_images, parity_source = calib.images, calib.source
+    tiling = spec.tiling
     report: dict[str, Any] = {"engine": str(engine_dir), "img_size": spec.img_size, "batches": list(batches),
                               "runs": runs, "warmup": warmup, "parity_images": parity_source,
                               "parity_n": int(len(parity_images)), "accuracy_data": data.source if data else None,
                               "environment": environment(threads), "results": []}
+    if tiling is not None:  # every timed image is cut into this many tiles (they share one shape)
+        report["tiling"] = {**tiling.to_preprocessing(), "image_shape": list(parity_images.shape[1:3]),
+                            "tiles_per_image": tiling.n_tiles(*parity_images.shape[1:3])}
     ref_maps = ref_scores = None
     ref_acc = None
     ref_data_scores = None
@@ -270,7 +301,7 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
             det = Detector.load(engine_dir, backend=v.backend, precision=v.precision, threads=threads)
         except Exception as e:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
             res.error = str(e).splitlines()[0]
-            report["results"].append(_result_dict(res, ref_t))
+            report["results"].append(_result_dict(res, ref_t, report))
             log.warning("%s: %s", v.label, res.error)
             continue
         try:
@@ -291,16 +322,25 @@ def run_bench(engine: str, reference: str | None = None, variants: list[Variant]
             det.close()
             del det
             gc.collect()
-        report["results"].append(_result_dict(res, ref_t))
+        report["results"].append(_result_dict(res, ref_t, report))
+    if "reference" in report and tiling is not None:
+        report["reference"]["ms_per_tile"] = _per_tile(ref_t, report)
     return report
 
 
-def _result_dict(res: VariantResult, ref_t: dict[int, Timing]) -> dict[str, Any]:
+def _per_tile(timings: dict[int, Timing], report: dict[str, Any]) -> dict[int, float]:
+    """p50 ms per tile of a tiled engine's timings (one call = batch images x tiles per image)."""
+    n = report.get("tiling", {}).get("tiles_per_image")
+    return {b: t.p50_ms / (b * n) for b, t in timings.items()} if n else {}
+
+
+def _result_dict(res: VariantResult, ref_t: dict[int, Timing], report: dict[str, Any] | None = None) -> dict[str, Any]:
     speedup = {b: ref_t[b].p50_ms / t.p50_ms for b, t in res.timings.items() if b in ref_t and t.p50_ms > 0}
     info = res.info
     return {"label": res.variant.label, "backend": res.variant.backend, "requested_precision": res.variant.precision,
             "precision_used": info.get("precision"), "providers": info.get("providers"),
             "artifact": info.get("artifact"), "timings": {b: t.to_dict() for b, t in res.timings.items()},
+            **({"ms_per_tile": _per_tile(res.timings, report)} if report and "tiling" in report else {}),
             "throughput_ips": {b: b * 1000 / t.mean_ms for b, t in res.timings.items()},
             "speedup_vs_eager_p50": speedup, "peak_rss_mib": res.peak_rss_mib, "rss_delta_mib": res.rss_delta_mib,
             "parity": res.parity, "accuracy": res.accuracy, "error": res.error}
@@ -317,15 +357,27 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"### stlm-bench — `{report['engine']}` at {report['img_size']} px",
              "", f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs, {env['threads']} threads); "
                  f"parity on {report['parity_n']} images ({report['parity_images']})", ""]
+    tiles = report.get("tiling")
+    if tiles:
+        shape = "x".join(str(v) for v in tiles["image_shape"])
+        lines += [f"Tiled engine: work size {tiles['work_size']}, overlap {tiles['tile_overlap']:g}; each timed "
+                  f"{shape} image is {tiles['tiles_per_image']} tiles of {report['img_size']} px. ms are per call "
+                  f"(batch images); ms/tile = p50 / (batch x {tiles['tiles_per_image']}).", ""]
     head = "| variant | precision used | providers | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s | × eager | peak RSS MiB |"
+    head += " ms/tile |" if tiles else ""
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     ref = report.get("reference")
     rows = []
+
+    def per_tile(entry: dict[str, Any], b: Any) -> str:
+        return f" {_f({str(k): v for k, v in entry.get('ms_per_tile', {}).items()}.get(str(b)), '.2f')} |" \
+            if tiles else ""
+
     if ref:
         for b, t in ref["timings"].items():
             rows.append(f"| {ref['label']} | fp32 | torch | {b} | {_f(t['p50_ms'])} | {_f(t['p90_ms'])} | "
                         f"{_f(t['p99_ms'])} | {_f(t['mean_ms'])} | {_f(int(b) * 1000 / t['mean_ms'], '.2f')} | 1.00 | "
-                        f"{_f(ref['peak_rss_mib'], '.0f')} |")
+                        f"{_f(ref['peak_rss_mib'], '.0f')} |" + per_tile(ref, b))
     for r in report["results"]:
         if r["error"]:
             rows.append(f"| {r['label']} | – | – | – | not run: {r['error'][:90]} |||||| |")
@@ -334,7 +386,7 @@ def markdown(report: dict[str, Any]) -> str:
             rows.append(f"| {r['label']} | {r['precision_used']} | {','.join(r['providers'] or [])} | {b} | "
                         f"{_f(t['p50_ms'])} | {_f(t['p90_ms'])} | {_f(t['p99_ms'])} | {_f(t['mean_ms'])} | "
                         f"{_f(r['throughput_ips'][b], '.2f')} | {_f(r['speedup_vs_eager_p50'].get(b), '.2f')} | "
-                        f"{_f(r['peak_rss_mib'], '.0f')} |")
+                        f"{_f(r['peak_rss_mib'], '.0f')} |" + per_tile(r, b))
     lines += rows
     if ref:
         lines += ["", "| variant | max abs Δmap | mean abs Δmap | max abs Δscore | score Spearman |", "|---|---|---|---|---|"]

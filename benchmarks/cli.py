@@ -80,12 +80,15 @@ def main(engine: str, reference: str | None, no_reference: bool, allow_other_ref
                        "(pip install 'stlm-deploy[train]' to compare with it); benchmarking the engines only",
                        err=True)
             ref = None
-        labelled = bench.load_labelled(data, fmt, category, spec.img_size, spec.preprocessing.resize) if data else None
+        tiled = spec.tiling is not None  # labelled images at their own size: the engine tiles them
+        labelled = bench.load_labelled(data, fmt, category, None if tiled else spec.img_size,
+                                       spec.preprocessing.resize) if data else None
         parity_images = source = None
         if calib_data:
             from stlm_export.calib import calibration_images
 
-            cs = calibration_images(calib_data, spec.img_size, max_images=16, policy=spec.preprocessing.resize)
+            cs = calibration_images(calib_data, bench.bench_input_size(spec), max_images=16,
+                                    policy=spec.preprocessing.resize)
             parity_images, source = cs.images, cs.source
         report = bench.run_bench(str(engine_dir), ref, variants, batches, runs, warmup, threads, labelled,
                                  parity_images, source or "", allow_other_reference=allow_other_reference)

@@ -59,6 +59,30 @@ def full_engine(tmp_path_factory, small_ckpt):
 
 
 @pytest.fixture(scope="session")
+def tiled_ckpt(tmp_path_factory, small_stlm) -> Path:
+    """small_stlm as a tiled checkpoint: 128 px tiles of a 256 px work image, overlap 0.25."""
+    import copy
+
+    from stlm_deploy.tiling import Tiling
+    from stlm_train import save_checkpoint
+
+    model = copy.deepcopy(small_stlm)
+    model.tiling = Tiling(128, 256, 0.25)
+    path = tmp_path_factory.mktemp("runs") / "tiled" / "model.ckpt"
+    save_checkpoint(path, model, thresholds=dict(THRESHOLDS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiled_engine(tiled_ckpt, tmp_path_factory):
+    """The tiled checkpoint exported (ONNX + OpenVINO IR, TLM map), gated on stitched maps."""
+    from stlm_export.pipeline import ExportOptions, export_engine
+
+    return export_engine(ExportOptions(ckpt=tiled_ckpt, out=tmp_path_factory.mktemp("engines") / "tiled",
+                                       target="openvino", parity_images=2, with_tlm=True))
+
+
+@pytest.fixture(scope="session")
 def int8_engine(full_engine, sample_dir, tmp_path_factory):
     """full_engine + INT8 artifacts built with a tolerance every artifact passes (runtime tests need them)."""
     import shutil

@@ -153,3 +153,23 @@ def test_bench_records_timings_that_auto_then_follows(full_engine, tmp_path):
     assert any(n.startswith(f"timings: {fastest} is the fastest gated variant") for n in det.selection_notes)
     det = Detector.load(eng, threads=2)  # timed at 1 thread only: the static order
     assert any("no timing for this machine" in n for n in det.selection_notes)
+
+
+def test_bench_on_a_tiled_engine_reports_ms_per_image_and_per_tile(tiled_engine, tiled_ckpt, sample_dir, tmp_path):
+    js = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["--engine", str(tiled_engine.engine_dir), "--reference", str(tiled_ckpt),
+                                  "--backend", "ort/fp32,openvino/fp32", "--batch", "1,2", "--runs", "2",
+                                  "--warmup", "1", "--data", str(sample_dir), "--json", str(js), "--no-record"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(js.read_text())
+    tiles = report["tiling"]
+    assert tiles["work_size"] == 256 and tiles["image_shape"] == [256, 256] and tiles["tiles_per_image"] == 9
+    assert "Tiled engine: work size 256" in r.output and "ms/tile |" in r.output
+    for entry in [report["reference"], *report["results"]]:
+        for b, t in entry["timings"].items():  # one call = batch images x 9 tiles
+            assert entry["ms_per_tile"][b] == pytest.approx(t["p50_ms"] / (int(b) * 9))
+    by = {x["label"]: x for x in report["results"]}
+    assert by["ort/fp32"]["parity"]["max_abs_map"] <= 1e-4  # vs the eager tiled reference, stitched alike
+    assert by["ort/fp32"]["parity"]["max_abs_score"] <= 1e-4
+    assert report["reference"]["accuracy"]["i_auroc"] == pytest.approx(by["ort/fp32"]["accuracy"]["i_auroc"],
+                                                                       abs=1e-6)

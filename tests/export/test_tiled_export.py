@@ -16,30 +16,7 @@ from stlm_deploy.tiling import Tiling
 from stlm_export.calib import TileLayout, calibration_images
 from stlm_export.gate import Gate, Tolerance
 
-from ..conftest import THRESHOLDS
-
-TILE, WORK = 128, 256
-
-
-@pytest.fixture(scope="module")
-def tiled_ckpt(tmp_path_factory, small_stlm) -> Path:
-    import copy
-
-    from stlm_train import save_checkpoint
-
-    model = copy.deepcopy(small_stlm)
-    model.tiling = Tiling(TILE, WORK, 0.25)
-    path = tmp_path_factory.mktemp("runs") / "tiled" / "model.ckpt"
-    save_checkpoint(path, model, thresholds=dict(THRESHOLDS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiled_engine(tiled_ckpt, tmp_path_factory):
-    from stlm_export.pipeline import ExportOptions, export_engine
-
-    return export_engine(ExportOptions(ckpt=tiled_ckpt, out=tmp_path_factory.mktemp("engines") / "tiled",
-                                       target="openvino", parity_images=2, with_tlm=True))
+TILE, WORK = 128, 256  # tests/conftest.py tiled_ckpt / tiled_engine
 
 
 def test_tiled_export_writes_version_2_and_gates_per_image(tiled_engine):
