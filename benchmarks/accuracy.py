@@ -7,10 +7,16 @@ first trainer (teacher drawn from the students' seed, its first randomisation re
 texture bank, bilinear resize); ``v0+<change>`` adds one change to v0 and ``current-<change>``
 removes one from the defaults, so each change is measured alone and together. The localisation round
 has its own base, ``r2`` (the trainer before it: official train-mode student BatchNorm, the "reference"
-teacher recipe, the highest held-out score as threshold), with ``r2+<change>`` rows.
+teacher recipe, the highest held-out score as threshold), with ``r2+<change>`` rows. ``tiled-<W>`` is the
+current trainer with ``--work-size W`` (``--img-size`` is the tile); the group ``tiling`` is ``current``,
+``tiled-512`` and ``tiled-768``. ``--eval-grid original`` evaluates every row on the test images' own size
+(``stlm-eval --grid original``), the grid on which untiled and tiled rows compare, and times that pass per
+image (PyTorch eager on this machine: tiles included).
 
     python -m stlm_bench.accuracy --seeds 0,1,2 --time-budget 20             # the accuracy benchmark
     python -m stlm_bench.accuracy --variants ablation --seeds 0,1,2 --steps 150 --name ablation_bottle_xs
+    python -m stlm_bench.accuracy --variants tiling --eval-grid original --seeds 0,1,2 --time-budget 20 \
+        --data ../shared/data/mvtec3d_tire_rgb --category tire --name tiling_tire
 
 Data: ``--data`` (an MVTec-layout root; default the bundled real sample, or ``generated``).
 Results are merged run by run into ``benchmarks/results/<name>.json`` (so an interrupted sweep
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -62,9 +69,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],
           "localisation": ["r2", *(f"r2+{n}" for n in CHANGES_R3), "current"],
-          "ablation-full": list(VARIANTS)}
+          "ablation-full": list(VARIANTS),
+          "tiling": ["current", "tiled-512", "tiled-768"]}
+#: ``tiled-<W>``: the current trainer with work size W (tiles of --img-size)
+TILED = re.compile(r"^tiled-(\d+)$")
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
+
+
+def overrides_of(variant: str) -> dict[str, Any]:
+    """The TrainOptions a row sets: a named variant, or ``tiled-<W>`` (``work_size`` W)."""
+    m = TILED.match(variant)
+    return {"work_size": int(m.group(1))} if m else dict(VARIANTS[variant])
 
 
 def bundled_sample_or_exit(alternative: str) -> str:
@@ -82,9 +98,9 @@ def resolve_variants(spec: str) -> list[str]:
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         for name in GROUPS.get(part, [part]):
-            if name not in VARIANTS:
+            if name not in VARIANTS and not TILED.match(name):
                 raise SystemExit(f"Error: --variants: unknown variant {name!r} (choose from "
-                                 f"{', '.join([*GROUPS, *VARIANTS])})")
+                                 f"{', '.join([*GROUPS, *VARIANTS])} or tiled-<work size>)")
             names.append(name)
     return list(dict.fromkeys(names))
 
@@ -93,48 +109,74 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
     """Train + evaluate one (variant, seed); returns the metrics row."""
     from stlm_train.training import TrainOptions, train
 
-    overrides = {k: (seed if v == "SEED" else v) for k, v in VARIANTS[variant].items()}
+    from stlm_train.training import TrainError
+
+    overrides = {k: (seed if v == "SEED" else v) for k, v in overrides_of(variant).items()}
+    grid = getattr(args, "eval_grid", "model")
     opts = TrainOptions(data=args.data, out=str(work / f"{variant}-s{seed}"), category=args.category,
                         config=args.config, img_size=args.img_size, steps=args.steps,
-                        time_budget=args.time_budget, seed=seed, progress=False, save_every=0, **overrides)
+                        time_budget=args.time_budget, seed=seed, progress=False, save_every=0,
+                        evaluate=grid == "model", **overrides)
+    try:
+        opts.validate()
+    except TrainError as e:
+        raise SystemExit(f"Error: --variants {variant}: {e}") from None
     t0 = time.perf_counter()
     res = train(opts, log=lambda s: None)
-    if res.metrics is None:
+    metrics, eval_s = res.metrics, None
+    if grid != "model" and res.model_path is not None:  # one evaluation, on the images' own grid, timed
+        from stlm_train.evaluate import evaluate_checkpoint
+
+        t1 = time.perf_counter()
+        metrics = evaluate_checkpoint(res.model_path, args.data, category=args.category, grid=grid)
+        eval_s = time.perf_counter() - t1
+    if metrics is None:
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides}
+    if eval_s is not None:
+        row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     for m, k in METRICS:  # STFPM has no TLM map: its tlm_* columns are None
-        row[f"{m}_{k}"] = (res.metrics[m] or {}).get(k)
+        row[f"{m}_{k}"] = (metrics[m] or {}).get(k)
     return row
 
 
 def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """mean +- sd per variant (in ``variants`` order, then any other variant the rows hold)."""
     out = []
-    for v in variants:
+    for v in dict.fromkeys([*variants, *(r["variant"] for r in rows)]):
         rs = [r for r in rows if r["variant"] == v]
         if not rs:
             continue
         s: dict[str, Any] = {"variant": v, "n": len(rs), "seeds": [r["seed"] for r in rs],
                              "steps": statistics.mean(r["steps"] for r in rs)}
-        for m, k in METRICS:
-            vals = [float(r[f"{m}_{k}"]) for r in rs if r.get(f"{m}_{k}") is not None]
-            s[f"{m}_{k}"] = ([statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0] if vals
-                             else [None, None])
+        for key in [*(f"{m}_{k}" for m, k in METRICS), "eval_ms_per_image"]:
+            vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            s[key] = ([statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0] if vals
+                      else [None, None])
         out.append(s)
     return out
 
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    head = ["variant", "seeds", "steps", *(f"{m.upper()} {k.replace('_', '-')}" for m, k in METRICS)]
+    timed = any((s.get("eval_ms_per_image") or [None])[0] is not None for s in summary)
+    head = ["variant", "seeds", "steps", *(f"{m.upper()} {k.replace('_', '-')}" for m, k in METRICS),
+            *(["eval ms/img"] if timed else [])]
+    grid = meta.get("eval_grid", "model")
     lines = [f"# Accuracy: {meta['data']} ({meta['budget']}, config {meta['config']} at {meta['img_size']} px)",
              "", f"mean +- sd over seeds; fa-fnr / fa-fpr = defective test images missed / good test images "
              "flagged at the stored threshold. "
-             f"Machine: {meta['machine']}. Command: `{meta['command']}`", "",
+             + ("Pixel metrics on the test images' own grid (stlm-eval --grid original); eval ms/img: the "
+                "evaluation pass per image, PyTorch eager, tiles included. " if grid == "original" else "")
+             + f"Machine: {meta['machine']}. Command: `{meta['command']}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(v: list[Any], fmt: str = ".3f") -> str:
+        return "–" if v[0] is None else f"{v[0]:{fmt}} +- {v[1]:{fmt}}"
+
     for s in summary:
-        cells = [s["variant"], str(s["n"]), f"{s['steps']:.0f}",
-                 *("–" if s[f"{m}_{k}"][0] is None else f"{s[f'{m}_{k}'][0]:.3f} +- {s[f'{m}_{k}'][1]:.3f}"
-                   for m, k in METRICS)]
+        cells = [s["variant"], str(s["n"]), f"{s['steps']:.0f}", *(cell(s[f"{m}_{k}"]) for m, k in METRICS),
+                 *([cell(s.get("eval_ms_per_image") or [None, None], ".0f")] if timed else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -151,7 +193,8 @@ def same_setup(old: dict[str, Any], new: dict[str, Any]) -> bool:
     def where(d: str | None) -> str | None:
         return d if d in (None, "generated") else str(Path(d).resolve())
     return where(old.get("data")) == where(new["data"]) and \
-        all(old.get(k) == new[k] for k in ("config", "img_size", "budget"))
+        all(old.get(k) == new[k] for k in ("config", "img_size", "budget")) and \
+        old.get("eval_grid", "model") == new.get("eval_grid", "model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="results file stem (default accuracy_<data>)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
+    p.add_argument("--eval-grid", choices=("model", "original"), default="model",
+                   help="pixel metrics on each model's own map grid (the trainer's evaluation) or on the test images' "
+                   "own size (compare untiled and tiled rows); 'original' also times the evaluation per image")
     args = p.parse_args(argv)
     if args.steps is None and args.time_budget is None:
         args.steps = 150
@@ -182,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.out_dir) / f"{name}.json"
     budget = f"{args.steps} steps" if args.steps is not None else f"{args.time_budget:g} min"
     meta = {"data": args.data, "category": args.category, "config": args.config, "img_size": args.img_size,
-            "budget": budget, "machine": machine_line(),
+            "budget": budget, "machine": machine_line(), **({"eval_grid": args.eval_grid}
+                                                             if args.eval_grid != "model" else {}),
             "command": "python -m stlm_bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows: list[dict[str, Any]] = []
     if json_path.is_file() and not args.fresh:

@@ -121,8 +121,11 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--teacher", default=None, metavar="PATH", help="The ImageNet ResNet-18 (resnet18-*.pth) an official "
               "STFPM student snapshot was trained against.")
+@click.option("--grid", type=click.Choice(("model", "original")), default="model", show_default=True,
+              help="Pixel metrics on the model's map grid (img_size, or a tiled checkpoint's work shape) or on each "
+              "test image's own size (maps resized as the runtimes return them: compares untiled and tiled models).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors (use with --json).")
-def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, teacher, quiet) -> int:
+def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, device, teacher, grid, quiet) -> int:
     """Evaluate a checkpoint on a data set's test split: the deployed map (STLM: FA, and its TLM map;
     STFPM: its one map)."""
     require_extra("stlm-eval", "train")
@@ -144,7 +147,7 @@ def eval_cmd(ckpt, data, format_, category, json_path, batch_size, img_size, dev
         raise click.BadParameter(f"data root '{data}' does not exist or is not a folder", param_hint="'--data'")
     dev = resolve_device(device)
     result = evaluate_checkpoint(ckpt, data, format_, category, batch_size=batch_size, device=dev,
-                                 img_size=img_size, json_path=json_path, teacher=teacher)
+                                 img_size=img_size, json_path=json_path, teacher=teacher, grid=grid)
     if not quiet:
         click.echo(format_table(result))
         if json_path:

@@ -10,7 +10,9 @@ A tiled checkpoint (``preprocessing.work_size``) is evaluated as its engines run
 its work shape, tiled, the tile maps blended and the score taken on the stitched map
 (:func:`stlm_deploy.tiling.run_tiled`); pixel metrics are computed on the work-shape grid (masks resized
 nearest to it; a test image whose work shape differs from the first image's is resampled to that one).
-Untiled checkpoints are evaluated on the img_size grid, as before.
+Untiled checkpoints are evaluated on the img_size grid, as before. ``grid="original"`` (``stlm-eval --grid
+original``) computes every model's pixel metrics on the test images' own grid instead, with each map resized
+bilinearly to the image as the runtimes return it: the grid on which untiled and tiled models compare.
 """
 from __future__ import annotations
 
@@ -28,14 +30,16 @@ import torch
 from .checkpoint import checkpoint_kind, load_model, read_file
 from .config import validate_img_size
 from .metrics import compute_metrics
-from stlm_deploy.preprocess import resize_map, work_image
-from stlm_deploy.tiling import Tiling, run_tiled, topk_mean
+from stlm_deploy.preprocess import resize_image, resize_map, work_image
+from stlm_deploy.tiling import run_tiled, topk_mean
 
 from .modeling.predict import tile_runner, tiling_of
 from .modeling.stfpm import STFPM
 from .modeling.stlm import STLM, topk_score
 
 METRIC_NAMES = ("i_auroc", "p_auroc", "aupro", "p_ap", "f1_max")
+#: where pixel metrics are computed: the model's own map grid, or each test image's own size
+EVAL_GRIDS = ("model", "original")
 BUILTIN_DATA = ("builtin", "generated")
 
 
@@ -58,12 +62,14 @@ def _batches(dataset: Any, indices: Sequence[int], batch_size: int):
 
 @torch.no_grad()
 def predict_dataset(model: STLM | STFPM, dataset: Any, batch_size: int = 8, indices: Sequence[int] | None = None,
-                    device: str | torch.device | None = None) -> Predictions:
-    """Run ``model`` (switched to eval) over ``dataset`` samples (image uint8 HxWx3 at img_size)."""
+                    device: str | torch.device | None = None, grid: str = "model") -> Predictions:
+    """Run ``model`` (switched to eval) over ``dataset`` samples (image uint8 HxWx3 at img_size; tiled models and
+    ``grid="original"``: at their own size, :func:`model_split`)."""
+    if grid not in EVAL_GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(EVAL_GRIDS)}, got {grid!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    tiling = tiling_of(model)
-    if tiling is not None:
-        return _predict_tiled_dataset(model, dataset, tiling, batch_size, indices)
+    if tiling_of(model) is not None or grid == "original":
+        return _predict_per_image(model, dataset, batch_size, indices, grid)
     was_training = model.training
     model.eval()
     idx = list(range(len(dataset))) if indices is None else list(indices)
@@ -92,31 +98,37 @@ def predict_dataset(model: STLM | STFPM, dataset: Any, batch_size: int = 8, indi
 
 
 @torch.no_grad()
-def _predict_tiled_dataset(model: STLM | STFPM, dataset: Any, tiling: Tiling, batch_size: int,
-                           indices: Sequence[int] | None) -> Predictions:
-    """:func:`predict_dataset` of a tiled model: samples at their own size (``img_size=None`` data sets), each run
-    tile by tile, ``batch_size`` tiles per forward pass, and stitched (module docstring)."""
+def _predict_per_image(model: STLM | STFPM, dataset: Any, batch_size: int, indices: Sequence[int] | None,
+                       grid: str) -> Predictions:
+    """:func:`predict_dataset` image by image (samples at their own size): a tiled model's tiles ``batch_size`` per
+    forward pass, stitched; an untiled model on the image resized to img_size. Scores on the model's map (the
+    stitched work map / the img_size map, as the engines), pixel metrics on ``grid`` (module docstring)."""
     from .data.io import resize_mask
 
     was_training = model.training
     model.eval()
     run = tile_runner(model)
+    tiling, cfg = tiling_of(model), model.cfg
     idx = list(range(len(dataset))) if indices is None else list(indices)
     fa_s, tlm_s, fa_m, tlm_m, labels, masks, paths = [], [], [], [], [], [], []
-    grid: tuple[int, int] | None = None
+    shape: tuple[int, int] | None = None
     try:
         for i in idx:
             s = dataset[i]
-            res = run_tiled(work_image(s.image, tiling, model.cfg.resize), tiling, run, batch_size, model.cfg.top_k)
-            hw = res.maps["anomaly_map"].shape
-            grid = grid or hw
-            fa_s.append(float(res.score))
-            fa_m.append(resize_map(res.maps["anomaly_map"], grid))
-            if "tlm_map" in res.maps:
-                tlm_s.append(float(topk_mean(res.maps["tlm_map"], model.cfg.top_k)))
-                tlm_m.append(resize_map(res.maps["tlm_map"], grid))
+            if tiling is not None:
+                res = run_tiled(work_image(s.image, tiling, cfg.resize), tiling, run, batch_size, cfg.top_k)
+                maps, score = res.maps, float(res.score)
+            else:
+                out = run(resize_image(s.image, cfg.img_size, cfg.resize)[None])
+                maps, score = {k: v[0] for k, v in out.items() if k != "score"}, float(out["score"][0])
+            shape = shape or (tuple(s.image.shape[:2]) if grid == "original" else maps["anomaly_map"].shape)
+            fa_s.append(score)
+            fa_m.append(resize_map(maps["anomaly_map"], shape))
+            if "tlm_map" in maps:
+                tlm_s.append(float(topk_mean(maps["tlm_map"], cfg.top_k)))
+                tlm_m.append(resize_map(maps["tlm_map"], shape))
             labels.append(int(s.label))
-            masks.append(resize_mask(np.asarray(s.mask, dtype=np.uint8), grid))
+            masks.append(resize_mask(np.asarray(s.mask, dtype=np.uint8), shape))
             paths.append(str(s.path))
     finally:
         model.train(was_training)
@@ -127,12 +139,13 @@ def _predict_tiled_dataset(model: STLM | STFPM, dataset: Any, tiling: Tiling, ba
                        np.stack(masks), paths)
 
 
-def model_split(model: STLM | STFPM, root: str | os.PathLike, format: str, category: str | None, split: str) -> Any:
-    """A data set split as ``model`` consumes it: resized to img_size, or, for a tiled model, at each image's own
-    size (tiles are cut from its work image)."""
+def model_split(model: STLM | STFPM, root: str | os.PathLike, format: str, category: str | None, split: str,
+                grid: str = "model") -> Any:
+    """A data set split as ``model`` consumes it: resized to img_size, or, for a tiled model or the ``original``
+    grid, at each image's own size (tiles are cut from its work image)."""
     from .data import build_dataset
 
-    size = None if tiling_of(model) is not None else model.cfg.img_size
+    size = None if tiling_of(model) is not None or grid == "original" else model.cfg.img_size
     return build_dataset(root, format, category, split, size, model.cfg.resize)
 
 
@@ -166,10 +179,10 @@ def metrics_from_predictions(pred: Predictions, thresholds: dict[str, Any] | Non
 
 
 def evaluate_model(model: STLM | STFPM, dataset: Any, thresholds: dict[str, Any] | None = None, batch_size: int = 8,
-                   device: str | torch.device | None = None) -> dict[str, Any]:
-    """Predict the whole test split and compute every metric for the FA and TLM maps."""
+                   device: str | torch.device | None = None, grid: str = "model") -> dict[str, Any]:
+    """Predict the whole test split and compute every metric for the FA and TLM maps (pixel metrics on ``grid``)."""
     t0 = time.perf_counter()
-    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device)
+    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, grid=grid)
     pixel_labels = bool(getattr(dataset, "has_pixel_labels", True))
     metrics = metrics_from_predictions(pred, thresholds, pixel_labels)
     n_bad = int(pred.labels.sum())
@@ -177,8 +190,9 @@ def evaluate_model(model: STLM | STFPM, dataset: Any, thresholds: dict[str, Any]
         "data": getattr(dataset, "name", ""),
         "n_images": int(len(pred.labels)), "n_anomalous": n_bad, "n_good": int(len(pred.labels)) - n_bad,
         "img_size": int(model.cfg.img_size), "model_family": getattr(model.cfg, "family", "stlm"),
-        **({"tiling": tiling_of(model).to_preprocessing(), "eval_grid": list(pred.fa_maps.shape[1:])}
-           if tiling_of(model) is not None else {}),
+        **({"tiling": tiling_of(model).to_preprocessing()} if tiling_of(model) is not None else {}),
+        **({"grid": grid, "eval_grid": list(pred.fa_maps.shape[1:])}
+           if tiling_of(model) is not None or grid != "model" else {}),
         "pixel_metrics": pixel_labels,
         "fa": metrics["fa"], "tlm": metrics["tlm"],
         "thresholds": thresholds or None,
@@ -206,8 +220,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"({result.get('n_anomalous')} anomalous) at {result.get('img_size')} px")
     if result.get("tiling"):
         t = result["tiling"]
-        grid = "x".join(str(v) for v in result.get("eval_grid") or [])
-        info += f" tiles (work size {t['work_size']}, overlap {t['tile_overlap']:g}; pixel metrics on a {grid} grid)"
+        info += f" tiles (work size {t['work_size']}, overlap {t['tile_overlap']:g})"
+    if result.get("eval_grid"):
+        shape = "x".join(str(v) for v in result["eval_grid"])
+        info += f"; pixel metrics on the {result.get('grid', 'model')} grid ({shape})"
     if not result.get("pixel_metrics", True):
         info += "; no pixel masks: pixel metrics skipped"
     return "\n".join([info, *lines])
@@ -238,14 +254,16 @@ def load_for_eval(ckpt: str | os.PathLike, img_size: int | None = None, device: 
 def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format: str = "mvtec",
                         category: str | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
                         img_size: int | None = None, json_path: str | os.PathLike | None = None,
-                        teacher: str | os.PathLike | None = None) -> dict[str, Any]:
+                        teacher: str | os.PathLike | None = None, grid: str = "model") -> dict[str, Any]:
     """Library form of ``stlm-eval``: load, run the test split, optionally write JSON atomically."""
+    if grid not in EVAL_GRIDS:
+        raise ValueError(f"--grid: must be one of {', '.join(EVAL_GRIDS)}, got {grid!r}")
     model, thresholds = load_for_eval(ckpt, img_size, device, teacher)
     with tempfile.TemporaryDirectory(prefix="stlm-eval-") as tmp:
         root = resolve_eval_data(data, model.cfg.img_size, Path(tmp) / "data")
         fmt = "mvtec" if str(data).lower() in BUILTIN_DATA else format
-        dataset = model_split(model, root, fmt, category, "test")
-        result = evaluate_model(model, dataset, thresholds, batch_size=batch_size, device=device)
+        dataset = model_split(model, root, fmt, category, "test", grid)
+        result = evaluate_model(model, dataset, thresholds, batch_size=batch_size, device=device, grid=grid)
     result = {"checkpoint": str(ckpt), "data_root": str(data), "format": fmt, "category": category, **result}
     if json_path is not None:
         from stlm_deploy.files import atomic_write_json
@@ -254,5 +272,5 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format
     return result
 
 
-__all__ = ["Predictions", "predict_dataset", "model_split", "metrics_from_predictions", "evaluate_model", "evaluate_checkpoint",
+__all__ = ["Predictions", "predict_dataset", "model_split", "EVAL_GRIDS", "metrics_from_predictions", "evaluate_model", "evaluate_checkpoint",
            "format_table", "load_for_eval", "resolve_eval_data", "METRIC_NAMES"]

@@ -71,3 +71,19 @@ def test_merged_results_keep_every_command_and_machine_once():
     assert accuracy.merged_history(history, second) == history  # rerun of the second: unchanged
     assert accuracy.merged_history(history, first) == history
     assert accuracy.merged_history("AMD EPYC, 2 cores", "Intel Xeon, 2 cores") == "AMD EPYC, 2 cores; then Intel Xeon, 2 cores"
+
+
+def test_untiled_and_tiled_rows_on_the_images_own_grid(tmp_path):
+    argv = ["--data", "generated", "--config", "small", "--img-size", "128", "--steps", "1", "--seeds", "0",
+            "--variants", "current,tiled-192", "--eval-grid", "original", "--name", "tiles", "--out-dir", str(tmp_path)]
+    assert accuracy.main(argv) == 0
+    d = json.loads((tmp_path / "tiles.json").read_text())
+    assert d["meta"]["eval_grid"] == "original"
+    rows = {r["variant"]: r for r in d["runs"]}
+    assert rows["tiled-192"]["overrides"] == {"work_size": 192} and rows["current"]["overrides"] == {}
+    assert all(r["eval_ms_per_image"] > 0 and 0.0 <= r["fa_p_auroc"] <= 1.0 for r in rows.values())
+    md = (tmp_path / "tiles.md").read_text()
+    assert "eval ms/img" in md and "| tiled-192 | 1 | 1 |" in md and "own grid" in md
+    assert accuracy.resolve_variants("tiling") == ["current", "tiled-512", "tiled-768"]
+    with pytest.raises(SystemExit, match=r"--variants tiled-64: --work-size: must be at least the tile size 128"):
+        accuracy.main([*argv[:11], "tiled-64", *argv[12:]])

@@ -111,3 +111,20 @@ def test_bad_tiling_options_are_one_line(data_root, tmp_path, kw, needle):
         opts(data_root, tmp_path / "x", **kw).validate()
     assert str(e.value) == needle
     assert opts(data_root, tmp_path / "y", work_size=TILE).validate().tiling() is None  # = img_size: untiled
+
+
+def test_the_original_grid_compares_untiled_and_tiled_models_on_the_images_own_size(data_root, tmp_path):
+    from stlm_train.evaluate import model_split, predict_dataset
+
+    res = train(opts(data_root, tmp_path / "untiled", steps=1, work_size=None))
+    model = load_model(res.model_path)
+    on_model = predict_dataset(model, model_split(model, data_root, "mvtec", None, "test"))
+    on_image = predict_dataset(model, model_split(model, data_root, "mvtec", None, "test", "original"),
+                               grid="original")
+    assert on_model.fa_maps.shape[1:] == (TILE, TILE) and on_image.fa_maps.shape[1:] == (WORK, WORK)
+    np.testing.assert_allclose(on_image.fa_scores, on_model.fa_scores, atol=1e-6)  # scores: the img_size map
+    assert on_image.masks.shape == on_image.fa_maps.shape
+    ev = evaluate_checkpoint(res.model_path, data_root, grid="original")
+    assert ev["grid"] == "original" and ev["eval_grid"] == [WORK, WORK]
+    with pytest.raises(ValueError, match="--grid: must be one of model, original"):
+        evaluate_checkpoint(res.model_path, data_root, grid="work")
