@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.add_argument("--steps", type=int, default=None)
     stop.add_argument("--time-budget", type=float, default=None, help="minutes of training per run")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--variants", default="current", help="comma list of variants or groups (ablation, ablation-full)")
+    p.add_argument("--variants", default="current", help="comma list of variants or groups (ablation, ablation-full, "
+                   "localisation, tiling); tiled-<W>: the current trainer with --work-size W")
     p.add_argument("--name", default=None, help="results file stem (default accuracy_<data>)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
