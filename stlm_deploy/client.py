@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .detector import Prediction
+from .detector import DEFAULT_CHUNK, Prediction
 from .errors import DeployError
 from .images import DEFAULT_MAX_PIXELS
 from .normalization import normalized_score
@@ -263,7 +263,8 @@ class RemoteDetector:
             preds = []
             for im in imgs:
                 rgb = to_rgb(np.ascontiguousarray(im), bgr)
-                res = run_tiled(work_image(rgb, self.tiling, self.resize), self.tiling, self._run_raw, 8, self.top_k)
+                res = run_tiled(work_image(rgb, self.tiling, self.resize), self.tiling, self._run_raw, DEFAULT_CHUNK,
+                                self.top_k)
                 preds.append(self._raw_prediction(float(res.score), res.maps["anomaly_map"], rgb.shape[:2],
                                                   res.n_tiles))
             return preds

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stlm_deploy.detector import DEFAULT_CHUNK
 from stlm_deploy.preprocess import resize_image, work_image
 from stlm_deploy.tiling import Runner, TiledResult, Tiling, run_tiled
 
@@ -79,7 +80,7 @@ def tile_runner(model: nn.Module) -> Runner:
     return run
 
 
-def predict_tiled(model: nn.Module, image: np.ndarray, chunk: int = 8, tiling: Tiling | None = None,
+def predict_tiled(model: nn.Module, image: np.ndarray, chunk: int = DEFAULT_CHUNK, tiling: Tiling | None = None,
                   work: np.ndarray | None = None) -> TiledResult:
     """One uint8 RGB (H, W, 3) image through a tiled model: stitched work maps and the top-k score.
 
