@@ -6,9 +6,9 @@ Three measurements, each a number with a documented pass level, kept as fast tes
 - **positional flatness** (:func:`edge_ratio`): the mean map over good images, pooled on a coarse grid
   and divided by its mean, should be flat. A hot right column / bottom row is the network frame (at
   256 px TinyViT's right/bottom attention windows are mostly zero padding), not content.
-- **BatchNorm consistency** (:func:`batchnorm_consistency`): the students run at inference exactly
-  as they ran in training. With ``--student-bn train`` (the official code) training normalised every
-  step with the statistics of its own two pseudo-anomalous images, which inference never does.
+- **BatchNorm consistency** (:func:`batchnorm_consistency`): the students' running statistics, which
+  inference uses, describe clean images. With the official train-mode BatchNorm they are an average of
+  the last steps' pseudo-anomalous pairs, which inference never sees.
 - **teacher locality** (:func:`teacher_locality`): a pasted defect should change the teacher's
   features more inside the defect than outside it, at every distilled level; if the teacher moves
   everywhere the students learn to disagree everywhere (good image AUROC, maps that do not localise).
@@ -25,6 +25,7 @@ from torch import nn
 #: Pass levels used by the tests and printed by the command.
 MAX_EDGE_RATIO = 1.5
 MIN_TEACHER_LOCALITY = 1.4
+MAX_BN_INCONSISTENCY = 0.25
 
 
 def grid_profile(maps: np.ndarray | torch.Tensor, grid: int = 8) -> np.ndarray:
@@ -55,23 +56,25 @@ def mean_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8) -> np.n
 
 
 @torch.no_grad()
-def batchnorm_consistency(model: nn.Module, images: np.ndarray, train_mode: Callable[[nn.Module], None]) -> float:
-    """Largest |student feature difference| between inference (eval) and the training forward.
-
-    ``train_mode`` puts ``model`` in the state the trainer runs it in (``Trainer.forward_mode``); the
-    BatchNorm layers then keep their running statistics (momentum 0). Returns max |Δ| over both
-    students' decoder features on the clean ``images``, relative to their largest magnitude.
+def batchnorm_consistency(model: nn.Module, images: np.ndarray) -> float:
+    """Do the students' BatchNorm statistics describe clean images? Largest |Δ| of both students' decoder
+    features between inference (running statistics) and the same forward with the students' BatchNorm
+    using the batch statistics of the clean ``images`` (running statistics untouched), relative to the
+    largest feature magnitude. Statistics estimated on clean images give 0.03-0.07 on the tire category
+    (batch vs population; 0.15 on 6 tiny generated images); the official train-mode statistics of
+    pseudo-anomalous pairs gave 0.3-1.2 there and 2.0 on the generated images.
     """
     was = model.training
     x = model.normalize(torch.from_numpy(images))
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for enc in (model.plain, model.denoising) for m in enc.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     try:
         model.eval()
         ref = torch.cat([torch.cat(f, 1) for f in model.student_features(x)], 1)
-        train_mode(model)
         for m in bns:
-            m.momentum = 0.0  # a train-mode forward must not touch the running statistics
+            m.train()
+            m.momentum = 0.0  # a batch-statistics forward must not touch the running statistics
         got = torch.cat([torch.cat(f, 1) for f in model.student_features(x)], 1)
     finally:
         for m, mom in zip(bns, saved):
@@ -127,7 +130,6 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
     from .checkpoint import model_from_checkpoint, read_file
     from .data import build_dataset
     from .modeling.teacher import build_builtin_teacher, calibrate_batchnorm
-    from .training.loop import set_train_mode
 
     obj = read_file(ckpt)
     model = model_from_checkpoint(obj, ckpt)
@@ -149,8 +151,7 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
             prof = grid_profile(mean_maps(model, imgs))
             out[f"edge_ratio_{name}"] = edge_ratio(prof)
             out[f"profile_{name}"] = np.round(prof, 2).tolist()
-    mode = str(out["student_bn"])
-    out["batchnorm_consistency"] = batchnorm_consistency(model, train_images[:8], lambda m: set_train_mode(m, mode))
+    out["batchnorm_consistency"] = batchnorm_consistency(model, train_images[:8])
     t = train.get("teacher") or {}
     if t.get("kind") == "builtin":
         teacher = build_builtin_teacher(model.cfg, int(t["seed"]), t.get("recipe", "v1"))
@@ -179,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in ("edge_ratio_test_good", "edge_ratio_train"):
         if k in res:
             print(f"{k}: {res[k]:.2f} (flat: <= {MAX_EDGE_RATIO})")
-    print(f"batchnorm_consistency: {res['batchnorm_consistency']:.4f} (max |eval - training forward| / max |feature|)")
+    print(f"batchnorm_consistency: {res['batchnorm_consistency']:.4f} (max |running - clean-batch statistics "
+          f"features| / max |feature|; <= {MAX_BN_INCONSISTENCY})")
     if "teacher_locality" in res:
         print("teacher_locality: " + ", ".join(f"level {k + 1} {v:.2f}" for k, v in enumerate(res["teacher_locality"]))
               + f" (local: >= {MIN_TEACHER_LOCALITY})")
@@ -193,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "diagnose_checkpoint", "edge_ratio",
-           "grid_profile", "locality_pairs", "mean_maps", "teacher_locality"]
+__all__ = ["MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency",
+           "diagnose_checkpoint", "edge_ratio", "grid_profile", "locality_pairs", "mean_maps", "teacher_locality"]
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
 #: How the students' BatchNorm layers behave during training (see :mod:`.loop`).
-STUDENT_BN_MODES = ("frozen", "recalibrate", "train")
-DEFAULT_STUDENT_BN = "frozen"
+STUDENT_BN_MODES = ("recalibrate", "frozen", "train")
+DEFAULT_STUDENT_BN = "recalibrate"
 
 
 
@@ -75,7 +75,7 @@ class TrainOptions:
     texture_bank: str = DEFAULT_TEXTURE_BANK
     resize: str = DEFAULT_RESIZE
     augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
-    student_bn: str = DEFAULT_STUDENT_BN  # frozen | recalibrate | train (official: train)
+    student_bn: str = DEFAULT_STUDENT_BN  # recalibrate | frozen | train (official: train)
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET

@@ -1,8 +1,11 @@
 """Map diagnostics as tests: students' BatchNorm consistency, teacher locality, positional flatness.
 
 Each guards one cause of maps that do not point at the defect (issue: image AUROC 0.92 but pixel AUROC
-0.62 on a held-out real category); each fails with the official behaviour it replaces
-(``student_bn="train"``, ``teacher_recipe="reference"``).
+0.62 on a held-out real category). The BatchNorm and locality checks fail with the behaviour they
+replace (``student_bn="train"``, ``teacher_recipe="reference"``). The hot frame band itself appears
+only after hundreds of steps at 256 px (reproduced on the tire category at 500 steps: edge ratio 3.2,
+0.75 after re-estimating the students' statistics); at a test's budget the map is still flat with
+either setting, so the flatness test guards the measure and the default, not the old behaviour.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import torch
 
 from stlm_train import get_config
 from stlm_train.data import build_dataset, make_generated_dataset
-from stlm_train.diagnostics import (MAX_EDGE_RATIO, MIN_TEACHER_LOCALITY, batchnorm_consistency, edge_ratio,
-                                    grid_profile, locality_pairs, mean_maps, teacher_locality)
+from stlm_train.diagnostics import (MAX_BN_INCONSISTENCY, MAX_EDGE_RATIO, MIN_TEACHER_LOCALITY, batchnorm_consistency,
+                                    edge_ratio, grid_profile, locality_pairs, mean_maps, teacher_locality)
 from stlm_train.modeling import build_builtin_teacher, calibrate_batchnorm
 from stlm_train.modeling.common import Normalize
 from stlm_train.training import TrainOptions, train
@@ -62,8 +65,16 @@ def test_frozen_student_batchnorm_trains_the_function_it_deploys(data_root, tmp_
     frozen = _train(data_root, tmp_path / "frozen", "frozen")
     official = _train(data_root, tmp_path / "train", "train")
     imgs = _images(data_root)[:6]
-    assert batchnorm_consistency(frozen.model, imgs, lambda m: set_train_mode(m, "frozen")) < 1e-5
-    assert batchnorm_consistency(official.model, imgs, lambda m: set_train_mode(m, "train")) > 0.01
+    x = frozen.model.normalize(torch.from_numpy(imgs))
+    for m, mode in ((frozen.model, "frozen"), (official.model, "train")):  # the step's forward vs inference
+        m.eval()
+        ref = torch.cat(m.student_features(x)[0], 1)
+        set_train_mode(m, mode)
+        with torch.no_grad():
+            got = torch.cat(m.student_features(x)[0], 1)
+        m.eval()
+        gap = float((got - ref).abs().max())
+        assert (gap == 0.0) if mode == "frozen" else (gap > 1e-3), (mode, gap)
 
 
 def test_frozen_statistics_follow_the_weights_on_clean_images(data_root, tmp_path, monkeypatch):
@@ -91,15 +102,14 @@ def test_frozen_statistics_follow_the_weights_on_clean_images(data_root, tmp_pat
 
 
 def test_recalibrate_re_estimates_the_students_on_clean_images(data_root, tmp_path):
-    """--student-bn recalibrate: official training, then the students' statistics from clean images, so the
-    train-mode forward on clean images matches inference far better than the official statistics do."""
+    """Recalibrate (the default): official training, then the students' statistics from clean images, so they
+    describe clean images; the official statistics (today's main) fail the same check."""
     official = _train(data_root, tmp_path / "train", "train")
     recal = _train(data_root, tmp_path / "recal", "recalibrate")
     imgs = _images(data_root)
     assert recal.model.state_dict().keys() == official.model.state_dict().keys()
-    bc = {name: batchnorm_consistency(r.model, imgs, lambda m: set_train_mode(m, "train"))
-          for name, r in (("train", official), ("recalibrate", recal))}
-    assert bc["recalibrate"] < 0.5 * bc["train"], bc
+    bc = {name: batchnorm_consistency(r.model, imgs) for name, r in (("train", official), ("recalibrate", recal))}
+    assert bc["recalibrate"] <= MAX_BN_INCONSISTENCY < bc["train"], bc
 
 
 # ---------------------------------------------------------------------------------------- the teacher
@@ -141,6 +151,6 @@ def test_teacher_locality_of_a_pointwise_network_is_large():
 
 def test_mean_map_is_flat_on_good_images(data_root, tmp_path):
     """The mean FA map of good images, 8x8, has no hot frame band (right column + bottom row / rest <= 1.5)."""
-    res = _train(data_root, tmp_path / "run", "frozen", steps=6)
+    res = _train(data_root, tmp_path / "run", "recalibrate", steps=6)
     ratio = edge_ratio(grid_profile(mean_maps(res.model, _images(data_root))))
     assert ratio <= MAX_EDGE_RATIO, ratio

@@ -206,7 +206,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
 
 @pytest.mark.parametrize("field,value,needle", [
     ("teacher_recipe", "fancy", "teacher_recipe must be one of local, reference, v1"),
-    ("student_bn", "eval", "student_bn must be one of frozen, recalibrate, train"),
+    ("student_bn", "eval", "student_bn must be one of recalibrate, frozen, train"),
     ("threshold_target", "auc", "--threshold-target: expected f1, fpr<=A"),
     ("texture_bank", "dtd", "texture_bank must be one of reference, v1"),
     ("resize", "nearest", "resize must be one of area, bilinear"),
