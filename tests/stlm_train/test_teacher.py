@@ -65,7 +65,7 @@ def test_trainer_teacher_shares_no_tensor_with_the_students_init(tmp_path):
     student = STLM(cfg)
     teacher, desc = build_teacher(opts, cfg, lambda: iter([_images(2, cfg.img_size, 0)]), torch.device("cpu"),
                                   log=lambda s: None)
-    assert desc["seed"] == 5 + 1000 and desc["recipe"] == "reference"
+    assert desc["seed"] == 5 + 1000 and desc["recipe"] == "local"  # the default recipe
     student_tensors = [t for t in student.plain.state_dict().values() if t.is_floating_point() and t.numel() > 8]
     shared = [k for k, t in teacher.encoder.state_dict().items()
               if t.is_floating_point() and any(t.shape == s.shape and torch.equal(t, s) for s in student_tensors)]
