@@ -116,17 +116,18 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
     opts = TrainOptions(data=args.data, out=str(work / f"{variant}-s{seed}"), category=args.category,
                         config=args.config, img_size=args.img_size, steps=args.steps,
                         time_budget=args.time_budget, seed=seed, progress=False, save_every=0,
-                        evaluate=grid == "model", **overrides)
+                        evaluate=grid == "model" or "work_size" not in overrides, **overrides)
     try:
         opts.validate()
     except TrainError as e:
         raise SystemExit(f"Error: --variants {variant}: {e}") from None
     t0 = time.perf_counter()
     res = train(opts, log=lambda s: None)
-    metrics, eval_s = res.metrics, None
-    if grid != "model" and res.model_path is not None:  # one evaluation, on the images' own grid, timed
+    metrics, eval_s, model_grid = res.metrics, None, None
+    if grid != "model" and res.model_path is not None:  # on the images' own grid, timed (untiled rows keep both)
         from stlm_train.evaluate import evaluate_checkpoint
 
+        model_grid = metrics  # the trainer's own evaluation (untiled rows), kept beside the original-grid one
         t1 = time.perf_counter()
         metrics = evaluate_checkpoint(res.model_path, args.data, category=args.category, grid=grid)
         eval_s = time.perf_counter() - t1
@@ -138,6 +139,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     for m, k in METRICS:  # STFPM has no TLM map: its tlm_* columns are None
         row[f"{m}_{k}"] = (metrics[m] or {}).get(k)
+    if model_grid is not None:
+        row["model_grid"] = {f"{m}_{k}": (model_grid[m] or {}).get(k) for m, k in METRICS}
     return row
 
 
