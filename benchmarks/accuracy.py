@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stlm_deploy.files import atomic_write_json, atomic_write_text
 
+from .output import emit
 from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     def publish() -> str:
         """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""
         summary = summarize(rows, list(VARIANTS))
-        atomic_write_json(json_path, {"meta": meta, "summary": summary, "runs": rows})
-        return atomic_write_text(json_path.with_suffix(".md"), markdown(summary, meta)).read_text()
+        return emit(markdown(summary, meta), {"meta": meta, "summary": summary, "runs": rows}, json_path=json_path,
+                    markdown_path=json_path.with_suffix(".md"), echo=None)
 
     with tempfile.TemporaryDirectory(prefix="stlm-accuracy-") as tmp:
         for v in variants:

@@ -6,7 +6,6 @@ that the PyTorch eager reference was skipped.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -54,7 +53,11 @@ def main(engine: str, reference: str | None, no_reference: bool, allow_other_ref
          batches: tuple[int, ...], runs: int, warmup: int,
          threads: int | None, data: str | None, fmt: str, category: str | None, calib_data: str | None,
          json_path: str | None, md_path: str | None, plot_path: str | None, record: bool) -> None:
-    """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32."""
+    """Latency, throughput, memory, parity and accuracy of an engine next to PyTorch eager fp32.
+
+    Records the batch-1 p50 of each variant in ENGINE/timings.json (what backend 'auto' then runs on this
+    machine) unless --no-record is given.
+    """
     if plot_path:
         require_extra("stlm-bench --plot", "bench", ["matplotlib"])
     if data:
@@ -62,10 +65,10 @@ def main(engine: str, reference: str | None, no_reference: bool, allow_other_ref
     import logging
 
     from stlm_deploy.errors import DeployError
-    from stlm_deploy.files import atomic_write_text
     from stlm_deploy.spec import load_spec, resolve_engine
 
     from . import bench
+    from .output import emit
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -96,12 +99,7 @@ def main(engine: str, reference: str | None, no_reference: bool, allow_other_ref
         raise
     except (DeployError, ValueError, OSError) as e:
         raise CommandError(str(e)) from None
-    text = bench.markdown(report)
-    click.echo(text)
-    if json_path:
-        atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
-    if md_path:
-        atomic_write_text(md_path, text)
+    emit(bench.markdown(report), report, json_path=json_path, markdown_path=md_path, echo=click.echo)
     if plot_path:
         bench.plot(report, plot_path)
     if record:
@@ -123,7 +121,7 @@ def _record(engine_dir: Path, spec, report: dict) -> None:
         return
     if path is not None:
         click.echo(f"stlm-bench: batch-1 timings recorded in {display_path(path)} (backend 'auto' runs the fastest "
-                   "gated variant on this machine)", err=True)
+                   "gated variant on this machine; --no-record skips this)", err=True)
     else:
         click.echo(f"stlm-bench: {display_path(engine_dir / TIMINGS_FILE)}: nothing recorded (no batch-1 timing of an "
                    "artifact stlm.json lists at the precision it ran); backend 'auto' keeps its static order", err=True)

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .timing import environment, time_fn, write_json
+from .output import emit
+from .timing import environment, time_fn
 
 
 def _ort(path: Path, threads: int, x: np.ndarray, runs: int, static_batch: bool = False) -> float:
@@ -113,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
-    from stlm_deploy.files import atomic_write_text
     from stlm_deploy.spec import load_spec, resolve_engine
 
     engine_dir, _ = resolve_engine(args.engine)
@@ -167,11 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {r['engine']} | {r['lever']} | " + ", ".join(f"{k} {v}" for k, v in r["kernels"].items()) + " |"
                   for r in kern]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        atomic_write_text(args.markdown, text)
-    if args.json:
-        write_json(args.json, {"engine": str(engine_dir), "img_size": s, "rows": rows, "environment": environment(t)})
+    emit(text, {"engine": str(engine_dir), "img_size": s, "rows": rows, "environment": environment(t)},
+         json_path=args.json, markdown_path=args.markdown)
     return 0
 
 

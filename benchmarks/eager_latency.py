@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from .timing import environment, time_fn, write_json
+from .output import write_json
+from .timing import environment, time_fn
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stlm_deploy.files import atomic_write_json, atomic_write_text
 
 from .accuracy import bundled_sample_or_exit
+from .output import emit, write_json
 from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"AUPRO {row['aupro']:.3f}, {row['steps']} steps, {row['params'] / 1e6:.2f} M params, "
                   f"{row['gflop']:.2f} GFLOP, " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms_per_image"].items()
                                                             if v is not None), flush=True)
-            atomic_write_json(json_path, {"meta": meta, "rows": rows})
-    md = atomic_write_text(json_path.with_suffix(".md"), markdown(rows, meta)).read_text()
-    print(md)
+            write_json(json_path, {"meta": meta, "rows": rows})
+    emit(markdown(rows, meta), {"meta": meta, "rows": rows}, json_path=json_path,
+         markdown_path=json_path.with_suffix(".md"))
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 
-from .timing import environment, time_fn, write_json
+from .output import emit
+from .timing import environment, time_fn
 
 CANDIDATES = {
     "policy: MatMul+Conv+Gemm, FA head float": {},
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from stlm_deploy.backends.ort import OrtBackend
-    from stlm_deploy.files import atomic_write_text
     from stlm_deploy.spec import load_spec, resolve_engine
     from stlm_export.calib import load_images
     from stlm_export.gate import backend_outputs
@@ -99,12 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     lines.append("Δ = fp32 minus int8 (positive = int8 worse); gate: both Δ <= 0.01 and agreement >= 98 %.")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        atomic_write_text(args.markdown, text)
-    if args.json:
-        write_json(args.json, {"engine": str(engine_dir), "img_size": s, "fp32_p50_ms": fp32_ms, "rows": rows,
-                               "validation": val.source, "environment": environment(args.threads)})
+    emit(text, {"engine": str(engine_dir), "img_size": s, "fp32_p50_ms": fp32_ms, "rows": rows,
+                "validation": val.source, "environment": environment(args.threads)},
+         json_path=args.json, markdown_path=args.markdown)
     return 0
 
 

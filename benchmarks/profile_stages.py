@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .timing import environment, write_json
+from .output import emit
+from .timing import environment
 
 STAGES = ("normalize", "plain", "denoising", "decoder", "fa_head", "post", "fused")
 #: Untimed ONNX Runtime runs before profiling (see :func:`ort_profile`: the second run builds the memory pattern).
@@ -234,14 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                       "| op | ms | share |", "|---|---|---|"]
             lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in top]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        from stlm_deploy.files import atomic_write_text
-
-        atomic_write_text(args.markdown, text)
-    if args.json:
-        write_json(args.json, {"img_size": s, "rows": rows, "ops": {k: v for k, v in ops.items() if v},
-                               "environment": environment(args.threads)})
+    emit(text, {"img_size": s, "rows": rows, "ops": {k: v for k, v in ops.items() if v},
+                "environment": environment(args.threads)}, json_path=args.json, markdown_path=args.markdown)
     return 0
 
 

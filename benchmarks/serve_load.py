@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .timing import _percentile, environment, write_json
+from .output import emit
+from .timing import _percentile, environment
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -253,15 +254,8 @@ def main(argv: list[str] | None = None) -> int:
               "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us, "in_process": base,
               "runs": runs, "largest_batch": largest, "passed": passed, "server_exit_code": rc,
               "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]}, "environment": environment()}
-    text = markdown(report)
-    print(text)
-    stem = args.name or f"serve_load_{spec.img_size}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{stem}.json", report)
-    from stlm_deploy.files import atomic_write_text
-
-    atomic_write_text(out / f"{stem}.md", text)
+    stem = Path(args.out_dir) / (args.name or f"serve_load_{spec.img_size}")
+    emit(markdown(report), report, json_path=stem.with_suffix(".json"), markdown_path=stem.with_suffix(".md"))
     return 0 if passed else 1
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from stlm_deploy.files import atomic_write_json, atomic_write_text
 
 from .accuracy import bundled_sample_or_exit
+from .output import emit
 from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed, "machine": machine_line(),
             "command": " ".join(["python -m stlm_bench.sharpness", *(sys.argv[1:] if argv is None else argv)])}
     json_path = Path(args.out_dir) / f"{args.name or 'sharpness_' + root.name}.json"
-    atomic_write_json(json_path, {"meta": meta, "rows": rows})
-    print(atomic_write_text(json_path.with_suffix(".md"), markdown(rows, meta)).read_text())
+    emit(markdown(rows, meta), {"meta": meta, "rows": rows}, json_path=json_path,
+         markdown_path=json_path.with_suffix(".md"))
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
 

@@ -1,7 +1,6 @@
 """Timing helpers shared by the benchmark scripts: warm-up, repeated runs, percentiles, environment."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -84,8 +83,3 @@ def environment(threads: int | None = None) -> dict[str, Any]:
     return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "platform": platform.platform(), "packages": package_versions()}
 
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    from stlm_deploy.files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

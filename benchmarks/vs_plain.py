@@ -38,7 +38,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .timing import environment, write_json
+from .output import emit
+from .timing import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLAIN_OPSET = 17
@@ -410,15 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"checkpoint": args.ckpt, "sha256": sha, "threads": args.threads, "runs": args.runs,
               "warmup": args.warmup, "smoke": bool(args.smoke), "environment": environment(args.threads),
               "sizes": sections}
-    text = markdown(report, args.ops)
-    print(text)
-    name = args.name or "vs_plain_" + "_".join(map(str, args.sizes))
-    out = Path(args.out_dir)
-    from stlm_deploy.files import atomic_write_text
-
-    write_json(out / f"{name}.json", report)
-    atomic_write_text(out / f"{name}.md", text)
-    print(f"wrote {out / name}.json and .md", file=sys.stderr)
+    out = Path(args.out_dir) / (args.name or "vs_plain_" + "_".join(map(str, args.sizes)))
+    emit(markdown(report, args.ops), report, json_path=f"{out}.json", markdown_path=f"{out}.md")
+    print(f"wrote {out}.json and .md", file=sys.stderr)
     return 0
 
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from stlm_deploy.files import atomic_directory, atomic_write_json, sha256_file
-from stlm_deploy.spec import EngineSpec, Preprocessing, Source, Thresholds, write_spec
+from stlm_deploy.spec import IMG_SIZE_MULTIPLE, EngineSpec, Preprocessing, Source, Thresholds, is_img_size, write_spec
 
 from .calib import DEFAULT_MAX_IMAGES, CalibSet, TileLayout, calibration_images
 from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_onnx, save_onnx, set_metadata,
@@ -153,11 +153,12 @@ def parse_batch(value: Any) -> int | str:
 
 
 def check_img_size(value: Any) -> int | None:
-    """``--img-size``: a positive multiple of 64 (None keeps the checkpoint's size)."""
+    """``--img-size``: the one size rule (``spec.is_img_size``); None keeps the checkpoint's size."""
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 64:
-        raise ExportError(f"--img-size: must be a positive multiple of 64 (e.g. 256, 512, 1024), got {value!r}")
+    if not is_img_size(value):
+        raise ExportError(f"--img-size: must be a positive multiple of {IMG_SIZE_MULTIPLE} (e.g. 256, 512, 1024), "
+                          f"got {value!r}")
     return value
 
 

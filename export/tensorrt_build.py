@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 from stlm_deploy.backends import tensorrt_available
 from stlm_deploy.errors import BackendUnavailable
-from stlm_deploy.spec import EngineSpec
+from stlm_deploy.spec import IMG_SIZE_MULTIPLE, EngineSpec, is_img_size
 
 from .gate import Gate, backend_outputs
 
@@ -122,8 +122,8 @@ def builder_settings(trt_major: int, fp16: bool, batch: int | str, max_batch: in
     """
     if not isinstance(trt_major, int) or trt_major < 10:
         raise ValueError(f"TensorRT {trt_major} is not supported: TensorRT >= 10 is required")
-    if not isinstance(img_size, int) or img_size <= 0 or img_size % 64:
-        raise ValueError(f"img_size must be a positive multiple of 64, got {img_size!r}")
+    if not is_img_size(img_size):
+        raise ValueError(f"img_size must be a positive multiple of {IMG_SIZE_MULTIPLE}, got {img_size!r}")
     if workspace_mb <= 0:
         raise ValueError(f"workspace_mb must be positive, got {workspace_mb}")
     if batch == "dynamic":

@@ -29,7 +29,7 @@ __all__ = [
     "DEFAULT_STD", "ARTIFACT_KINDS",
     "PRECISIONS", "IMG_SIZE_MULTIPLE", "TensorSpec", "InputSpec", "Preprocessing", "Thresholds",
     "Source", "Artifact", "VariantGate", "VARIANT_BACKENDS", "EngineSpec", "load_spec", "write_spec", "verify_artifacts",
-    "resolve_engine", "artifact_entry", "display_path", "normalize_precision",
+    "resolve_engine", "artifact_entry", "display_path", "normalize_precision", "is_img_size",
 ]
 
 FORMAT = "stlm-engine"
@@ -164,6 +164,11 @@ class _Fields:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_img_size(value: Any) -> bool:
+    """The one size rule of every model, graph and engine: a positive int multiple of IMG_SIZE_MULTIPLE."""
+    return _is_int(value) and value > 0 and value % IMG_SIZE_MULTIPLE == 0
 
 
 def _is_number(v: Any) -> bool:
@@ -537,7 +542,7 @@ class EngineSpec:
             raise SpecError(f"{where}: field 'format_version' is {ver}, newer than this runtime supports "
                             f"({FORMAT_VERSION}): upgrade stlm-deploy or re-export with a matching version")
         img = f.get("img_size")
-        if not _is_int(img) or img <= 0 or img % IMG_SIZE_MULTIPLE:
+        if not is_img_size(img):
             raise f.fail("img_size", f"a positive multiple of {IMG_SIZE_MULTIPLE}", img)
         outs = f.get("outputs")
         if not isinstance(outs, list) or not outs:
@@ -600,7 +605,7 @@ class EngineSpec:
     def validate(self, where: str = SPEC_FILENAME) -> None:
         """Cross-field checks of the graph contract (input/outputs agree with img_size and batch; tiling)."""
         s, inp = self.img_size, self.input
-        if not _is_int(s) or s <= 0 or s % IMG_SIZE_MULTIPLE:
+        if not is_img_size(s):
             raise SpecError(f"{where}: field 'img_size' must be a positive multiple of {IMG_SIZE_MULTIPLE}, "
                             f"got {_short(s)}")
         pre = self.preprocessing

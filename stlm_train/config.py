@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Union
 
 from stlm_deploy.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES
+from stlm_deploy.spec import IMG_SIZE_MULTIPLE, is_img_size
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -182,8 +183,10 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def validate_img_size(img_size: int) -> int:
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0 or img_size % 64:
-        raise ValueError(f"img_size must be a positive multiple of 64 (e.g. 256, 512, 1024), got {img_size!r}")
+    """``img_size`` if it follows the one size rule (``stlm_deploy.spec.is_img_size``), else a one-line ValueError."""
+    if not is_img_size(img_size):
+        raise ValueError(f"img_size must be a positive multiple of {IMG_SIZE_MULTIPLE} (e.g. 256, 512, 1024), "
+                         f"got {img_size!r}")
     return img_size
 
 

@@ -87,13 +87,3 @@ def load_official_stfpm(snapshot: str | os.PathLike | Mapping[str, Any], img_siz
     load_resnet18_teacher(model, teacher)
     return model.eval()
 
-
-def official_stfpm_state_dict(model: STFPM, category: str = "") -> dict[str, Any]:
-    """Our STFPM -> the official snapshot layout (the matched stages only)."""
-    return {"category": category,
-            "state_dict": official_student_keymap(model.cfg.layers).invert(model.student.state_dict())}
-
-
-def torchvision_state_dict(model: STFPM) -> dict[str, torch.Tensor]:
-    """Our teacher -> torchvision key names (the matched stages only, no head)."""
-    return resnet_keymap(model.cfg.layers).invert(model.teacher.state_dict())

@@ -11,27 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FAHeadConfig
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block (3x3-BN-ReLU-3x3-BN + shortcut, ReLU)."""
-
-    def __init__(self, inplanes: int, planes: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+from .resnet import BasicBlock  # the ResNet block, same keys (conv1, bn1, conv2, bn2, downsample)
 
 
 class ConvNormAct(nn.Module):

@@ -1,0 +1,32 @@
+"""The one ending of every benchmark script: print the tables, write them as Markdown and the report as JSON.
+
+``--markdown FILE`` gets exactly the printed text, ``--json FILE`` the whole report (indented, values JSON
+cannot hold written as strings); both atomically, so an interrupted run never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stlm_deploy.files import atomic_write_text
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Indented JSON with a final newline, atomically; values JSON cannot hold become strings."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def emit(text: str, report: Any = None, *, json_path: str | os.PathLike | None = None,
+         markdown_path: str | os.PathLike | None = None, echo: Callable[[str], Any] | None = print) -> str:
+    """Print ``text`` (``echo``; None prints nothing), then write it to ``markdown_path`` and ``report`` to
+    ``json_path`` where given. Returns ``text``."""
+    if echo is not None:
+        echo(text)
+    if json_path:
+        write_json(json_path, report)
+    if markdown_path:
+        atomic_write_text(markdown_path, text)
+    return text
