@@ -62,12 +62,9 @@ def _dims(shape: list[int]) -> str:
 
 
 def _parameters(spec: EngineSpec, artifact: str, precision: str | None) -> dict[str, str]:
-    t = spec.thresholds
     params = {"stlm.name": spec.name, "stlm.model_family": spec.model_family, "stlm.img_size": str(spec.img_size),
               "stlm.resize": spec.preprocessing.resize, "stlm.top_k": str(spec.top_k),
-              "stlm.thresholds.image": json.dumps(t.image), "stlm.thresholds.pixel": json.dumps(t.pixel),
-              "stlm.thresholds.score_min": json.dumps(t.score_min),
-              "stlm.thresholds.score_max": json.dumps(t.score_max), "stlm.thresholds.method": t.method,
+              **spec.thresholds.to_parameters(),
               "stlm.input.fused_preprocessing": json.dumps(spec.input.fused_preprocessing),
               "stlm.artifact": artifact, "stlm.precision": precision or "default",
               "stlm.source.sha256": spec.source.sha256}

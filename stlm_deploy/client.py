@@ -27,7 +27,6 @@ for errors raised inside the model is reduced to its last ``...Error: message`` 
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 from .detector import DEFAULT_CHUNK, Prediction
 from .errors import DeployError
 from .images import DEFAULT_MAX_PIXELS
-from .normalization import normalized_score
+from .decision import decide
 from .preprocess import DEFAULT_RESIZE, prepare_batch, resize_map, split_images, to_rgb, work_image
 from .serve import INPUT_BYTES, INPUT_IMAGE
 from .spec import FORMAT_VERSION, Thresholds
@@ -70,23 +69,6 @@ def server_error(e: BaseException) -> str:
         if m:
             return m.group(2)
     return lines[0] if lines else type(e).__name__
-
-
-def _thresholds_from(params: dict[str, str]) -> Thresholds | None:
-    """Thresholds from the ``stlm.thresholds.*`` parameters of a repository model config (None: absent)."""
-    if "stlm.thresholds.image" not in params:
-        return None
-
-    def num(key: str) -> float | None:
-        try:
-            v = json.loads(params.get(key, "null") or "null")
-        except ValueError:
-            return None
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    lo, hi = num("stlm.thresholds.score_min"), num("stlm.thresholds.score_max")
-    return Thresholds(image=num("stlm.thresholds.image"), pixel=num("stlm.thresholds.pixel"),
-                      method=params.get("stlm.thresholds.method", "none"), score_min=lo, score_max=hi)
 
 
 def _tiling_from(params: dict[str, str], img_size: int, where: str) -> Tiling | None:
@@ -166,7 +148,7 @@ class RemoteDetector:
         except DeployError:
             self.close()
             raise
-        self.spec = _RemoteSpec(self.model, thresholds or _thresholds_from(params) or Thresholds())
+        self.spec = _RemoteSpec(self.model, thresholds or Thresholds.from_parameters(params) or Thresholds())
         self.engine_dir = self.url
 
     def _config(self) -> dict[str, Any]:
@@ -220,13 +202,13 @@ class RemoteDetector:
             maps = res.as_numpy("anomaly_map") if with_map else None
             t = self.spec.thresholds
             for j, s in enumerate(scores):
-                m = maps[j].astype(np.float32) if maps is not None else np.zeros((0, 0), np.float32)
-                n = float(norm[j])
+                m = maps[j].astype(np.float32) if maps is not None else None
+                d = decide(float(s), m, t)
+                n = float(norm[j])  # the server decided (NaN: it has no image threshold)
                 preds.append(Prediction(
-                    score=float(s), anomaly_map=m,
-                    is_anomalous=bool(flags[j]) if np.isfinite(n) else None,
-                    mask=(m > t.pixel) if (t.pixel is not None and maps is not None) else None,
-                    normalized_score=n if np.isfinite(n) else normalized_score(float(s), t), backend="triton"))
+                    score=float(s), anomaly_map=m if m is not None else np.zeros((0, 0), np.float32),
+                    is_anomalous=bool(flags[j]) if np.isfinite(n) else None, mask=d.mask,
+                    normalized_score=n if np.isfinite(n) else d.normalized_score, backend="triton"))
         return preds
 
     def _run_raw(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -251,10 +233,8 @@ class RemoteDetector:
         return out
 
     def _raw_prediction(self, score: float, small_map: np.ndarray, size: tuple[int, int], n_tiles: int) -> Prediction:
-        t = self.spec.thresholds
         m = resize_map(small_map, size)
-        return Prediction(score=score, anomaly_map=m, is_anomalous=None if t.image is None else bool(score > t.image),
-                          mask=None if t.pixel is None else m > t.pixel, normalized_score=normalized_score(score, t),
+        return Prediction(score=score, anomaly_map=m, **decide(score, m, self.spec.thresholds)._asdict(),
                           backend="triton", n_tiles=n_tiles)
 
     def _predict_raw(self, imgs: list[np.ndarray], bgr: bool) -> list[Prediction]:

@@ -33,7 +33,7 @@ import numpy as np
 from .backends import Backend, backend_class
 from .errors import BackendUnavailable, DeployError, NonFiniteOutput, SpecError
 from .images import DEFAULT_MAX_PIXELS
-from .normalization import normalized_score
+from .decision import decide
 from .preprocess import make_input, prepare_batch, resize_map, split_images, to_rgb, work_image
 from .selection import (BACKEND_CHOICES, Planner, accepted_options, artifact_hint, auto_candidates,
                         explicit_candidates)
@@ -56,7 +56,7 @@ class Prediction:
     ``is_anomalous`` is ``score > thresholds.image`` and ``mask`` is ``anomaly_map > thresholds.pixel``;
     both are None when the engine has no such threshold. ``extra_maps`` holds further per-pixel
     outputs of the graph (e.g. ``tlm_map``), also at the original size. ``normalized_score`` is the
-    score mapped to [0, 1] with the threshold at 0.5 (:mod:`stlm_deploy.normalization`); the raw
+    score mapped to [0, 1] with the threshold at 0.5 (:mod:`stlm_deploy.decision`); the raw
     ``score`` is kept.
     """
 
@@ -253,13 +253,9 @@ class Detector:
                     size: tuple[int, int], n_tiles: int = 1) -> Prediction:
         """One result from the graph-side map (img_size, or a tiled engine's stitched work map) and its score."""
         m = resize_map(small_map, size)
-        t_img, t_pix = self.spec.thresholds.image, self.spec.thresholds.pixel
         return Prediction(
-            score=score, anomaly_map=m,
-            is_anomalous=None if t_img is None else bool(score > t_img),
-            mask=None if t_pix is None else m > t_pix,
+            score=score, anomaly_map=m, **decide(score, m, self.spec.thresholds)._asdict(),
             extra_maps={k: resize_map(np.asarray(v, np.float32), size) for k, v in extras.items()},
-            normalized_score=normalized_score(score, self.spec.thresholds),
             backend=self.backend.name, precision=self.backend.precision, n_tiles=n_tiles)
 
     def _postprocess(self, outs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[Prediction]:

@@ -1,52 +1,7 @@
-"""The normalized score: the raw image score mapped so that the image threshold lands on 0.5.
-
-    normalized = clip((score - threshold) / (score_max - score_min) + 0.5, 0, 1)
-
-``score_min``/``score_max`` are the lowest/highest image scores seen at calibration (held-out good
-images and their pseudo-anomalous versions, recorded by stlm-train and copied into stlm.json's
-``thresholds`` by stlm-export). Anomalib users know this convention: 0.5 is the decision boundary
-whatever the model, so dashboards and alarms need not know each engine's raw scale.
-
-Older engine directories without ``score_min``/``score_max``: the span falls back to
-:data:`FALLBACK_SPAN` = 1, the range of the anomaly map (values in [0, 1], so scores too); the
-threshold still maps to 0.5 and the order of scores is kept. Engines without an image threshold
-have no normalized score (None; NaN on the server, where the output is a tensor).
-The C++ runtime (``stlm_deploy/cpp/src/detector.cpp``) implements the same formula and fallback.
-"""
+"""Kept for code written against README's client step: the normalized score now lives in
+:mod:`stlm_deploy.decision` with the rest of the decision rule."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-if TYPE_CHECKING:
-    from .spec import Thresholds
+from .decision import FALLBACK_SPAN, normalize_scores, normalized_score, score_span
 
 __all__ = ["FALLBACK_SPAN", "score_span", "normalized_score", "normalize_scores"]
-
-#: span used when stlm.json does not record score_min/score_max (engines exported before they existed)
-FALLBACK_SPAN = 1.0
-
-
-def score_span(thresholds: "Thresholds") -> float:
-    """``score_max - score_min`` from calibration, else :data:`FALLBACK_SPAN`."""
-    lo, hi = thresholds.score_min, thresholds.score_max
-    if lo is None or hi is None or not hi > lo:
-        return FALLBACK_SPAN
-    return float(hi) - float(lo)
-
-
-def normalize_scores(scores: np.ndarray, thresholds: "Thresholds") -> np.ndarray:
-    """float32 normalized scores for an array of raw scores (NaN everywhere when there is no threshold)."""
-    s = np.asarray(scores, dtype=np.float64)
-    if thresholds.image is None:
-        return np.full(s.shape, np.nan, dtype=np.float32)
-    out = np.clip((s - float(thresholds.image)) / score_span(thresholds) + 0.5, 0.0, 1.0)
-    return out.astype(np.float32)
-
-
-def normalized_score(score: float, thresholds: "Thresholds") -> float | None:
-    """One raw score -> its normalized score in [0, 1], or None when the engine has no image threshold."""
-    if thresholds.image is None:
-        return None
-    return float(normalize_scores(np.asarray([score]), thresholds)[0])

@@ -40,7 +40,6 @@ import numpy as np
 
 from .errors import DeployError
 from .images import DEFAULT_MAX_PIXELS, decode_image_rgb
-from .normalization import normalize_scores
 
 __all__ = ["ServeOptions", "StlmServer", "DetectorModel", "python_library_env", "wait_model_ready",
            "INPUT_IMAGE", "INPUT_BYTES", "OUTPUTS"]
@@ -143,14 +142,13 @@ class DetectorModel:
         per_request = [self._images(req, r) for r, req in enumerate(requests)]
         flat = [im for ims in per_request for im in ims]
         preds = self.det.predict(flat) if flat else []
-        thresholds = self.det.spec.thresholds
         responses, k = [], 0
         for r, (req, ims) in enumerate(zip(requests, per_request)):
             mine = preds[k:k + len(ims)]
             k += len(ims)
-            scores = np.asarray([p.score for p in mine], dtype=np.float32)
-            out = {"score": scores.reshape(-1, 1),
-                   "normalized_score": normalize_scores(scores, thresholds).reshape(-1, 1),
+            out = {"score": np.asarray([p.score for p in mine], dtype=np.float32).reshape(-1, 1),
+                   "normalized_score": np.asarray([np.nan if p.normalized_score is None else p.normalized_score
+                                                   for p in mine], dtype=np.float32).reshape(-1, 1),
                    "is_anomalous": np.asarray([bool(p.is_anomalous) for p in mine], dtype=bool).reshape(-1, 1)}
             wanted = getattr(req, "requested_output_names", None)
             if wanted is None or "anomaly_map" in wanted:

@@ -48,6 +48,7 @@ IMG_SIZE_MULTIPLE = 64  # TinyViT patch 16 x the 4x stride of the last stage
 LAYOUTS = ("NHWC", "NCHW")
 INPUT_DTYPES = ("uint8", "float32", "float16")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PARAM = "stlm.thresholds."  # prefix of the threshold parameters of a Triton model config
 
 _PRECISION_ALIASES = {"fp32": "fp32", "f32": "fp32", "float32": "fp32", "fp16": "fp16", "f16": "fp16",
                       "float16": "fp16", "half": "fp16", "bf16": "bf16", "bfloat16": "bf16",
@@ -347,6 +348,28 @@ class Thresholds:
         if self.score_min is not None or self.score_max is not None:
             out.update(score_min=self.score_min, score_max=self.score_max)
         return {**out, **self.extra}
+
+    def to_parameters(self) -> dict[str, str]:
+        """The ``stlm.thresholds.*`` string parameters of a Triton model config (:meth:`from_parameters`)."""
+        return {f"{_PARAM}image": json.dumps(self.image), f"{_PARAM}pixel": json.dumps(self.pixel),
+                f"{_PARAM}score_min": json.dumps(self.score_min), f"{_PARAM}score_max": json.dumps(self.score_max),
+                f"{_PARAM}method": self.method}
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> "Thresholds | None":
+        """Thresholds from Triton model-config parameters (None: not there); an unreadable number is None."""
+        if f"{_PARAM}image" not in params:
+            return None
+
+        def num(key: str) -> float | None:
+            try:
+                v = json.loads(params.get(f"{_PARAM}{key}", "null") or "null")
+            except ValueError:
+                return None
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        return cls(image=num("image"), pixel=num("pixel"), method=params.get(f"{_PARAM}method", "none"),
+                   score_min=num("score_min"), score_max=num("score_max"))
 
 
 @dataclass

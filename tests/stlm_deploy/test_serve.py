@@ -315,12 +315,12 @@ def raw_repository_model(engine: Path, tmp_path: Path):
 def test_client_step_for_a_raw_repository_model(engine: Path, local: Detector, tmp_path: Path) -> None:
     """``stlm-export --target triton`` models serve the raw graph; RemoteDetector does the documented client
     step (resize, resize back, decide with the config's ``stlm.*`` parameters)."""
-    from stlm_deploy.client import _thresholds_from
+    from stlm_deploy.spec import Thresholds
 
     with raw_repository_model(engine, tmp_path) as (url, name, params):
-        assert _thresholds_from(params) == local.spec.thresholds
+        assert Thresholds.from_parameters(params) == local.spec.thresholds
         imgs = images(2) + [sample_image(100, 40, 5)]
-        with RemoteDetector(url, name, thresholds=_thresholds_from(params)) as rd:
+        with RemoteDetector(url, name, thresholds=Thresholds.from_parameters(params)) as rd:
             assert rd.raw and rd.img_size == 64 and rd.tiling is None
             got = rd.predict(imgs)
         assert_same(got, local.predict(imgs))
@@ -331,7 +331,8 @@ def test_tiled_engine_on_the_server_and_through_the_raw_client_step(tmp_path: Pa
     (the client cuts and blends the tiles) give the local Detector's stitched map within 1e-5. (The stand-in
     Triton model cannot carry the config's parameters: thresholds and tiling are parsed from the generated
     config.pbtxt and handed over, as in the untiled test.)"""
-    from stlm_deploy.client import _thresholds_from, _tiling_from
+    from stlm_deploy.client import _tiling_from
+    from stlm_deploy.spec import Thresholds
 
     tiled = make_engine(tmp_path, "tiled", work_size=160, image_threshold=0.55, pixel_threshold=0.6,
                         score_range=(0.3, 0.9))
@@ -351,7 +352,7 @@ def test_tiled_engine_on_the_server_and_through_the_raw_client_step(tmp_path: Pa
         assert params["stlm.format_version"] == "2" and params["stlm.preprocessing.work_size"] == "160"
         tiling = _tiling_from(params, 64, "config.pbtxt")
         assert tiling == det.tiling
-        with RemoteDetector(url, name, thresholds=_thresholds_from(params), tiling=tiling) as rd:
+        with RemoteDetector(url, name, thresholds=Thresholds.from_parameters(params), tiling=tiling) as rd:
             assert rd.raw and rd.tiling is not None and rd.tiling.work_size == 160
             got = rd.predict(imgs)
         assert_same(got, ref)

@@ -1,4 +1,5 @@
-"""Normalized score: threshold -> 0.5, span = calibration score range (fallback 1), clipped to [0, 1]."""
+"""The decision rule: strict thresholds, normalized score (threshold -> 0.5, span = calibration score range,
+fallback 1, clipped to [0, 1])."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 
 from stlm_deploy import Detector
 from stlm_deploy.errors import SpecError
-from stlm_deploy.normalization import FALLBACK_SPAN, normalize_scores, normalized_score
+from stlm_deploy.decision import FALLBACK_SPAN, decide, normalize_scores, normalized_score
 from stlm_deploy.spec import SPEC_FILENAME, Thresholds, load_spec
 from tests.contract_engine import make_engine, sample_image
 
@@ -25,6 +26,16 @@ def test_formula_clip_and_fallback() -> None:
     assert np.isnan(normalize_scores(np.array([0.1, 0.2]), Thresholds())).all()
     scores = np.linspace(0, 1, 11)
     assert np.all(np.diff(normalize_scores(scores, t)) >= 0)  # order kept
+
+
+def test_decide_is_strict_and_says_none_without_a_threshold() -> None:
+    amap = np.array([[0.2, 0.5], [0.7, 0.5]], np.float32)
+    d = decide(0.6, amap, Thresholds(image=0.6, pixel=0.5, score_min=0.2, score_max=1.0))
+    assert d.is_anomalous is False and d.normalized_score == pytest.approx(0.5)
+    assert d.mask.tolist() == [[False, False], [True, False]]
+    assert decide(0.61, amap, Thresholds(image=0.6)).is_anomalous is True
+    assert decide(0.61, None, Thresholds(image=0.6, pixel=0.5)).mask is None  # a server answer without a map
+    assert decide(0.9, amap, Thresholds()) == (None, None, None)
 
 
 def test_spec_round_trip_and_validation(tmp_path: Path) -> None:
