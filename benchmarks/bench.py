@@ -149,9 +149,9 @@ def load_labelled(root: str, fmt: str, category: str | None, img_size: int | Non
 def accuracy(scores: np.ndarray, maps: np.ndarray, data: LabelledSet, ref_scores: np.ndarray | None = None,
              threshold: float | None = None) -> dict[str, float]:
     """Metrics on the labelled set, plus ``agreement``: the share of images whose decision at the stored
-    image threshold (the export gate's rule, :func:`stlm_export.int8_gate.decision_threshold`) matches
+    image threshold (the export gate's rule, :func:`stlm_export.int8.gate.decision_threshold`) matches
     the eager fp32 reference's."""
-    from stlm_export.int8_gate import decision_threshold
+    from stlm_export.int8.gate import decision_threshold
     from stlm_train.metrics import compute_metrics
 
     m = {k: float(v) for k, v in compute_metrics(scores, data.labels, maps, data.masks).items()}

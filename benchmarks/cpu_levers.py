@@ -67,7 +67,7 @@ def _int8_variants(fp32: Path, tmp: Path, images: np.ndarray) -> dict[str, Path]
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    from stlm_export.quantize_ort import ORT_INT8_POLICY, _excluded, _Reader
+    from stlm_export.int8.ort import ORT_INT8_POLICY, _excluded, _Reader
 
     pre = tmp / "pre.onnx"
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)

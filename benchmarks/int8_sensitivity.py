@@ -3,11 +3,11 @@
     python -m stlm_bench.int8_sensitivity --engine engines/bottle_256 --val-data ../shared/data/mvtec_bottle_xs \\
         --json benchmarks/results/int8_sensitivity_256.json --markdown benchmarks/results/int8_sensitivity_256.md
 
-Every candidate is a :class:`stlm_export.quantize_ort.QdqPolicy` applied to the engine's verified fp32
+Every candidate is a :class:`stlm_export.int8.ort.QdqPolicy` applied to the engine's verified fp32
 ``model.onnx`` with the calibration images the export used (listed in its parity.json), then gated
 against fp32 on the labelled validation images with the export's own gate
-(:func:`stlm_export.int8_gate.int8_compare`) and timed (ONNX Runtime CPU, batch 1). The rows are the
-evidence behind :data:`stlm_export.quantize_ort.ORT_INT8_POLICY` (docs/int8.md).
+(:func:`stlm_export.int8.gate.int8_compare`) and timed (ONNX Runtime CPU, batch 1). The rows are the
+evidence behind :data:`stlm_export.int8.ort.ORT_INT8_POLICY` (docs/int8.md).
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from stlm_deploy.spec import load_spec, resolve_engine
     from stlm_export.calib import load_images
     from stlm_export.gate import backend_outputs
-    from stlm_export.int8_data import int8_validation
-    from stlm_export.int8_gate import int8_compare
-    from stlm_export.quantize_ort import QdqPolicy, op_type_sensitivity
+    from stlm_export.int8.data import int8_validation
+    from stlm_export.int8.gate import int8_compare
+    from stlm_export.int8.ort import QdqPolicy, op_type_sensitivity
 
     engine_dir, _ = resolve_engine(args.engine)
     spec = load_spec(engine_dir)

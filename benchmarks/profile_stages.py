@@ -166,7 +166,7 @@ def openvino_profile(onnx_path: Path, img_size: int, runs: int, threads: int, pr
 def _unpublished_qdq(engine_dir: Path, spec: Any) -> Path:
     """The export's Q/DQ graph rebuilt in a temp folder (same policy, same calibration images)."""
     from stlm_export.calib import load_images
-    from stlm_export.quantize_ort import ORT_INT8_POLICY, quantize_qdq
+    from stlm_export.int8.ort import ORT_INT8_POLICY, quantize_qdq
 
     parity = json.loads((engine_dir / "parity.json").read_text())
     paths = [Path(p) for p in ((parity.get("int8") or {}).get("data") or {}).get("calibration", {}).get("images", [])]

@@ -78,7 +78,7 @@ def in_process(engine: str, backend: str, images: list[np.ndarray], batch: int, 
 def start_server(engine: str, backend: str, name: str, max_batch: int, delay_us: int,
                  timeout_s: float) -> tuple[subprocess.Popen, dict[str, int]]:
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    cmd = [sys.executable, "-m", "stlm_deploy.serve_cli", engine, "--backend", backend, "--name", name,
+    cmd = [sys.executable, "-m", "stlm_deploy.serving.cli", engine, "--backend", backend, "--name", name,
            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port",
            str(ports["metrics"]), "--max-batch", str(max_batch), "--max-queue-delay-us", str(delay_us)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

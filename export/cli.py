@@ -19,7 +19,7 @@ import click
 from stlm_deploy.console import CommandError, OneLineCommand, require_extra
 
 from .calib import DEFAULT_MAX_IMAGES
-from .int8_data import DEFAULT_VAL_IMAGES
+from .int8.data import DEFAULT_VAL_IMAGES
 from .opset import DEFAULT_OPSET
 from .tensorrt_build import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB
 

@@ -13,11 +13,11 @@ Order of work (each step gated before the next one runs):
 6. TensorRT plan + sidecar (needs TensorRT and a GPU), gated through the runtime's TensorRT backend;
 6b. ``--int8``: ``model.int8.onnx`` (Q/DQ), ``openvino/model.int8.xml`` (NNCF) and, with TensorRT,
    ``model.int8.plan``, each published only if it passes the INT8 accuracy gate
-   (:mod:`stlm_export.int8_build`); a failing INT8 artifact never stops the others;
+   (:mod:`stlm_export.int8.build`); a failing INT8 artifact never stops the others;
 7. ``parity.json``, Polygraphy ``inputs.json``/``outputs.json``, ``stlm.json`` with every artifact's
    sha256 and ``variants``: for every variant the runtimes can select, whether it is gated and why.
 
-The task gates (bf16/fp16 and INT8) judge on one set of gate images (:mod:`stlm_export.int8_data`:
+The task gates (bf16/fp16 and INT8) judge on one set of gate images (:mod:`stlm_export.int8.data`:
 ``--val-data``, the checkpoint's test or held-out split, the bundled sample, ...), never on the INT8
 calibration images; how much evidence they had is printed, and a warning is printed (and kept in
 parity.json and stlm.json) for every limit the images are too few to resolve.
@@ -54,8 +54,8 @@ from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
 from .gate import (POLYGRAPHY_RUNNER, Gate, ParityGateError, Tolerance, normalize_images, ort_outputs,
                    polygraphy_command, reference_outputs, write_polygraphy_files)
-from .int8_build import Int8Outcome, build_gated_int8
-from .int8_data import DEFAULT_VAL_IMAGES, ValSet, gate_data
+from .int8.build import Int8Outcome, build_gated_int8
+from .int8.data import DEFAULT_VAL_IMAGES, ValSet, gate_data
 from .openvino_build import build_gated_openvino
 from .precision_gate import GateImages, PrecisionOutcome, variant_summary
 from .task_gate import Int8Tolerance, TaskTolerance

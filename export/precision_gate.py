@@ -27,7 +27,7 @@ import numpy as np
 
 from .calib import stitched
 from .gate import OPENVINO_GATE_CHUNK, ParityRecord, backend_outputs
-from .int8_data import ValSet
+from .int8.data import ValSet
 from .task_gate import TASK_TOLERANCE, TaskRecord, TaskTolerance, task_compare
 
 __all__ = ["FLOAT_PRECISIONS", "GateImages", "PrecisionOutcome", "gate_openvino_precisions", "variant_summary",
@@ -146,7 +146,7 @@ def variant_summary(parity: list[ParityRecord], precision: PrecisionOutcome | No
     """stlm.json ``variants``: for every selectable variant, its artifact, ``gated`` and why (module docstring).
 
     ``built``: which artifacts this export wrote (``model.fp16.onnx``, ``openvino/model.xml``, ``int8``).
-    ``int8``: the :class:`stlm_export.int8_build.Int8Outcome` or None when ``--int8`` was not asked for.
+    ``int8``: the :class:`stlm_export.int8.build.Int8Outcome` or None when ``--int8`` was not asked for.
     """
     by_art = {r.artifact: r for r in parity}
     out: dict[str, dict[str, Any]] = {}

@@ -248,7 +248,7 @@ def gate_margin(fp32: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], l
     return 1.0 + min(0.0, *terms)
 
 
-# The INT8 names this gate was first written under (stlm_export.int8_gate re-exports them).
+# The INT8 names this gate was first written under (stlm_export.int8.gate re-exports them).
 Int8Tolerance = TaskTolerance
 INT8_TOLERANCE = TASK_TOLERANCE
 Int8Record = TaskRecord

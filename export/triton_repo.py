@@ -18,7 +18,7 @@ The resize to ``S`` and back and the decision (``score > threshold``, the normal
 documented CLIENT step, not an ensemble: stock Triton images have no OpenCV in the Python backend.
 The client resizes with :func:`stlm_deploy.preprocess.prepare_batch`, maps the anomaly map back with
 :func:`stlm_deploy.preprocess.resize_map` and decides with the ``stlm.*`` parameters
-(:mod:`stlm_deploy.normalization`): :class:`stlm_deploy.client.RemoteDetector` does exactly that when it
+(:mod:`stlm_deploy.decision`): :class:`stlm_deploy.serving.client.RemoteDetector` does exactly that when it
 finds such a model (``stlm-infer --url`` too); ``stlm-serve`` does all of it on the server instead. A tiled
 engine's models carry ``stlm.format_version`` (2) and ``stlm.preprocessing.work_size`` / ``tile_overlap`` /
 ``tile_blend``: the client step then tiles (:mod:`stlm_deploy.tiling`) and sends the tiles.
@@ -71,7 +71,7 @@ def _parameters(spec: EngineSpec, artifact: str, precision: str | None) -> dict[
     if not spec.input.fused_preprocessing:
         params["stlm.preprocessing.mean"] = json.dumps(spec.preprocessing.mean)
         params["stlm.preprocessing.std"] = json.dumps(spec.preprocessing.std)
-    if spec.tiling is not None:  # the client step tiles (stlm_deploy.client); format_version says it must
+    if spec.tiling is not None:  # the client step tiles (stlm_deploy.serving.client); format_version says it must
         params["stlm.format_version"] = str(spec.format_version)
         params.update({f"stlm.preprocessing.{k}": str(v) for k, v in spec.tiling.to_preprocessing().items()})
     return params

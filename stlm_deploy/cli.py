@@ -4,7 +4,7 @@
                [--threads N] [--batch-size N] [--max-pixels N] [--no-overlays] [--save-maps] INPUT... --out DIR
     stlm-infer --url http://HOST:PORT [--model NAME] [--engine ENGINE_DIR] ... INPUT... --out DIR
 
-With ``--url`` the images are scored by a running stlm-serve / Triton (:mod:`stlm_deploy.client`, HTTP
+With ``--url`` the images are scored by a running stlm-serve / Triton (:mod:`stlm_deploy.serving.client`, HTTP
 or gRPC) and the same files are written; ``--engine`` then only supplies the pixel threshold that
 outlines defects in overlays and maps (optional).
 
@@ -78,7 +78,7 @@ def _local(engine: str | None, backend: str, precision: str | None, threads: int
 
 def _remote(url: str, model: str | None, engine: str | None, max_pixels: int) -> Any:
     require_extra("stlm-infer --url", "client")
-    from .client import RemoteDetector
+    from .serving.client import RemoteDetector
     from .spec import load_spec
 
     thresholds = load_spec(engine).thresholds if engine else None

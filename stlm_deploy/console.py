@@ -129,12 +129,15 @@ class OneLineCommand(click.Command):
 
 def runtime_options(command: Any) -> Any:
     """``--backend``, ``--precision``, ``--threads``: how a Detector is loaded, the same in every command
-    that loads one (stlm-infer, stlm-serve)."""
+    that loads one (stlm-infer, stlm-serve); the choices are the runtime's own lists."""
+    from .selection import BACKEND_CHOICES
+    from .spec import PRECISIONS
+
     for option in reversed((
-            click.option("--backend", type=click.Choice(["auto", "ort", "openvino", "tensorrt"]), default="auto",
+            click.option("--backend", type=click.Choice(list(BACKEND_CHOICES)), default="auto",
                          show_default=True,
                          help="Runtime; auto = the Detector's rule (tensorrt > ort-cuda > openvino > ort-cpu)."),
-            click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "f32", "f16"]),
+            click.option("--precision", type=click.Choice([*PRECISIONS, "f32", "f16"]),
                          default=None, help="Precision to run at (default: the backend's default for this engine)."),
             click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ort/openvino)."))):
         command = option(command)

@@ -21,7 +21,6 @@ Integrity errors (bad checksum, invalid spec, graph/spec mismatch) are never ski
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,14 +29,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import Backend, backend_class
-from .errors import BackendUnavailable, DeployError, NonFiniteOutput, SpecError
+from .backends import Backend
+from .errors import DeployError, NonFiniteOutput, SpecError
 from .images import DEFAULT_MAX_PIXELS
 from .decision import decide
 from .preprocess import make_input, prepare_batch, resize_map, split_images, to_rgb, work_image
-from .selection import (BACKEND_CHOICES, Planner, accepted_options, artifact_hint, auto_candidates,
-                        explicit_candidates)
-from .spec import EngineSpec, display_path, load_spec, normalize_precision, resolve_engine, verify_artifacts
+from .selection import BACKEND_CHOICES, open_backend
+from .spec import EngineSpec, display_path, load_spec, normalize_precision, resolve_engine
 from .tiling import run_tiled
 
 __all__ = ["Detector", "Prediction", "DEFAULT_CHUNK"]
@@ -133,55 +131,20 @@ class Detector:
         precision = normalize_precision(precision)
         engine_dir, hint_path = resolve_engine(engine)
         spec = load_spec(engine_dir)
-        planner = Planner(engine_dir, spec, precision)
-        hint = artifact_hint(engine_dir, spec, hint_path, backend, precision)
-        if threads is not None:
-            backend_options["threads"] = threads
-        if backend == "auto" and "providers" in backend_options:
-            raise DeployError("providers: only valid with backend='ort' (auto chooses CUDA or CPU itself)")
-        notes: list[str] = []
-        if backend != "auto":
-            cands = explicit_candidates(planner, backend, hint, backend_options)
-        else:
-            cands = auto_candidates(planner, hint, notes, threads)
-        last_error: DeployError | None = None
-        for cand in cands:
-            klass = backend_class(cand.backend)
-            options = {**cand.options, **backend_options} if backend != "auto" else \
-                {**cand.options, **accepted_options(klass, backend_options)[0]}
-            if backend != "auto":
-                if "threads" in options and "threads" not in inspect.signature(klass.__init__).parameters:
-                    options.pop("threads")  # generic CPU option; meaningless for GPU backends
-                _, unknown = accepted_options(klass, options)
-                if unknown:
-                    raise DeployError(f"{cand.backend} backend: unknown option(s) {', '.join(sorted(unknown))}")
-            if verify:
-                verify_artifacts(engine_dir, spec, cand.verify)
-            runner = klass(engine_dir / cand.artifact, **options)
-            try:
-                runner.activate()
-            except BackendUnavailable as e:
-                if backend != "auto":
-                    raise
-                notes.append(f"{cand.label}: {e}")
-                last_error = e
-                continue
-            try:
-                det = cls(spec, engine_dir, runner, engine_dir / cand.artifact,
-                          selected_by=backend if backend != "auto" else "auto", selection_notes=notes,
-                          batch_size=batch_size, max_pixels=max_pixels)
-            except BaseException:
-                runner.deactivate()  # e.g. the graph does not match stlm.json: free the session
-                raise
-            if backend == "auto":
-                log.info("stlm_deploy: auto backend picked %s (%s, precision %s, %s)%s", runner.name, cand.artifact,
-                         runner.precision, ", ".join(runner.providers_used),
-                         ("; notes: " + " | ".join(notes)) if notes else "")
-            return det
-        if len(cands) == 1 and last_error is not None:
-            raise last_error
-        detail = " | ".join(notes) if notes else (str(last_error) if last_error else "no candidates")
-        raise DeployError(f"{display_path(engine_dir)}: no backend can run this engine here ({detail})")
+        runner, cand, notes = open_backend(engine_dir, spec, backend, precision, hint_path, threads, verify,
+                                           backend_options)
+        try:
+            det = cls(spec, engine_dir, runner, engine_dir / cand.artifact,
+                      selected_by=backend if backend != "auto" else "auto", selection_notes=notes,
+                      batch_size=batch_size, max_pixels=max_pixels)
+        except BaseException:
+            runner.deactivate()  # e.g. the graph does not match stlm.json: free the session
+            raise
+        if backend == "auto":
+            log.info("stlm_deploy: auto backend picked %s (%s, precision %s, %s)%s", runner.name, cand.artifact,
+                     runner.precision, ", ".join(runner.providers_used),
+                     ("; notes: " + " | ".join(notes)) if notes else "")
+        return det
 
     def _check_graph(self) -> None:
         """The loaded graph must be the one stlm.json describes (names, batch, outputs)."""

@@ -1,7 +1,8 @@
 """Which artifact of an engine directory runs, on which backend: the planner behind ``Detector.load``.
 
-Pure decisions over ``stlm.json`` and the files present (no backend is activated here), so they can
-be read and tested on their own. ``backend="auto"`` tries, in order: TensorRT (plan present,
+The decisions are pure, over ``stlm.json`` and the files present, so they can be read and tested on
+their own; :func:`open_backend` is the one place that then tries the candidates in order and activates the
+first that runs. ``backend="auto"`` tries, in order: TensorRT (plan present,
 tensorrt + cuda-python importable) > ONNX Runtime with CUDA > OpenVINO (IR, else ONNX) > ONNX Runtime
 on CPU; a candidate that cannot run here is skipped with a note saying why. Before the CPU ones goes,
 when no precision or file was asked for, the fastest gated variant that ``stlm-bench`` timed on this
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from .backends import module_importable, tensorrt_available
+from .backends import Backend, backend_class, module_importable, tensorrt_available
 from .errors import BackendUnavailable, DeployError
-from .spec import Artifact, EngineSpec, display_path
+from .spec import Artifact, EngineSpec, display_path, verify_artifacts
 
 __all__ = ["BACKEND_CHOICES", "Candidate", "Planner", "accepted_options", "artifact_hint", "explicit_candidates",
-           "auto_candidates", "default_precision"]
+           "auto_candidates", "default_precision", "open_backend"]
 
 BACKEND_CHOICES = ("auto", "ort", "openvino", "tensorrt")
 _CONVENTIONAL_ONNX = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
@@ -90,8 +91,9 @@ class Planner:
             extra = [rel + ".json"]
         return [rel] + [e for e in extra if e in self.spec.artifacts or (not self.spec.artifacts and self.exists(e))]
 
-    def onnx(self, hint: str | None = None) -> str:
-        prec = self.precision or "fp32"
+    def onnx(self, hint: str | None = None, precision: str | None = None) -> str:
+        """The ONNX file at ``precision`` (default: the planner's, else fp32)."""
+        prec = precision or self.precision or "fp32"
         if hint:
             return hint
         names = _listed(self.spec, "onnx", prec)
@@ -118,11 +120,7 @@ class Planner:
             return _pick(names, "openvino/model.xml")
         if not self.spec.artifacts and self.exists("openvino/model.xml"):
             return "openvino/model.xml"
-        saved, self.precision = self.precision, None  # the IR hint is a compile option: read fp32 ONNX
-        try:
-            return self.onnx()
-        finally:
-            self.precision = saved
+        return self.onnx(precision="fp32")  # the precision is a compile option of the IR: read fp32 ONNX
 
     def tensorrt(self, hint: str | None = None) -> str:
         if hint:
@@ -243,3 +241,56 @@ def auto_candidates(planner: Planner, hint: str | None, notes: list[str], thread
         raise DeployError(f"{planner.where}: no backend can run this engine here ({' | '.join(notes)}); "
                           "install one: pip install 'stlm-deploy[cpu]' (onnxruntime) or '[openvino]'")
     return cands
+
+
+def _backend_options(klass: type, cand: Candidate, options: dict[str, Any], auto: bool) -> dict[str, Any]:
+    """The constructor options of one candidate: auto passes what the backend knows; an explicit backend
+    gets everything and an unknown option is an error (``threads`` is dropped where meaningless)."""
+    if auto:
+        return {**cand.options, **accepted_options(klass, options)[0]}
+    merged = {**cand.options, **options}
+    if "threads" in merged and "threads" not in inspect.signature(klass.__init__).parameters:
+        merged.pop("threads")  # generic CPU option; meaningless for GPU backends
+    unknown = accepted_options(klass, merged)[1]
+    if unknown:
+        raise DeployError(f"{cand.backend} backend: unknown option(s) {', '.join(sorted(unknown))}")
+    return merged
+
+
+def open_backend(engine_dir: Path, spec: EngineSpec, backend: str, precision: str | None, hint_path: Path | None,
+                 threads: int | None, verify: bool, options: dict[str, Any]) -> tuple[Backend, Candidate, list[str]]:
+    """Try each candidate in order; -> (the first activated backend, its candidate, notes on the ones skipped).
+
+    An explicit backend has one candidate and its failure is raised as it is; ``auto`` notes why each one
+    could not run here and goes on. Checksums (``verify``) are checked before a candidate's files are opened.
+    """
+    planner = Planner(engine_dir, spec, precision)
+    hint = artifact_hint(engine_dir, spec, hint_path, backend, precision)
+    if threads is not None:
+        options["threads"] = threads
+    auto = backend == "auto"
+    if auto and "providers" in options:
+        raise DeployError("providers: only valid with backend='ort' (auto chooses CUDA or CPU itself)")
+    notes: list[str] = []
+    cands = auto_candidates(planner, hint, notes, threads) if auto else \
+        explicit_candidates(planner, backend, hint, options)
+    last_error: DeployError | None = None
+    for cand in cands:
+        klass = backend_class(cand.backend)
+        kwargs = _backend_options(klass, cand, options, auto)
+        if verify:
+            verify_artifacts(engine_dir, spec, cand.verify)
+        runner = klass(engine_dir / cand.artifact, **kwargs)
+        try:
+            runner.activate()
+        except BackendUnavailable as e:
+            if not auto:
+                raise
+            notes.append(f"{cand.label}: {e}")
+            last_error = e
+            continue
+        return runner, cand, notes
+    if len(cands) == 1 and last_error is not None:
+        raise last_error
+    detail = " | ".join(notes) if notes else (str(last_error) if last_error else "no candidates")
+    raise DeployError(f"{display_path(engine_dir)}: no backend can run this engine here ({detail})")

@@ -88,8 +88,8 @@ def int8_engine(full_engine, sample_dir, tmp_path_factory):
     import shutil
 
     from stlm_deploy.spec import load_spec, write_spec
-    from stlm_export.int8_gate import Int8Tolerance
-    from stlm_export.int8_build import build_gated_int8, int8_data
+    from stlm_export.int8.gate import Int8Tolerance
+    from stlm_export.int8.build import build_gated_int8, int8_data
     from stlm_export.pipeline import spec_metadata
 
     d = tmp_path_factory.mktemp("int8") / "bottle"

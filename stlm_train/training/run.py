@@ -13,7 +13,7 @@ Held-out thresholds: a deterministic part of train/good (``holdout``, at least o
 trained on; the image threshold is a high quantile of their FA scores and the pixel threshold a high
 quantile of their FA map pixels. The lowest/highest image score over those images and their
 pseudo-anomalous versions (one synthetic defect each) is recorded as ``score_min``/``score_max``: the
-span of the normalized score (stlm_deploy/normalization.py), which maps the image threshold to 0.5.
+span of the normalized score (stlm_deploy/decision.py), which maps the image threshold to 0.5.
 
 Tiled runs (``work_size`` > img_size; :mod:`stlm_deploy.tiling`): the training samples are img_size crops of
 each image's work image (the crop drawn from the sample's generator), the teachers' and students' BatchNorm

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stlm_export.int8_data import int8_calibration, int8_validation
-from stlm_export.int8_gate import INT8_TOLERANCE, Int8Tolerance, gate_margin, int8_compare
+from stlm_export.int8.data import int8_calibration, int8_validation
+from stlm_export.int8.gate import INT8_TOLERANCE, Int8Tolerance, gate_margin, int8_compare
 from stlm_export.pipeline import ExportError, ExportOptions, export_engine, int8_only
 
 IMG = 128
@@ -128,7 +128,7 @@ def _train_only_copy(sample_dir: Path, root: Path) -> Path:
 def test_the_gate_never_judges_on_calibration_images(sample_dir, tmp_path, monkeypatch):
     """Without --val-data and without a recorded split, the calibration images were also the gate images
     (issue 24): now every other one is held out of calibration; held-out gate images leave --calib-data."""
-    import stlm_export.int8_data as gd
+    import stlm_export.int8.data as gd
 
     resolved = lambda paths: {Path(p).resolve() for p in paths}  # noqa: E731
     monkeypatch.setattr(gd, "sample_data_root", lambda: None)  # no bundled sample to fall back on
@@ -201,7 +201,7 @@ def test_failing_int8_gate_keeps_the_other_artifacts(small_ckpt, sample_dir, tmp
     assert not rec["pass"] and not parity["int8"]["passed"]
     assert any("short by" in f and "decisions agree" in f for f in rec["failures"])
     # every rung of the ORT ladder was tried (fastest first) and is on record
-    from stlm_export.quantize_ort import ORT_INT8_LADDER
+    from stlm_export.int8.ort import ORT_INT8_LADDER
 
     tried = [r["qdq"]["policy"]["op_types"] for r in rec["fallback_from"]] + [rec["qdq"]["policy"]["op_types"]]
     assert tried == [list(p.op_types) for p in ORT_INT8_LADDER]
@@ -210,8 +210,8 @@ def test_failing_int8_gate_keeps_the_other_artifacts(small_ckpt, sample_dir, tmp
 
 
 def test_openvino_ignored_types_follow_the_ladder():
-    from stlm_export.quantize_ort import ORT_INT8_LADDER, QdqPolicy
-    from stlm_export.quantize_ov import ov_ignored_types
+    from stlm_export.int8.ort import ORT_INT8_LADDER, QdqPolicy
+    from stlm_export.int8.openvino import ov_ignored_types
 
     assert [ov_ignored_types(p) for p in ORT_INT8_LADDER] == [[], ["Convolution", "GroupConvolution"], ["MatMul"]]
     assert ov_ignored_types(QdqPolicy(op_types=("Gemm",))) == ["Convolution", "GroupConvolution"]

@@ -76,8 +76,8 @@ def test_int8_with_accuracy_control_runs_on_an_stfpm_engine(stfpm_ckpt, sample_d
     as the last rung (forced here by an impossible agreement), each rung gated and on record. (The crash
     seen on a trained STFPM model, NNCF dividing by an initial metric of 0, is pinned by
     test_int8.py::test_gate_margin_is_the_gate: the metric of the fp32 graph is 1.)"""
-    from stlm_export.int8_gate import Int8Tolerance
-    from stlm_export.quantize_ort import ORT_INT8_LADDER
+    from stlm_export.int8.gate import Int8Tolerance
+    from stlm_export.int8.ort import ORT_INT8_LADDER
 
     res = export_engine(ExportOptions(ckpt=stfpm_ckpt, out=tmp_path / "stfpm_int8", int8=True, target="openvino",
                                       val_data=str(sample_dir), calib_data=str(sample_dir), parity_images=4,

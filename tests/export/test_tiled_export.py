@@ -81,10 +81,10 @@ def test_int8_on_a_tiled_engine_calibrates_on_tiles_and_judges_images(tiled_engi
 
     from stlm_deploy.spec import write_spec
     from stlm_export.gate import ort_outputs
-    from stlm_export.int8_build import build_gated_int8, int8_data
-    from stlm_export.int8_gate import Int8Tolerance
+    from stlm_export.int8.build import build_gated_int8, int8_data
+    from stlm_export.int8.gate import Int8Tolerance
     from stlm_export.pipeline import spec_metadata
-    from stlm_export.quantize_ov import validation_fn
+    from stlm_export.int8.openvino import validation_fn
 
     d = tmp_path / "tiled_int8"
     shutil.copytree(tiled_engine.engine_dir, d)

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import stlm_deploy
     from stlm_deploy import Detector
-    from stlm_deploy import cli, visualize, serve, serve_cli, client, normalization, decision  # noqa: F401
+    from stlm_deploy import cli, visualize, client, normalization, decision  # noqa: F401
+    from stlm_deploy.serving import cli as serve_cli, client as serving_client, server  # noqa: F401
     from stlm_deploy.backends import available_backends
     from stlm_deploy.backends import ort, openvino, tensorrt  # noqa: F401
     scores = {}

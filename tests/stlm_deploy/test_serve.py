@@ -23,9 +23,9 @@ pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)"
 pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient)")
 
 from stlm_deploy import Detector  # noqa: E402
-from stlm_deploy.client import RemoteDetector  # noqa: E402
+from stlm_deploy.serving.client import RemoteDetector  # noqa: E402
 from stlm_deploy.errors import DeployError  # noqa: E402
-from stlm_deploy.serve import ServeOptions, StlmServer  # noqa: E402
+from stlm_deploy.serving.server import ServeOptions, StlmServer  # noqa: E402
 from tests.contract_engine import make_engine, sample_image  # noqa: E402
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(180)]
@@ -201,7 +201,7 @@ def test_stlm_serve_command_starts_serves_and_stops_cleanly(engine: Path, local:
     which must not stop Ctrl-C / kill -INT from stopping the server."""
     p = ports()
     cmd = ["/bin/sh", "-c", "trap '' INT; exec \"$0\" \"$@\"",
-           sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort", "--name", "bottle",
+           sys.executable, "-m", "stlm_deploy.serving.cli", str(engine), "--backend", "ort", "--name", "bottle",
            "--http-port", str(p["http_port"]), "--grpc-port", str(p["grpc_port"]),
            "--metrics-port", str(p["metrics_port"]), "--max-batch", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -250,7 +250,7 @@ def test_port_in_use_is_one_line(engine: Path) -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         p = ports()
-        proc = subprocess.run([sys.executable, "-m", "stlm_deploy.serve_cli", str(engine), "--backend", "ort",
+        proc = subprocess.run([sys.executable, "-m", "stlm_deploy.serving.cli", str(engine), "--backend", "ort",
                                "--http-port", str(p["http_port"]), "--grpc-port", str(port),
                                "--metrics-port", str(p["metrics_port"])], cwd=REPO, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -259,7 +259,7 @@ def test_port_in_use_is_one_line(engine: Path) -> None:
 
 
 def test_bad_engine_is_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "stlm_deploy.serve_cli", str(tmp_path / "missing")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "stlm_deploy.serving.cli", str(tmp_path / "missing")], cwd=REPO,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: ") and "missing" in proc.stderr
@@ -276,7 +276,7 @@ def raw_repository_model(engine: Path, tmp_path: Path):
     from pytriton.triton import Triton, TritonConfig
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from stlm_deploy.serve import python_library_env, wait_model_ready
+    from stlm_deploy.serving.server import python_library_env, wait_model_ready
     from stlm_export.triton_repo import write_triton_repository
 
     repo = tmp_path / "repo"
@@ -331,7 +331,7 @@ def test_tiled_engine_on_the_server_and_through_the_raw_client_step(tmp_path: Pa
     (the client cuts and blends the tiles) give the local Detector's stitched map within 1e-5. (The stand-in
     Triton model cannot carry the config's parameters: thresholds and tiling are parsed from the generated
     config.pbtxt and handed over, as in the untiled test.)"""
-    from stlm_deploy.client import _tiling_from
+    from stlm_deploy.serving.client import _tiling_from
     from stlm_deploy.spec import Thresholds
 
     tiled = make_engine(tmp_path, "tiled", work_size=160, image_threshold=0.55, pixel_threshold=0.6,

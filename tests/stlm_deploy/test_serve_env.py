@@ -11,7 +11,7 @@ import pytest
 
 from stlm_deploy import Detector
 from stlm_deploy.errors import DeployError
-from stlm_deploy.serve import DetectorModel, python_library_env
+from stlm_deploy.serving.server import DetectorModel, python_library_env
 from tests.contract_engine import make_engine, sample_image
 
 

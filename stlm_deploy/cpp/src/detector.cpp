@@ -41,7 +41,7 @@ void require_artifact(const BackendConfig& config, const char* what) {
 
 namespace {
 
-// stlm_deploy/normalization.py: span = score_max - score_min (1 when not recorded), computed in double.
+// stlm_deploy/decision.py: span = score_max - score_min (1 when not recorded), computed in double.
 float normalized_score(float score, const EngineSpec& spec) {
   const double span = (spec.score_min && spec.score_max && *spec.score_max > *spec.score_min)
                           ? *spec.score_max - *spec.score_min

@@ -1,4 +1,4 @@
-"""``stlm-serve``: serve an engine directory through a real Triton Inference Server (:mod:`stlm_deploy.serve`).
+"""``stlm-serve``: serve an engine directory through a real Triton Inference Server (:mod:`stlm_deploy.serving.server`).
 
     stlm-serve ENGINE_DIR [--name NAME] [--backend auto|ort|openvino|tensorrt] [--precision P]
                [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from .console import CommandError, OneLineCommand, require_extra, runtime_options
-from .images import DEFAULT_MAX_PIXELS
-from .spec import display_path
+from ..console import CommandError, OneLineCommand, require_extra, runtime_options
+from ..images import DEFAULT_MAX_PIXELS
+from ..spec import display_path
 
 __all__ = ["main"]
 
@@ -56,8 +56,8 @@ def main(engine: str, name: str | None, backend: str, precision: str | None, thr
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
     if not verbose:
         logging.getLogger("pytriton").setLevel(logging.ERROR)
-    from .detector import Detector
-    from .serve import ServeOptions, StlmServer
+    from ..detector import Detector
+    from .server import ServeOptions, StlmServer
 
     try:
         det = Detector.load(engine, backend=backend, precision=precision, threads=threads, verify=not no_verify,

@@ -32,9 +32,9 @@ import numpy as np
 
 from stlm_deploy.tiling import gate_maps
 
-from .calib import (CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images, load_views,
+from ..calib import (CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images, load_views,
                     model_views, sample_data_root)
-from .task_gate import Evidence
+from ..task_gate import Evidence
 
 __all__ = ["ValSet", "gate_data", "gate_validation", "int8_calibration", "int8_validation", "DEFAULT_CALIB_IMAGES",
            "DEFAULT_VAL_IMAGES"]

@@ -2,10 +2,10 @@
 
 The fp32 IR converted from the verified ``model.onnx`` (uncompressed weights: NNCF wants the
 original precision) is quantised with ``nncf.quantize(model_type=TRANSFORMER)`` on good
-calibration images, for the op types of one :class:`~stlm_export.quantize_ort.QdqPolicy` (the
+calibration images, for the op types of one :class:`~stlm_export.int8.ort.QdqPolicy` (the
 export walks the same ladder as for ONNX Runtime: all compute ops, then convolutions float, then
 matmuls float). ``accuracy_control`` runs ``nncf.quantize_with_accuracy_control`` instead, driven
-by :func:`stlm_export.int8_gate.gate_margin` (image/pixel AUROC drop and decision agreement against
+by :func:`stlm_export.int8.gate.gate_margin` (image/pixel AUROC drop and decision agreement against
 the fp32 graph, the gate itself), so NNCF reverts the most damaging quantisers to float until the
 gate would pass or ``max_reverts`` is spent; the export uses it as the last rung, because it costs
 minutes per revert and, measured on a 12-minute checkpoint, ended further from fp32 than the plain
@@ -26,9 +26,9 @@ import numpy as np
 
 from stlm_deploy.tiling import gate_maps
 
-from .calib import TileLayout, combine
-from .int8_gate import INT8_TOLERANCE, Int8Tolerance, gate_margin
-from .quantize_ort import ORT_INT8_POLICY, QdqPolicy
+from ..calib import TileLayout, combine
+from .gate import INT8_TOLERANCE, Int8Tolerance, gate_margin
+from .ort import ORT_INT8_POLICY, QdqPolicy
 
 __all__ = ["OvInt8", "quantize_openvino", "validation_fn", "ov_ignored_types", "OV_INT8_XML", "OV_IGNORED_PATTERNS",
            "DEFAULT_MAX_REVERTS"]

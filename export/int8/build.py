@@ -3,10 +3,10 @@
 Runs after ``model.onnx`` (and the fp16/bf16 artifacts) passed their parity gates, inside the
 export's temporary directory:
 
-1. calibration images (good, never test) and the gate images, never the same (:mod:`stlm_export.int8_data`);
+1. calibration images (good, never test) and the gate images, never the same (:mod:`stlm_export.int8.data`);
 2. the fp32 graph's outputs on the gate images (ONNX Runtime, the reference; shared with the bf16/fp16 gates);
-3. ``model.int8.onnx`` (ORT static Q/DQ, :mod:`stlm_export.quantize_ort`), gated;
-4. ``openvino/model.int8.xml`` (NNCF, :mod:`stlm_export.quantize_ov`): the same op-type ladder as
+3. ``model.int8.onnx`` (ORT static Q/DQ, :mod:`stlm_export.int8.ort`), gated;
+4. ``openvino/model.int8.xml`` (NNCF, :mod:`stlm_export.int8.openvino`): the same op-type ladder as
    the Q/DQ file, then (labelled data only) accuracy control as the last rung; each rung gated at
    bf16 for the float remainder where the CPU has it, else / on failure at f32 (the passing one is
    recorded as ``inference_precision``);
@@ -26,14 +26,14 @@ import numpy as np
 
 from stlm_deploy.spec import EngineSpec
 
-from .gate import OPENVINO_GATE_CHUNK, backend_outputs, ort_outputs
-from .calib import CalibSet, TileLayout, stitched
-from .int8_data import ValSet, gate_data
-from .precision_gate import int8_entries
-from .task_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
-from .onnx_export import save_onnx, set_metadata
-from .quantize_ort import INT8_ONNX, ORT_INT8_LADDER, ORT_INT8_POLICY, QdqPolicy, quantize_qdq
-from .quantize_ov import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
+from ..gate import OPENVINO_GATE_CHUNK, backend_outputs, ort_outputs
+from ..calib import CalibSet, TileLayout, stitched
+from .data import ValSet, gate_data
+from ..precision_gate import int8_entries
+from ..task_gate import INT8_TOLERANCE, Int8Record, Int8Tolerance, int8_compare
+from ..onnx_export import save_onnx, set_metadata
+from .ort import INT8_ONNX, ORT_INT8_LADDER, ORT_INT8_POLICY, QdqPolicy, quantize_qdq
+from .openvino import DEFAULT_MAX_REVERTS, OV_INT8_XML, quantize_openvino
 
 __all__ = ["Int8Outcome", "build_gated_int8", "int8_data"]
 
@@ -101,7 +101,7 @@ def build_gated_int8(tmp: Path, spec: EngineSpec, calib: CalibSet, val: ValSet, 
     """
     from stlm_deploy.backends.openvino import OpenVinoBackend
 
-    from .openvino_build import cpu_capabilities, preferred_precision
+    from ..openvino_build import cpu_capabilities, preferred_precision
 
     tol = tolerance or INT8_TOLERANCE
     out = Int8Outcome(data={"calibration": {"source": calib.source, "n_images": len(calib), "images": calib.paths},

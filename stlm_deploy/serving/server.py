@@ -38,8 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DeployError
-from .images import DEFAULT_MAX_PIXELS, decode_image_rgb
+from ..errors import DeployError
+from ..images import DEFAULT_MAX_PIXELS, decode_image_rgb
 
 __all__ = ["ServeOptions", "StlmServer", "DetectorModel", "python_library_env", "wait_model_ready",
            "INPUT_IMAGE", "INPUT_BYTES", "OUTPUTS"]
