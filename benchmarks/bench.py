@@ -200,13 +200,14 @@ class Reference:
     def __init__(self, ckpt: str, img_size: int, threads: int) -> None:
         import torch
 
-        from stlm_train.checkpoint import model_from_checkpoint, read_file_and_sha256
+        from stlm_train.checkpoint import read_checkpoint
         from stlm_train.modeling import tiling_of
 
         torch.set_num_threads(threads)
         self.torch = torch
-        obj, self.sha256 = read_file_and_sha256(ckpt)  # read once: the checksum is of the bytes loaded
-        self.model = model_from_checkpoint(obj, ckpt, img_size).eval()
+        record = read_checkpoint(ckpt)  # read once: the checksum is of the bytes loaded
+        self.sha256 = record.sha256
+        self.model = record.model(img_size)
         self.tiled = tiling_of(self.model) is not None
 
     def _tiled(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

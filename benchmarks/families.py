@@ -22,7 +22,7 @@ from typing import Any
 
 
 from .accuracy import bundled_sample_or_exit
-from .output import emit, write_json
+from .output import emit_beside, write_json
 from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['gflop']:.2f} GFLOP, " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms_per_image"].items()
                                                             if v is not None), flush=True)
             write_json(json_path, {"meta": meta, "rows": rows})
-    emit(markdown(rows, meta), {"meta": meta, "rows": rows}, json_path=json_path,
-         markdown_path=json_path.with_suffix(".md"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    emit_beside(markdown(rows, meta), {"meta": meta, "rows": rows}, json_path)
     return 0
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     s, resize = spec.img_size, spec.preprocessing.resize
     calib = load_images([Path(p) for p in paths], s, resize)
-    val = int8_validation(args.val_data, {}, s, resize, None)
+    val = int8_validation(args.val_data, None, s, resize, None)
     fp32_backend = OrtBackend(engine_dir / "model.onnx", threads=args.threads)
     fp32 = backend_outputs(fp32_backend, val.images)
 

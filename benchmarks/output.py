@@ -30,3 +30,10 @@ def emit(text: str, report: Any = None, *, json_path: str | os.PathLike | None =
     if markdown_path:
         atomic_write_text(markdown_path, text)
     return text
+
+
+def emit_beside(text: str, report: Any, json_path: str | os.PathLike) -> None:
+    """:func:`emit` to ``json_path`` and the ``.md`` beside it (the results-folder convention), then say so."""
+    json_path = Path(json_path)
+    emit(text, report, json_path=json_path, markdown_path=json_path.with_suffix(".md"))
+    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")

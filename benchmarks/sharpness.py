@@ -22,7 +22,7 @@ import numpy as np
 
 
 from .accuracy import bundled_sample_or_exit
-from .output import emit
+from .output import emit_beside
 from .timing import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed, "machine": machine_line(),
             "command": " ".join(["python -m stlm_bench.sharpness", *(sys.argv[1:] if argv is None else argv)])}
     json_path = Path(args.out_dir) / f"{args.name or 'sharpness_' + root.name}.json"
-    emit(markdown(rows, meta), {"meta": meta, "rows": rows}, json_path=json_path,
-         markdown_path=json_path.with_suffix(".md"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    emit_beside(markdown(rows, meta), {"meta": meta, "rows": rows}, json_path)
     return 0
 
 

@@ -249,17 +249,15 @@ def _engine_for(size: int, args: argparse.Namespace, work: Path, ckpt_sha: str) 
     return out
 
 
-def run_size(size: int, args: argparse.Namespace, work: Path, obj: Any, ckpt_sha: str) -> dict[str, Any]:
+def run_size(size: int, args: argparse.Namespace, work: Path, record: Any) -> dict[str, Any]:
     """Every row at one image size (module docstring); returns the JSON-able section."""
     import torch
-
-    from stlm_train.checkpoint import model_from_checkpoint
 
     from .profile_stages import STAGES, openvino_profile, ort_profile
 
     torch.set_num_threads(args.threads)
-    model = model_from_checkpoint(obj, args.ckpt, size).eval()
-    engine = _engine_for(size, args, work, ckpt_sha)
+    model = record.model(size)
+    engine = _engine_for(size, args, work, record.sha256)
     image = _image(size, model.cfg.resize)
     with torch.no_grad():
         xf = np.ascontiguousarray(model.normalize(torch.from_numpy(image)).numpy())
@@ -401,13 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     args.profile_sizes = [min(args.sizes)] if args.profile_sizes is None else args.profile_sizes
     if args.profile_runs == 0:
         args.profile_sizes = []
-    from stlm_train.checkpoint import read_file_and_sha256
+    from stlm_train.checkpoint import read_checkpoint
 
-    obj, sha = read_file_and_sha256(args.ckpt)
+    record = read_checkpoint(args.ckpt)
+    sha = record.sha256
     with tempfile.TemporaryDirectory(prefix="stlm-vs-plain-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        sections = [run_size(s, args, work, obj, sha) for s in args.sizes]
+        sections = [run_size(s, args, work, record) for s in args.sizes]
     report = {"checkpoint": args.ckpt, "sha256": sha, "threads": args.threads, "runs": args.runs,
               "warmup": args.warmup, "smoke": bool(args.smoke), "environment": environment(args.threads),
               "sizes": sections}

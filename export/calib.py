@@ -67,6 +67,14 @@ class TileLayout:
         return combine(self.results(outs))
 
 
+def image_folder(flag: str, path: str | os.PathLike, error: type[ValueError] = ValueError) -> Path:
+    """The folder a flag names (``--calib-data``, ``--val-data``), or a one-line ``error`` saying it is not one."""
+    root = Path(path)
+    if not root.is_dir():
+        raise error(f"{flag} {root}: not a directory")
+    return root
+
+
 def combine(results: Sequence[TiledResult]) -> dict[str, np.ndarray]:
     """Images' stitched results as the gates' output dict (maps: :func:`gate_maps`, ``score`` float32)."""
     out = {name: gate_maps([r.maps[name] for r in results]) for name in (results[0].maps if results else ())}
@@ -187,9 +195,7 @@ def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
     if max_images < 1:
         raise ValueError(f"--parity-images: must be >= 1, got {max_images}")
     if calib_data is not None:
-        root = Path(calib_data)
-        if not root.is_dir():
-            raise ValueError(f"--calib-data {root}: not a directory")
+        root = image_folder("--calib-data", calib_data)
         paths = find_images(root)
         if not paths:
             raise ValueError(f"--calib-data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found below it")

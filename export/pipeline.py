@@ -41,14 +41,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
 from stlm_deploy.files import atomic_directory, atomic_write_json, sha256_file
 from stlm_deploy.spec import IMG_SIZE_MULTIPLE, EngineSpec, Preprocessing, Source, Thresholds, is_img_size, write_spec
 
-from .calib import DEFAULT_MAX_IMAGES, CalibSet, TileLayout, calibration_images
+from .calib import DEFAULT_MAX_IMAGES, CalibSet, TileLayout, calibration_images, image_folder
 from .onnx_export import (DEFAULT_OPSET, METADATA_SPEC_KEY, check_opset, export_onnx, save_onnx, set_metadata,
                           torch_param_count)
 from .precision import convert_fp16, float_nodes, fp32_nodes, name_nodes
@@ -62,6 +62,9 @@ from .task_gate import Int8Tolerance, TaskTolerance
 from .tensorrt_build import (DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MB, TRT_INSTALL_HINT,
                              TensorRTUnavailable, build_engine, build_gated_tensorrt, builder_settings, tensorrt_available,
                              tensorrt_version)
+
+if TYPE_CHECKING:
+    from stlm_train.checkpoint import Checkpoint
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "TARGETS", "export_engine", "parse_batch",
            "resolve_targets", "default_name", "check_img_size", "ParityGateError", "Int8GateError", "spec_metadata",
@@ -210,8 +213,8 @@ def _validate(opts: ExportOptions) -> tuple[int | str, int | None]:
         raise ExportError("--val-data with --no-verify: the gate images are only used by the gates")
     if not isinstance(opts.gate_images, int) or isinstance(opts.gate_images, bool) or opts.gate_images < 1:
         raise ExportError(f"--gate-images: must be a positive integer, got {opts.gate_images!r}")
-    if opts.val_data is not None and not Path(opts.val_data).is_dir():
-        raise ExportError(f"--val-data {opts.val_data}: not a directory")
+    if opts.val_data is not None:
+        image_folder("--val-data", opts.val_data, ExportError)
     img_size = check_img_size(opts.img_size)
     try:
         check_opset(opts.opset)
@@ -224,8 +227,8 @@ def _validate(opts: ExportOptions) -> tuple[int | str, int | None]:
     if opts.name is not None and (not opts.name.strip() or "/" in opts.name or "\\" in opts.name
                                   or opts.name in (".", "..")):
         raise ExportError(f"--name: must be a plain folder name, got {opts.name!r}")
-    if opts.calib_data is not None and not Path(opts.calib_data).is_dir():
-        raise ExportError(f"--calib-data {opts.calib_data}: not a directory")
+    if opts.calib_data is not None:
+        image_folder("--calib-data", opts.calib_data, ExportError)
     return batch, img_size
 
 
@@ -248,24 +251,21 @@ def _tool_versions(extra: Mapping[str, str | None] = ()) -> dict[str, str]:
     return tools
 
 
-def _thresholds(obj: Any, kind: str, trained_size: int | None, img_size: int, with_tlm: bool) -> Thresholds:
+def _thresholds(record: "Checkpoint", img_size: int, with_tlm: bool) -> Thresholds:
     """The checkpoint's thresholds as stlm.json records them (TLM ones only for a --with-tlm graph)."""
-    th = obj.get("thresholds") if kind == "project" and isinstance(obj, Mapping) else None
-    if not isinstance(th, Mapping):
+    from stlm_train.checkpoint.record import finite_or_none
+
+    th = record.thresholds
+    if th is None:
         return Thresholds()
-
-    def num(v: Any) -> float | None:
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
-
-    method = str(th.get("method") or "checkpoint")
-    if trained_size is not None and trained_size != img_size:
-        method += f" (chosen at img_size {trained_size}; engine exported at {img_size})"
-    tlm = {k: num(th.get(k)) for k in ("tlm_image", "tlm_pixel") if with_tlm and num(th.get(k)) is not None}
-    lo, hi = num(th.get("score_min")), num(th.get("score_max"))
+    method = th.method or "checkpoint"
+    if record.trained_size is not None and record.trained_size != img_size:
+        method += f" (chosen at img_size {record.trained_size}; engine exported at {img_size})"
+    tlm = {k: v for k in ("tlm_image", "tlm_pixel") if with_tlm and (v := finite_or_none(th.extra.get(k))) is not None}
+    lo, hi = th.score_min, th.score_max
     if lo is None or hi is None or not hi > lo:  # older checkpoints: the runtime's documented fallback span
         lo = hi = None
-    return Thresholds(image=num(th.get("image")), pixel=num(th.get("pixel")), method=method, score_min=lo,
-                      score_max=hi, extra=tlm)
+    return Thresholds(image=th.image, pixel=th.pixel, method=method, score_min=lo, score_max=hi, extra=tlm)
 
 
 def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
@@ -312,7 +312,7 @@ def _say_gate_images(val: ValSet, opts: ExportOptions, say: Callable[[str], None
 # ---------------------------------------------------------------------------------------- the export
 def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; raises ExportError / CheckpointError / ParityGateError (all one line)."""
-    from stlm_train.checkpoint import checkpoint_kind, model_from_checkpoint, read_file_and_sha256
+    from stlm_train.checkpoint import read_checkpoint
     from stlm_train.modeling import tiling_of
 
     say = log or (lambda msg: log_.info(msg))
@@ -326,22 +326,19 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     out = Path(opts.out) if opts.out is not None else Path(opts.engines_root) / name
     _check_out(out)
 
-    obj, ckpt_sha = read_file_and_sha256(ckpt)  # read once: the sha256 is that of the bytes loaded
-    kind = checkpoint_kind(obj)
-    if kind == "official_stfpm":
+    record = read_checkpoint(ckpt)  # read once: the sha256 is that of the bytes loaded
+    if record.kind == "official_stfpm":
         raise ExportError(f"{ckpt}: an official STFPM snapshot needs its ImageNet teacher: save a project checkpoint "
                           "first (stlm_train.save_checkpoint(PATH, stlm_train.load_model(SNAPSHOT, teacher=...)))")
-    stlm = model_from_checkpoint(obj, ckpt, img_size).cpu().eval()  # errors name the file
-    family = getattr(stlm.cfg, "family", "stlm")
+    stlm = record.model(img_size)  # errors name the file
+    family = record.family
     if opts.with_tlm and family != "stlm":
         raise ExportError(f"--with-tlm: {ckpt} is a {family} model, which has a single map (no TLM map)")
-    saved_cfg = obj.get("config") if kind == "project" else None
-    trained_size = saved_cfg.get("img_size") if isinstance(saved_cfg, Mapping) else None
     cfg = stlm.cfg
     s = cfg.img_size
     tiling = tiling_of(stlm)  # a tiled checkpoint: a per-tile graph, gated on stitched maps, stlm.json version 2
     tiled = TileLayout(tiling, int(cfg.top_k)) if tiling is not None else None
-    say(f"{ckpt}: {kind} {family} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
+    say(f"{ckpt}: {record.source_kind} {family} checkpoint, config {cfg.name} at {s} px, {torch_param_count(stlm):,} parameters; "
         f"targets {', '.join(targets)}{' +fp16' if opts.fp16 else ''}, batch {batch}, opset {opts.opset}"
         + (f"; tiled: {tiling.describe()}" if tiling is not None else ""))
 
@@ -349,7 +346,7 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
     val: ValSet | None = None
     if opts.verify:  # before any work: a bad --calib-data/--val-data fails fast
         try:
-            calib8, val = gate_data(opts.calib_data, opts.val_data, obj, s, cfg.resize, int8=opts.int8,
+            calib8, val = gate_data(opts.calib_data, opts.val_data, record.train_split, s, cfg.resize, int8=opts.int8,
                                     max_images=opts.gate_images, parity_images=opts.parity_images, tiled=tiled)
         except ValueError as e:
             raise ExportError(str(e)) from None
@@ -401,8 +398,8 @@ def export_engine(opts: ExportOptions, log: Callable[[str], None] | None = None)
                                     std=[float(v) for v in cfg.pixel_std],
                                     **(dict(work_size=tiling.work_size, tile_overlap=tiling.overlap,
                                             tile_blend=tiling.blend) if tiling is not None else {})),
-        top_k=int(cfg.top_k), thresholds=_thresholds(obj, kind, trained_size, s, opts.with_tlm),
-        source=Source(checkpoint=str(ckpt), sha256=ckpt_sha, kind=kind),
+        top_k=int(cfg.top_k), thresholds=_thresholds(record, s, opts.with_tlm),
+        source=Source(checkpoint=str(ckpt), sha256=record.sha256, kind=record.source_kind),
         tools=_tool_versions({"tensorrt": trt_ver if "tensorrt" in targets else None}), trtexec=settings.trtexec)
     fp16_policy: dict[str, Any] | None = None
 

@@ -11,7 +11,7 @@ from typing import Any
 _EXPORTS = {"CheckpointError": "checkpoint", "load_model": "checkpoint", "load_official_stlm": "checkpoint",
             "save_checkpoint": "checkpoint", "CONFIGS": "config", "STLMConfig": "config", "get_config": "config",
             "STLM": "modeling", "InferenceOutput": "modeling", "STFPM": "modeling", "STFPMConfig": "config",
-            "load_official_stfpm": "stfpm_checkpoint", "predict_tiled": "modeling"}
+            "load_official_stfpm": "checkpoint", "predict_tiled": "modeling"}
 
 __all__ = ["STLM", "STLMConfig", "STFPM", "STFPMConfig", "load_official_stfpm", "InferenceOutput", "CONFIGS", "get_config", "load_model", "load_official_stlm",
            "save_checkpoint", "CheckpointError", "predict_tiled"]

@@ -127,15 +127,15 @@ def locality_pairs(images: Sequence[np.ndarray], img_size: int, seed: int = 0, n
 def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, format: str = "mvtec",
                         n_images: int = 24) -> dict[str, object]:
     """All three diagnostics for a trained STLM checkpoint on ``data`` (good test and training images)."""
-    from .checkpoint import model_from_checkpoint, read_file
+    from .checkpoint import read_checkpoint
     from .data import build_dataset
     from .modeling.teacher import build_builtin_teacher, calibrate_batchnorm
 
-    obj = read_file(ckpt)
-    model = model_from_checkpoint(obj, ckpt)
-    train = obj.get("train") or {}
+    record = read_checkpoint(ckpt)
+    model = record.model()
+    train = record.provenance
     size, resize = model.cfg.img_size, model.cfg.resize
-    held = set((obj.get("thresholds") or {}).get("held_out") or [])
+    held = record.train_split.held_out
     tr = build_dataset(data, format, category, "train", size, resize)
     idx = [i for i, r in enumerate(tr.records) if r.image_path.name not in held]
     idx = idx[::max(1, len(idx) // n_images)][:n_images]

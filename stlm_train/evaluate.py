@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_kind, load_model, read_file
+from .checkpoint import read_checkpoint
 from .config import validate_img_size
 from .metrics import compute_metrics
 from stlm_deploy.preprocess import resize_image, resize_map, work_image
@@ -241,14 +241,12 @@ def resolve_eval_data(data: str | os.PathLike, img_size: int, workdir: str | os.
 
 def load_for_eval(ckpt: str | os.PathLike, img_size: int | None = None, device: str | torch.device = "cpu",
                   teacher: str | os.PathLike | None = None) -> tuple[STLM | STFPM, dict[str, Any] | None]:
-    """A checkpoint -> (model in eval mode, stored thresholds or None)."""
+    """A checkpoint -> (model in eval mode, stored thresholds or None), from one read of the file."""
     if img_size is not None:
         validate_img_size(img_size)
-    obj = read_file(ckpt)
-    thresholds = obj.get("thresholds") if checkpoint_kind(obj) == "project" else None
-    del obj
-    model = load_model(ckpt, img_size=img_size, device=device, teacher=teacher)
-    return model, (dict(thresholds) if isinstance(thresholds, dict) else None)
+    record = read_checkpoint(ckpt)
+    model = record.model(img_size, teacher).to(device)
+    return model, (record.thresholds.to_dict() if record.thresholds is not None else None)
 
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, format: str = "mvtec",

@@ -57,12 +57,11 @@ def _check_counts(ds: Any, target: Any, where: str) -> tuple[int, int]:
     return n_good, n_bad
 
 
-def _scores_from_checkpoint(obj: dict[str, Any], path: Path, data: Any, format: str, category: str | None,
-                            split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    from .checkpoint import model_from_checkpoint
+def _scores_from_checkpoint(record: Any, data: Any, format: str, category: str | None, split: str,
+                            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     from .evaluate import model_split, predict_dataset
 
-    model = model_from_checkpoint(obj, path)
+    model = record.model()
     ds = model_split(model, data, format, category, split)  # a tiled checkpoint: scored on stitched maps
     pred = predict_dataset(model, ds, batch_size=batch_size)
     return pred.fa_scores, pred.labels
@@ -119,12 +118,13 @@ def rethreshold(target: str, data: str | os.PathLike, *, ckpt: str | os.PathLike
     where = f"--data {data} ({format}{', ' + category if category else ''}, split {split})"
     n_good, n_bad = _check_counts(ds, tgt, where)
 
-    obj, sha = None, None
+    record, sha = None, None
     if ckpt is not None:
-        from .checkpoint import CheckpointError, checkpoint_kind, read_file_and_sha256
+        from .checkpoint import CheckpointError, read_checkpoint
 
-        obj, sha = read_file_and_sha256(ckpt)
-        if checkpoint_kind(obj) != "project":
+        record = read_checkpoint(ckpt)
+        sha = record.sha256
+        if record.official:
             raise CheckpointError(f"{ckpt}: not a project checkpoint (an official state dict has no thresholds "
                                   "to set: stlm-export it, then re-threshold the engine)")
     spec = None
@@ -135,8 +135,8 @@ def rethreshold(target: str, data: str | os.PathLike, *, ckpt: str | os.PathLike
         if sha is not None and spec.source.sha256 and spec.source.sha256 != sha:
             raise ThresholdError(f"--engine {engine} was exported from another checkpoint (sha256 "
                                  f"{spec.source.sha256[:12]}..., --ckpt {ckpt} is {sha[:12]}...)")
-    if obj is not None:
-        scores, labels = _scores_from_checkpoint(obj, Path(ckpt), data, format, category, split, batch_size)
+    if record is not None:
+        scores, labels = _scores_from_checkpoint(record, data, format, category, split, batch_size)
         scored_by = f"checkpoint {Path(ckpt).name}"
     else:
         scores, labels = _scores_from_engine(engine, ds, backend, batch_size)
@@ -144,7 +144,8 @@ def rethreshold(target: str, data: str | os.PathLike, *, ckpt: str | os.PathLike
     choice = choose_threshold(scores[labels == 0], scores[labels == 1], tgt)
     described = f"{n_good} good + {n_bad} defective images of {Path(data).name}/{category or ''} {split} " \
                 f"(scored by {scored_by})".replace("/ ", " ")
-    old = obj.get("thresholds") if obj is not None else (spec.thresholds.to_dict() if spec is not None else None)
+    old = (record.thresholds.to_dict() if record.thresholds is not None else None) if record is not None else \
+        (spec.thresholds.to_dict() if spec is not None else None)
     thresholds = new_thresholds(old, choice, scores, described)
     rates = ", ".join(f"{k.upper()} {100 * v:.1f} %" for k, v in (("fpr", choice.fpr), ("fnr", choice.fnr),
                                                                   ("f1", choice.f1)) if v is not None)
@@ -155,8 +156,8 @@ def rethreshold(target: str, data: str | os.PathLike, *, ckpt: str | os.PathLike
         log("dry run: nothing written")
         return {"choice": choice.to_dict(), "thresholds": thresholds, "written": written}
     new_sha = None
-    if obj is not None:
-        new_sha = _write_checkpoint(Path(ckpt), {**obj, "thresholds": thresholds})
+    if record is not None:
+        new_sha = record.with_thresholds(thresholds)
         written.append(str(ckpt))
     if spec is not None:
         from stlm_deploy.spec import Thresholds, resolve_engine, write_spec
@@ -172,14 +173,3 @@ def rethreshold(target: str, data: str | os.PathLike, *, ckpt: str | os.PathLike
     for w in written:
         log(f"wrote {w}")
     return {"choice": choice.to_dict(), "thresholds": thresholds, "written": written}
-
-
-def _write_checkpoint(path: Path, payload: dict[str, Any]) -> str:
-    """torch.save to a temp file + rename; returns the new file's sha256."""
-    import torch
-
-    from stlm_deploy.files import atomic_output, sha256_file
-
-    with atomic_output(path, clean_stale=True) as tmp:
-        torch.save(payload, tmp)
-    return sha256_file(path)

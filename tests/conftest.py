@@ -95,7 +95,7 @@ def int8_engine(full_engine, sample_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("int8") / "bottle"
     shutil.copytree(full_engine.engine_dir, d)
     spec = load_spec(d)
-    sets = int8_data(sample_dir, sample_dir, {}, spec.img_size, spec.preprocessing.resize)
+    sets = int8_data(sample_dir, sample_dir, None, spec.img_size, spec.preprocessing.resize)
     out = build_gated_int8(d, spec, *sets, targets=("onnx", "openvino"),
                            metadata=spec_metadata(spec, "int8"), tolerance=Int8Tolerance(auroc_drop=1.0, min_agreement=0.0),
                            accuracy_control=True, say=lambda _m: None)

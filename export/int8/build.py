@@ -78,11 +78,11 @@ def _final(recs: list[Int8Record]) -> Int8Record:
     return recs[-1]
 
 
-def int8_data(calib_data: Any, val_data: Any, ckpt_obj: Any, s: int, resize: str,
+def int8_data(calib_data: Any, val_data: Any, recorded: Any, s: int, resize: str,
               tiled: TileLayout | None = None) -> tuple[CalibSet, ValSet]:
     """Calibration and gate images at ``s`` px (tiled: the tiles of the images), disjoint (ValueError naming the
     flag when there are none)."""
-    calib, val = gate_data(calib_data, val_data, ckpt_obj, s, resize, int8=True, tiled=tiled)
+    calib, val = gate_data(calib_data, val_data, recorded, s, resize, int8=True, tiled=tiled)
     assert calib is not None
     return calib, val
 

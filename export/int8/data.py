@@ -26,15 +26,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from stlm_deploy.tiling import gate_maps
 
-from ..calib import (CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images, load_views,
-                    model_views, sample_data_root)
+from ..calib import (CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images, image_folder,
+                     load_views, model_views, sample_data_root)
 from ..task_gate import Evidence
+
+if TYPE_CHECKING:
+    from stlm_train.checkpoint import TrainSplit
 
 __all__ = ["ValSet", "gate_data", "gate_validation", "int8_calibration", "int8_validation", "DEFAULT_CALIB_IMAGES",
            "DEFAULT_VAL_IMAGES"]
@@ -83,49 +86,24 @@ class ValSet:
         return ValSet(self.images[sel], labels, None if self.masks is None else self.masks[sel], source, paths, note)
 
 
-def _train_info(ckpt_obj: Any) -> Mapping[str, Any]:
-    info = ckpt_obj.get("train") if isinstance(ckpt_obj, Mapping) else None
-    return info if isinstance(info, Mapping) else {}
+def _recorded(recorded: "TrainSplit | None") -> "TrainSplit":
+    from stlm_train.checkpoint import TrainSplit
 
-
-def _held_out_names(ckpt_obj: Any) -> set[str]:
-    th = ckpt_obj.get("thresholds") if isinstance(ckpt_obj, Mapping) else None
-    names = th.get("held_out") if isinstance(th, Mapping) else None
-    return {str(n) for n in names} if isinstance(names, list) else set()
-
-
-def _recorded_split(ckpt_obj: Any, img_size: int | None, resize: str, split: str = "train") -> Any | None:
-    """One split (AnomalyDataset) of the data set the checkpoint records, when its folder still exists
-    (``img_size`` None: images at their own size)."""
-    from stlm_train.data import build_dataset
-    from stlm_train.data.io import DataError
-
-    info = _train_info(ckpt_obj)
-    data = info.get("data")
-    if not data or not Path(str(data)).is_dir():
-        return None
-    try:
-        ds = build_dataset(str(data), str(info.get("format") or "mvtec"), category=info.get("category"),
-                           split=split, img_size=img_size, resize=resize)
-    except DataError:
-        return None
-    return ds if len(ds) else None
+    return recorded if recorded is not None else TrainSplit()
 
 
 def _resolved(paths: Iterable[str | os.PathLike]) -> set[Path]:
     return {Path(p).resolve() for p in paths}
 
 
-def int8_calibration(calib_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
-                     max_images: int = DEFAULT_CALIB_IMAGES, exclude: Iterable[str | os.PathLike] = (),
+def int8_calibration(calib_data: str | os.PathLike | None, recorded: "TrainSplit | None", img_size: int,
+                     resize: str, max_images: int = DEFAULT_CALIB_IMAGES, exclude: Iterable[str | os.PathLike] = (),
                      tiled: TileLayout | None = None) -> CalibSet:
     """Good images for quantisation ranges, never one of ``exclude`` (the gate images); raises ValueError
     (one line naming the flag) when there are none."""
     banned = _resolved(exclude)
     if calib_data is not None:
-        root = Path(calib_data)
-        if not root.is_dir():
-            raise ValueError(f"--calib-data {root}: not a directory")
+        root = image_folder("--calib-data", calib_data)
         base = root / "train" / "good" if (root / "train" / "good").is_dir() else root
         paths = find_images(base)
         bad = [p for p in paths if _TEST_PARTS & {q.lower() for q in (base.name, *p.relative_to(base).parts[:-1])}]
@@ -140,11 +118,11 @@ def int8_calibration(calib_data: str | os.PathLike | None, ckpt_obj: Any, img_si
                              "held-out split); calibrate on other images")
         chosen = _spread(paths, max_images)
         return _calib_set(chosen, img_size, resize, tiled, f"calib-data:{base}")
-    ds = _recorded_split(ckpt_obj, img_size, resize)
+    ds = _recorded(recorded).dataset("train", img_size, resize)
     if ds is None:
         raise ValueError("--int8: the checkpoint records no training data that exists here (train.data); pass "
                          "--calib-data DIR with good training images")
-    held = _held_out_names(ckpt_obj)
+    held = _recorded(recorded).held_out
     paths = [Path(p) for p in ds.paths if Path(p).name not in held and Path(p).resolve() not in banned]
     if not paths:
         raise ValueError(f"--int8: no training images left in {ds.root} after the held-out split; pass --calib-data")
@@ -179,17 +157,15 @@ def _labelled_split(root: Path, fmt: str, category: str | None, img_size: int, r
                   "; ".join(n for n in (note, pixel_note) if n), layout, mask_list)
 
 
-def gate_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
-                    max_images: int = DEFAULT_VAL_IMAGES, tiled: TileLayout | None = None) -> ValSet | None:
+def gate_validation(val_data: str | os.PathLike | None, recorded: "TrainSplit | None", img_size: int,
+                    resize: str, max_images: int = DEFAULT_VAL_IMAGES, tiled: TileLayout | None = None) -> ValSet | None:
     """The gate images of steps 1-4 of the module docstring; None when none of them exists."""
     from stlm_train.data.io import DataError
 
-    info = _train_info(ckpt_obj)
-    fmt = str(info.get("format") or "mvtec")
+    split = _recorded(recorded)
+    fmt = split.format
     if val_data is not None:
-        root = Path(val_data)
-        if not root.is_dir():
-            raise ValueError(f"--val-data {root}: not a directory")
+        root = image_folder("--val-data", val_data)
         errors = []
         for f in dict.fromkeys([fmt, "mvtec", "folder"]):
             try:
@@ -197,13 +173,13 @@ def gate_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size:
             except DataError as e:
                 errors.append(f"{f}: {e}")
         raise ValueError(f"--val-data {root}: not a labelled test folder ({errors[0]})")
-    test = _recorded_split(ckpt_obj, img_size, resize, "test")
+    test = split.dataset("test", img_size, resize)
     if test is not None:
-        return _labelled_split(Path(str(info["data"])), fmt, info.get("category"), img_size, resize, max_images,
-                               f"recorded-test-split:{test.name}:{info['data']}",
+        return _labelled_split(Path(split.data), fmt, split.category, img_size, resize, max_images,
+                               f"recorded-test-split:{test.name}:{split.data}",
                                "the test split of the data set recorded in the checkpoint", tiled)
-    ds = _recorded_split(ckpt_obj, img_size, resize)
-    held = _held_out_names(ckpt_obj)
+    ds = split.dataset("train", img_size, resize)
+    held = split.held_out
     if ds is not None and held:
         paths = [Path(p) for p in ds.paths if Path(p).name in held][:max_images]
         if paths:
@@ -239,15 +215,16 @@ def _split_off(calib: CalibSet) -> tuple[CalibSet, ValSet]:
     return cal, val
 
 
-def gate_data(calib_data: str | os.PathLike | None, val_data: str | os.PathLike | None, ckpt_obj: Any,
-              img_size: int, resize: str, *, int8: bool, max_images: int = DEFAULT_VAL_IMAGES,
+def gate_data(calib_data: str | os.PathLike | None, val_data: str | os.PathLike | None,
+              recorded: "TrainSplit | None", img_size: int, resize: str, *, int8: bool, max_images: int = DEFAULT_VAL_IMAGES,
               parity_images: int = DEFAULT_CALIB_IMAGES,
               tiled: TileLayout | None = None) -> tuple[CalibSet | None, ValSet]:
     """(INT8 calibration images or None, gate images), disjoint; ValueError (one line naming the flag) if impossible."""
-    val = gate_validation(val_data, ckpt_obj, img_size, resize, max_images, tiled)
+    val = gate_validation(val_data, recorded, img_size, resize, max_images, tiled)
     calib = None
     if int8:
-        calib = int8_calibration(calib_data, ckpt_obj, img_size, resize, exclude=val.paths if val else (), tiled=tiled)
+        calib = int8_calibration(calib_data, recorded, img_size, resize, exclude=val.paths if val else (),
+                                 tiled=tiled)
         if val is None:
             calib, val = _split_off(calib)
     elif val is None:  # float variants calibrate nothing: the parity images, unlabelled
@@ -259,11 +236,11 @@ def gate_data(calib_data: str | os.PathLike | None, val_data: str | os.PathLike 
     return calib, val
 
 
-def int8_validation(val_data: str | os.PathLike | None, ckpt_obj: Any, img_size: int, resize: str,
-                    calib: CalibSet | None = None, max_images: int = DEFAULT_VAL_IMAGES,
+def int8_validation(val_data: str | os.PathLike | None, recorded: "TrainSplit | None", img_size: int,
+                    resize: str, calib: CalibSet | None = None, max_images: int = DEFAULT_VAL_IMAGES,
                     tiled: TileLayout | None = None) -> ValSet:
     """:func:`gate_validation`, never falling back to ``calib`` (kept for callers that pass it)."""
-    val = gate_validation(val_data, ckpt_obj, img_size, resize, max_images, tiled)
+    val = gate_validation(val_data, recorded, img_size, resize, max_images, tiled)
     if val is None:
         raise ValueError("--val-data: needed here (no test or held-out split recorded in the checkpoint, no "
                          "bundled sample)")

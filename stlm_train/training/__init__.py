@@ -5,7 +5,8 @@
 from .distributed import DistInfo, resolve_device, setup_distributed
 from .loop import TrainGraph, Trainer, build_optimizers, teacher_features
 from .options import DEFAULT_STEPS, IDENTITY_FIELDS, TrainError, TrainOptions, merge_resume_options
-from .run import TrainResult, build_teacher, held_out_thresholds, train
+from .run import TrainResult, held_out_thresholds, train
+from .teachers import build_teacher
 from .sampling import EpochBatchSampler, holdout_split, resolve_augmentation
 from .state import HISTORY_KEYS, LOSS_KEYS, load_run_state, summarize_history
 

@@ -8,8 +8,9 @@ model with its teacher and trainer, its loss-term names, whether pseudo anomalie
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -18,15 +19,32 @@ from ..checkpoint import init_students_from_mobile_sam
 from ..modeling.stfpm import STFPM
 from ..modeling.stlm import STLM
 from ..modeling.teacher import calibrate_batchnorm
+from .distributed import DistInfo
 from .loop import StepRunner, Trainer, calibrate_students
 from .options import TrainOptions
 from .sampling import resolve_augmentation
 from .stfpm_step import SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY, STFPMTrainer
 from .stfpm_step import loss_keys as stfpm_loss_keys
 from .state import LOSS_KEYS
+from .teachers import build_teacher
 
-if TYPE_CHECKING:
-    from .run import _Run
+
+class RunContext(Protocol):
+    """What a family uses of the run (:class:`.run._Run` provides it): options, config, device, the model it
+    sets, the resumed state, the log, the step count and the image streams for calibration and selection."""
+
+    opts: TrainOptions
+    cfg: Any
+    device: torch.device
+    model: nn.Module
+    state: dict[str, Any] | None
+    info: DistInfo
+    step: int
+    say: Callable[[str], None]
+
+    def calibration_batches(self) -> Iterator[torch.Tensor]: ...
+
+    def held_out_batches(self) -> Iterator[torch.Tensor]: ...
 
 
 class STLMFamily:
@@ -38,32 +56,28 @@ class STLMFamily:
     def augmentation(self, opts: TrainOptions, category: str) -> str:
         return resolve_augmentation(opts.augmentation, category)
 
-    def setup(self, run: "_Run", early: Any) -> tuple[nn.Module, nn.Module, dict[str, Any], StepRunner]:
-        from .run import build_teacher
-
+    def setup(self, run: RunContext, early: Any) -> tuple[nn.Module, nn.Module, dict[str, Any], StepRunner]:
         opts = run.opts
         model = STLM(run.cfg)
         if opts.init_mobile_sam and run.state is None:
             init_students_from_mobile_sam(model, opts.init_mobile_sam)
         run.model = model.to(run.device)
-        teacher, desc = early or build_teacher(opts, run.cfg, run._calibration_batches, run.device,
+        teacher, desc = early or build_teacher(opts, run.cfg, run.calibration_batches, run.device,
                                                run.state.get("teacher") if run.state else None, run.say)
         if opts.student_bn == "frozen" and run.state is None:  # resumed: the statistics come with the weights
-            n = calibrate_students(run.model, run._calibration_batches)
+            n = calibrate_students(run.model, run.calibration_batches)
             run.say(f"students: BatchNorm statistics calibrated on {n} clean training images and frozen")
         return run.model, teacher, desc, Trainer(run.model, teacher, run.device, opts, run.info,
-                                                 calibration=run._calibration_batches, step_counter=lambda: run.step)
+                                                 calibration=run.calibration_batches, step_counter=lambda: run.step)
 
-    def finish(self, run: "_Run") -> None:
+    def finish(self, run: RunContext) -> None:
         """After the last step: ``--student-bn recalibrate`` re-estimates the students' statistics."""
         if run.opts.student_bn == "recalibrate":
-            n = calibrate_students(run.model, run._calibration_batches)
+            n = calibrate_students(run.model, run.calibration_batches)
             run.say(f"students: BatchNorm statistics re-estimated on {n} clean training images")
 
-    def early_teacher(self, run: "_Run") -> Any:
+    def early_teacher(self, run: RunContext) -> Any:
         """A teacher file is read before any data work, so a bad one fails first."""
-        from .run import build_teacher
-
         if run.opts.builtin_teacher:
             return None
         return build_teacher(run.opts, run.cfg, lambda: iter(()), run.device, None, run.say)
@@ -96,11 +110,11 @@ class STFPMFamily(STLMFamily):
     def augmentation(self, opts: TrainOptions, category: str) -> str:
         return "none" if opts.augmentation == "auto" else opts.augmentation  # official: no augmentation
 
-    def early_teacher(self, run: "_Run") -> Any:
+    def early_teacher(self, run: RunContext) -> Any:
         return None  # the teacher file is loaded into the model (setup), before any training work
 
-    def setup(self, run: "_Run", early: Any) -> tuple[nn.Module, nn.Module, dict[str, Any], StepRunner]:
-        from ..stfpm_checkpoint import load_resnet18_teacher
+    def setup(self, run: RunContext, early: Any) -> tuple[nn.Module, nn.Module, dict[str, Any], StepRunner]:
+        from ..checkpoint import load_resnet18_teacher
 
         opts, say = run.opts, run.say
         t0 = time.perf_counter()
@@ -117,16 +131,16 @@ class STFPMFamily(STLMFamily):
             desc["calibration_images"] = (run.state.get("teacher") or {}).get("calibration_images")
             say(f"teacher: built-in ResNet-18 (seed {seed}), restored from last.ckpt")
         elif opts.builtin_teacher:
-            n = calibrate_batchnorm(model.teacher, run._calibration_batches())
+            n = calibrate_batchnorm(model.teacher, run.calibration_batches())
             dt = time.perf_counter() - t0
             desc.update(calibration_images=n, calibration_seconds=round(dt, 2))
             say(f"teacher: built-in ResNet-18 (seed {seed}, random weights: pass --teacher resnet18-*.pth for "
                 f"ImageNet accuracy), BatchNorm calibrated on {n} clean training images in {dt:.1f} s")
-        trainer = STFPMTrainer(model, run.device, opts, run.info, validation=run._held_out_batches,
+        trainer = STFPMTrainer(model, run.device, opts, run.info, validation=run.held_out_batches,
                                step_counter=lambda: run.step)
         return model, model.teacher, desc, trainer
 
-    def finish(self, run: "_Run") -> None:
+    def finish(self, run: RunContext) -> None:
         """STFPM has no students' BatchNorm option (its selection happens in the trainer)."""
 
     def loss_keys(self, model: nn.Module) -> tuple[str, ...]:

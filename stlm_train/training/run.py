@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader
 from stlm_deploy.thresholds import choose_threshold, parse_target
 
 from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer, sample_rng
-from ..checkpoint import load_teacher, save_checkpoint
-from ..config import ModelConfig, STLMConfig, get_config
+from ..checkpoint import save_checkpoint
+from ..config import ModelConfig, get_config
 from ..data import DataError, build_dataset
 from stlm_deploy.preprocess import work_image
 
@@ -46,7 +46,6 @@ from ..metrics import threshold_from_good
 from ..modeling.predict import predict_tiled, tiling_of
 from ..modeling.stfpm import STFPM
 from ..modeling.stlm import STLM
-from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
 from .distributed import DistInfo, all_ranks_max, barrier, resolve_device, setup_distributed, teardown
 from .family import family_of
 from .loop import NonFiniteLoss
@@ -101,43 +100,6 @@ def resolve_data(opts: TrainOptions, cfg: ModelConfig, info: DistInfo) -> tuple[
         barrier(info)
         return root, "mvtec"
     return Path(opts.data), opts.format
-
-
-def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Iterator[torch.Tensor]],
-                  device: torch.device, state: dict[str, Any] | None = None,
-                  log: Log = print) -> tuple[Teacher, dict[str, Any]]:
-    """The frozen teacher (eval mode, on ``device``) and a description for the checkpoint.
-
-    Built-in: ``build_builtin_teacher`` from the teacher's own seed, then its BatchNorm statistics are
-    calibrated on clean training images (or restored from ``state`` when resuming). A path: SAM /
-    MobileSAM file.
-    """
-    t0 = time.perf_counter()
-    if opts.builtin_teacher:
-        seed = opts.builtin_teacher_seed
-        teacher = build_builtin_teacher(cfg, seed, opts.teacher_recipe)
-        base = {"kind": "builtin", "seed": seed, "recipe": opts.teacher_recipe}
-        if state is not None and "state_dict" in state:
-            teacher.load_state_dict(state["state_dict"])
-            teacher.to(device)
-            desc = {**base, "calibration_images": state.get("calibration_images")}
-            log(f"teacher: built-in (seed {seed}), restored from last.ckpt")
-        else:
-            teacher.to(device)
-            n = calibrate_batchnorm(teacher, calib())
-            dt = time.perf_counter() - t0
-            desc = {**base, "calibration_images": n, "calibration_seconds": round(dt, 2)}
-            log(f"teacher: built-in (seed {seed}, recipe {opts.teacher_recipe}), BatchNorm calibrated on {n} "
-                f"clean training images in {dt:.1f} s")
-    else:  # a missing file was refused by TrainOptions.validate; read_file names any other problem
-        teacher = load_teacher(opts.teacher, cfg).to(device)
-        desc = {"kind": teacher.kind, "path": str(Path(opts.teacher).resolve())}
-        log(f"teacher: {teacher.kind} from {opts.teacher} ({time.perf_counter() - t0:.1f} s)")
-    dim = teacher.decoder.no_mask_embed.weight.shape[1]
-    if dim != cfg.decoder.dim:
-        raise TrainError(f"teacher features have {dim} channels but config '{cfg.name}' students have "
-                         f"{cfg.decoder.dim}; use --config paper with a SAM/MobileSAM teacher")
-    return teacher.eval().requires_grad_(False), desc
 
 
 @torch.no_grad()
@@ -304,11 +266,11 @@ class _Run:
         if pending:
             yield self.model.normalize(torch.from_numpy(np.concatenate(pending)).to(self.device))
 
-    def _held_out_batches(self) -> Iterator[torch.Tensor]:
+    def held_out_batches(self) -> Iterator[torch.Tensor]:
         """The held-out good images (tiled: their tiles), normalised, for a family's model selection."""
         return self._views(self.held_idx, max(1, self.opts.eval_batch_size))
 
-    def _calibration_batches(self) -> Iterator[torch.Tensor]:
+    def calibration_batches(self) -> Iterator[torch.Tensor]:
         """Clean training images (evenly spread, never held-out ones; tiled: their tiles) for BatchNorm."""
         n = min(self.opts.calib_images, len(self.train_idx))
         picks = [self.train_idx[int(j)] for j in np.linspace(0, len(self.train_idx) - 1, n).round()]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from stlm_export.int8.data import int8_calibration, int8_validation
+from stlm_train.checkpoint import TrainSplit
 from stlm_export.int8.gate import INT8_TOLERANCE, Int8Tolerance, gate_margin, int8_compare
 from stlm_export.pipeline import ExportError, ExportOptions, export_engine, int8_only
 
@@ -88,17 +89,17 @@ def test_int8_only_rule():
 
 # -------------------------------------------------------------------------------------------- data
 def test_calibration_never_sees_test_images(sample_dir, tmp_path):
-    cal = int8_calibration(sample_dir, {}, 64, "area", 4)  # a data-set root: train/good only
+    cal = int8_calibration(sample_dir, None, 64, "area", 4)  # a data-set root: train/good only
     assert cal.paths and all("/train/good/" in p for p in cal.paths)
     assert cal.images.shape == (len(cal.paths), 64, 64, 3)
     with pytest.raises(ValueError, match=r"--calib-data .*contains test/mask images"):
-        int8_calibration(sample_dir / "test", {}, 64, "area")
+        int8_calibration(sample_dir / "test", None, 64, "area")
     with pytest.raises(ValueError, match=r"--int8: the checkpoint records no training data"):
-        int8_calibration(None, {"train": {"data": str(tmp_path / "gone")}}, 64, "area")
+        int8_calibration(None, TrainSplit(data=str(tmp_path / "gone")), 64, "area")
 
 
 def test_defaults_come_from_the_checkpoint(sample_dir, tmp_path):
-    ckpt = {"train": {"data": str(sample_dir), "format": "mvtec"}, "thresholds": {"held_out": ["002.png"]}}
+    ckpt = TrainSplit(data=str(sample_dir), format="mvtec", held_out=frozenset({"002.png"}))
     cal = int8_calibration(None, ckpt, 64, "area")
     names = [Path(p).name for p in cal.paths]
     assert "002.png" not in names and len(names) == 4 and all("/train/good/" in p for p in cal.paths)
@@ -110,8 +111,7 @@ def test_defaults_come_from_the_checkpoint(sample_dir, tmp_path):
     assert lab.two_classes and lab.masks is not None and lab.masks.shape == (len(lab), 64, 64)
     assert all("/test/" in p for p in lab.paths)
     # a data set without a test split: the held-out good images the thresholds were chosen on
-    ckpt = {"train": {"data": str(_train_only_copy(sample_dir, tmp_path)), "format": "mvtec"},
-            "thresholds": {"held_out": ["002.png"]}}
+    ckpt = TrainSplit(data=str(_train_only_copy(sample_dir, tmp_path)), format="mvtec", held_out=frozenset({"002.png"}))
     val = int8_validation(None, ckpt, 64, "area")
     assert [Path(p).name for p in val.paths] == ["002.png"] and val.source.startswith("held-out:")
     assert not val.two_classes and "AUROC not gated" in val.note
@@ -133,23 +133,23 @@ def test_the_gate_never_judges_on_calibration_images(sample_dir, tmp_path, monke
     resolved = lambda paths: {Path(p).resolve() for p in paths}  # noqa: E731
     monkeypatch.setattr(gd, "sample_data_root", lambda: None)  # no bundled sample to fall back on
     train = sample_dir / "train" / "good"
-    cal, val = gd.gate_data(train, None, {}, 64, "area", int8=True)
+    cal, val = gd.gate_data(train, None, None, 64, "area", int8=True)
     assert cal.paths and val.paths and not resolved(cal.paths) & resolved(val.paths)
     assert resolved(cal.paths) | resolved(val.paths) == resolved(train.iterdir())
     assert val.source.startswith("held-out-of-calibration:") and val.labels is None
     assert "(unlabelled)" in val.evidence().line() and not val.evidence().to_dict()["sufficient"]
     # --calib-data pointing at the training folder: the checkpoint's held-out gate image is not calibrated on
     data = _train_only_copy(sample_dir, tmp_path / "data")
-    ckpt = {"train": {"data": str(data), "format": "mvtec"}, "thresholds": {"held_out": ["002.png"]}}
+    ckpt = TrainSplit(data=str(data), format="mvtec", held_out=frozenset({"002.png"}))
     cal, val = gd.gate_data(data / "train" / "good", None, ckpt, 64, "area", int8=True)
     assert [Path(p).name for p in val.paths] == ["002.png"] and "002.png" not in [Path(p).name for p in cal.paths]
     one = tmp_path / "one"
     one.mkdir()
     (one / "a.png").write_bytes(next(train.iterdir()).read_bytes())
     with pytest.raises(ValueError, match=r"--val-data: needed here .*1 image\(s\); none can be held out"):
-        gd.gate_data(one, None, {}, 64, "area", int8=True)
+        gd.gate_data(one, None, None, 64, "area", int8=True)
     with pytest.raises(ValueError, match=r"--calib-data .*every image is also a gate image"):
-        gd.int8_calibration(one, {}, 64, "area", exclude=[one / "a.png"])
+        gd.int8_calibration(one, None, 64, "area", exclude=[one / "a.png"])
 
 
 def test_int8_option_errors(small_ckpt, tmp_path):

@@ -90,7 +90,7 @@ def test_int8_on_a_tiled_engine_calibrates_on_tiles_and_judges_images(tiled_engi
     shutil.copytree(tiled_engine.engine_dir, d)
     spec = load_spec(d)
     layout = TileLayout(spec.tiling, spec.top_k)
-    calib, val = int8_data(sample_dir, sample_dir, {}, spec.img_size, spec.preprocessing.resize, layout)
+    calib, val = int8_data(sample_dir, sample_dir, None, spec.img_size, spec.preprocessing.resize, layout)
     assert calib.layout is not None and calib.images.shape[0] == sum(calib.layout.counts())
     assert len(val) == 10 and val.images.shape[0] == sum(val.layout.counts()) and len(val.mask_list) == 10
     assert val.masks.shape == (10, WORK, WORK)  # the bundled 900 x 900 images: 256 x 256 work maps

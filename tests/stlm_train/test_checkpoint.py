@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stlm_train import STLM, CheckpointError, get_config, load_model, load_official_stlm, save_checkpoint
-from stlm_train.checkpoint import (MOBILE_SAM_STUDENT_KEYMAP, OFFICIAL_STLM_KEYMAP, SAM_TEACHER_KEYMAP, _vit_variant,
+from stlm_train.checkpoint.stlm import _vit_variant
+from stlm_train.checkpoint import (MOBILE_SAM_STUDENT_KEYMAP, OFFICIAL_STLM_KEYMAP, SAM_TEACHER_KEYMAP,
                                    init_students_from_mobile_sam, load_teacher, official_state_dict)
 from stlm_train.config import SAM_VIT_CONFIGS
 from stlm_train.modeling import build_tinyvit_teacher, build_vit_teacher
@@ -82,7 +83,7 @@ def test_project_checkpoint_round_trip(tmp_path):
 
 
 def test_sam_teacher_key_layout(tmp_path, monkeypatch):
-    import stlm_train.checkpoint as checkpoint
+    import stlm_train.checkpoint.stlm as checkpoint  # where the teacher loaders read files
 
     reads: list[str] = []
     real_read = checkpoint.read_file

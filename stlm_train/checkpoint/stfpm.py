@@ -7,7 +7,7 @@
   ``nn.Sequential`` of torchvision's children (``model.0`` = conv1, ``model.1`` = bn1, ``model.4..7`` =
   layer1..4).
 
-Every problem is a one-line :class:`CheckpointError` naming the file (``checkpoint.load_converted``).
+Every problem is a one-line :class:`CheckpointError` naming the file (``keymaps.load_converted``).
 """
 from __future__ import annotations
 
@@ -17,27 +17,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, KeyMap, _checked_size, load_converted, read_file
-from .config import STFPMConfig, get_config
-from .modeling.stfpm import STFPM
-
-_STAGES = (1, 2, 3, 4)
-_OFFICIAL_CHILD = {1: 4, 2: 5, 3: 6, 4: 7}  # torchvision children index of layerN in ResNet18_MS3.model
-
-
-def resnet_keymap(layers: tuple[int, ...]) -> KeyMap:
-    """torchvision/timm resnet18 -> ``ResNet18Features(layers)`` (identity names, unused parts dropped)."""
-    last = max(layers)
-    keep = ("conv1.", "bn1.", *(f"layer{i}." for i in _STAGES if i <= last))
-    return KeyMap(rename=tuple((k, k) for k in keep), ignore=("fc.", *(f"layer{i}." for i in _STAGES if i > last)))
-
-
-def official_student_keymap(layers: tuple[int, ...]) -> KeyMap:
-    """Official ``ResNet18_MS3.state_dict()`` (``model.N.*``) -> ``ResNet18Features(layers)``."""
-    last = max(layers)
-    rename = (("model.0.", "conv1."), ("model.1.", "bn1."),
-              *((f"model.{_OFFICIAL_CHILD[i]}.", f"layer{i}.") for i in _STAGES if i <= last))
-    return KeyMap(rename=rename, ignore=tuple(f"model.{_OFFICIAL_CHILD[i]}." for i in _STAGES if i > last))
+from ..config import STFPMConfig, get_config
+from ..modeling.stfpm import STFPM
+from .files import CheckpointError, checked_size, is_official_stfpm, read_file
+from .keymaps import load_converted, official_student_keymap, resnet_keymap
 
 
 def _unwrap(obj: Any, path: Any, what: str) -> Mapping[str, torch.Tensor]:
@@ -47,12 +30,6 @@ def _unwrap(obj: Any, path: Any, what: str) -> Mapping[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected {what} (a state dict of tensors), got {type(obj).__name__}")
     return obj
-
-
-def is_official_stfpm(obj: Any) -> bool:
-    """``{"category", "state_dict"}`` with ``model.0.weight`` inside: an official STFPM student snapshot."""
-    return (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
-            and "model.0.weight" in obj["state_dict"] and "format" not in obj)
 
 
 def load_resnet18_teacher(model: STFPM, path: str | os.PathLike) -> STFPM:
@@ -82,7 +59,7 @@ def load_official_stfpm(snapshot: str | os.PathLike | Mapping[str, Any], img_siz
         raise CheckpointError(f"{path}: an official STFPM student needs its ImageNet teacher: pass "
                               "teacher='resnet18-f37072fd.pth' (torchvision) or a timm resnet18 file")
     base = config or get_config("stfpm")
-    model = STFPM(base.with_img_size(_checked_size(img_size, path)))
+    model = STFPM(base.with_img_size(checked_size(img_size, path)))
     load_converted(model.student, obj["state_dict"], official_student_keymap(model.cfg.layers), path)
     load_resnet18_teacher(model, teacher)
     return model.eval()
