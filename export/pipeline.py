@@ -282,8 +282,8 @@ def spec_metadata(engine: EngineSpec, precision: str) -> dict[str, str]:
                   "stlm.outputs": ",".join(o["name"] for o in spec["outputs"]),
                   "stlm.preprocessing.mean": json.dumps(spec["preprocessing"]["mean"]),
                   "stlm.preprocessing.std": json.dumps(spec["preprocessing"]["std"]),
-                  "stlm.thresholds.image": json.dumps(spec["thresholds"]["image"]),
-                  "stlm.thresholds.pixel": json.dumps(spec["thresholds"]["pixel"]),
+                  "stlm.thresholds.image": json.dumps(engine.thresholds.image),
+                  "stlm.thresholds.pixel": json.dumps(engine.thresholds.pixel),
                   "stlm.source.sha256": spec["source"]["sha256"], "stlm.source.kind": spec["source"]["kind"],
                   "stlm.precision": precision,
                   METADATA_SPEC_KEY: json.dumps(embedded, sort_keys=False)})
