@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 
-from .output import emit
-from .timing import machine_line
+from .output import emit, run_main
+from .measure import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -266,4 +266,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

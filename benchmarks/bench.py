@@ -24,7 +24,7 @@ import numpy as np
 
 from stlm_deploy.backends.base import default_threads
 
-from .timing import Timing, environment, time_fn
+from .measure import Timing, environment, time_fn
 
 log = logging.getLogger("stlm_bench")
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .output import emit
-from .timing import environment, time_fn
+from .output import emit, run_main
+from .measure import environment, time_fn
 
 
 def _ort(path: Path, threads: int, x: np.ndarray, runs: int, static_batch: bool = False) -> float:
@@ -173,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from .output import write_json
-from .timing import environment, time_fn
+from .output import write_json, run_main
+from .measure import environment, time_fn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 
-from .output import emit
-from .timing import environment, time_fn
+from .output import emit, run_main
+from .measure import environment, time_fn
 
 CANDIDATES = {
     "policy: MatMul+Conv+Gemm, FA head float": {},
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -23,7 +23,8 @@ import numpy as np
 
 from stlm_deploy.files import atomic_write_json
 
-from .timing import machine_line
+from .measure import machine_line
+from .output import run_main
 
 
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -118,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -37,3 +37,18 @@ def emit_beside(text: str, report: Any, json_path: str | os.PathLike) -> None:
     json_path = Path(json_path)
     emit(text, report, json_path=json_path, markdown_path=json_path.with_suffix(".md"))
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+
+
+def run_main(main: Callable[[], int | None]) -> int:
+    """Run a benchmark script's ``main`` under the project's one-line-error rule (as ``stlm-bench`` does):
+    a bad input (a missing file, a malformed engine or checkpoint, a bad value) prints ``Error: ...`` on one
+    line and exits 2 instead of a traceback; anything else still raises."""
+    import sys
+
+    from stlm_deploy.errors import DeployError
+
+    try:
+        return main() or 0
+    except (DeployError, ValueError, OSError) as e:
+        print("Error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2

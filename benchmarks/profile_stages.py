@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .output import emit
-from .timing import environment
+from .output import emit, run_main
+from .measure import environment
 
 STAGES = ("normalize", "plain", "denoising", "decoder", "fa_head", "post", "fused")
 #: Untimed ONNX Runtime runs before profiling (see :func:`ort_profile`: the second run builds the memory pattern).
@@ -241,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .output import emit
-from .timing import _percentile, environment
+from .output import emit, run_main
+from .measure import _percentile, environment
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -260,4 +260,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

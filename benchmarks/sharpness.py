@@ -22,8 +22,8 @@ import numpy as np
 
 
 from .accuracy import bundled_sample_or_exit
-from .output import emit_beside
-from .timing import machine_line
+from .output import emit_beside, run_main
+from .measure import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -39,6 +39,8 @@ from stlm_train.losses import stlm_loss
 from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm, fa_input
 from stlm_train.training import TrainOptions, Trainer, build_optimizers
 
+from .output import run_main
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -187,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

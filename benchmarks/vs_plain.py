@@ -38,8 +38,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .output import emit
-from .timing import environment
+from .output import emit, run_main
+from .measure import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLAIN_OPSET = 17
@@ -417,4 +417,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

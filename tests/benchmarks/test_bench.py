@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from stlm_bench import bench
 from stlm_bench.cli import main
-from stlm_bench.timing import _percentile, time_fn
+from stlm_bench.measure import _percentile, time_fn
 
 
 def test_percentiles_and_timing():
