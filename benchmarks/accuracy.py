@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from .output import emit, run_main
 from .measure import machine_line
+from .output import emit, run_main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,9 +106,7 @@ def resolve_variants(spec: str) -> list[str]:
 
 def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train + evaluate one (variant, seed); returns the metrics row."""
-    from stlm_train.training import TrainOptions, train
-
-    from stlm_train.training import TrainError
+    from stlm_train.training import TrainError, TrainOptions, train
 
     overrides = {k: (seed if v == "SEED" else v) for k, v in overrides_of(variant).items()}
     grid = getattr(args, "eval_grid", "model")
@@ -137,11 +134,15 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides}
     if eval_s is not None:
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
-    for m, k in METRICS:  # STFPM has no TLM map: its tlm_* columns are None
-        row[f"{m}_{k}"] = (metrics[m] or {}).get(k)
+    row.update(metric_columns(metrics))
     if model_grid is not None:
-        row["model_grid"] = {f"{m}_{k}": (model_grid[m] or {}).get(k) for m, k in METRICS}
+        row["model_grid"] = metric_columns(model_grid)
     return row
+
+
+def metric_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's METRICS as flat ``<map>_<metric>`` columns (STFPM has no TLM map: its tlm_* are None)."""
+    return {f"{m}_{k}": (metrics[m] or {}).get(k) for m, k in METRICS}
 
 
 def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
