@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="results file stem (default accuracy_<data>)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
+    p.add_argument("--keep-runs", default=None, metavar="DIR",
+                   help="train into DIR/<variant>-s<seed> and keep the runs (model.ckpt for stlm-eval, stlm-infer, "
+                   "python -m stlm_train.diagnostics); default: a temporary folder, deleted at the end")
     p.add_argument("--eval-grid", choices=("model", "original"), default="model",
                    help="pixel metrics on each model's own map grid (the trainer's evaluation) or on the test images' "
                    "own size (compare untiled and tiled rows); 'original' also times the evaluation per image")
@@ -251,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                     markdown_path=json_path.with_suffix(".md"), echo=None)
 
     with tempfile.TemporaryDirectory(prefix="stlm-accuracy-") as tmp:
+        work = Path(args.keep_runs) if args.keep_runs else Path(tmp)
         for v in variants:
             for seed in seeds:
                 if any(r["variant"] == v and r["seed"] == seed for r in rows):
                     continue
-                row = run_one(v, seed, args, Path(tmp))
+                row = run_one(v, seed, args, work)
                 rows.append(row)
                 print(f"{v:32s} seed {seed}: FA I-AUROC {row['fa_i_auroc']:.3f} P-AUROC {row['fa_p_auroc']:.3f} "
                       f"AUPRO {row['fa_aupro']:.3f} | TLM I-AUROC {float('nan') if row['tlm_i_auroc'] is None else row['tlm_i_auroc']:.3f} "

@@ -87,3 +87,11 @@ def test_untiled_and_tiled_rows_on_the_images_own_grid(tmp_path):
     assert accuracy.resolve_variants("tiling") == ["current", "tiled-512", "tiled-768"]
     with pytest.raises(SystemExit, match=r"--variants tiled-64: --work-size: must be at least the tile size 128"):
         accuracy.main([*argv[:11], "tiled-64", *argv[12:]])
+
+
+def test_keep_runs_keeps_each_trained_checkpoint(tmp_path):
+    keep = tmp_path / "runs"
+    argv = ["--data", "generated", "--config", "small", "--img-size", "128", "--steps", "1", "--seeds", "0",
+            "--variants", "current", "--name", "k", "--out-dir", str(tmp_path), "--keep-runs", str(keep)]
+    assert accuracy.main(argv) == 0
+    assert (keep / "current-s0" / "model.ckpt").is_file()
