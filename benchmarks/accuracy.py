@@ -48,22 +48,27 @@ CHANGES: dict[str, dict[str, Any]] = {
     "augment-before-resize": {"augment_before_resize": True},
 }
 V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
-                      "augment_before_resize": False, "student_bn": "train", "threshold_target": None}
+                      "augment_before_resize": False, "student_bn": "train", "threshold_target": None,
+                      "fa_grad": "students"}
 #: The localisation round: each change against the trainer before it (r2).
 CHANGES_R3: dict[str, dict[str, Any]] = {
     "frozen-bn": {"student_bn": "frozen"},
     "recalibrated-bn": {"student_bn": "recalibrate"},
     "local-teacher": {"teacher_recipe": "local"},
     "fpr-threshold": {"threshold_target": "fpr<=0.05"},
+    "detached-fa": {"fa_grad": "detached"},
 }
-R2: dict[str, Any] = {"student_bn": "train", "teacher_recipe": "reference", "threshold_target": None}
+R2: dict[str, Any] = {"student_bn": "train", "teacher_recipe": "reference", "threshold_target": None,
+                      "fa_grad": "students"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "v0": dict(V0),
     **{f"v0+{name}": {**V0, **change} for name, change in CHANGES.items()},
     **{f"current-{name}": {k: V0[k] for k in change} for name, change in CHANGES.items()},
     "r2": dict(R2),
     **{f"r2+{name}": {**R2, **change} for name, change in CHANGES_R3.items()},
-    **{f"current-{name}": {k: R2[k] for k in change} for name, change in CHANGES_R3.items() if name != "recalibrated-bn"},
+    **{f"current-{name}": {k: R2[k] for k in change} for name, change in CHANGES_R3.items()
+       if name not in ("recalibrated-bn", "detached-fa")},
+    "current+detached-fa": dict(CHANGES_R3["detached-fa"]),
     "current": {},
 }
 GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],

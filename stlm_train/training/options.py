@@ -20,13 +20,17 @@ DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the pap
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
-                   "augment_before_resize", "student_bn", "threshold_target")
+                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
 #: How the students' BatchNorm layers behave during training (see :mod:`.loop`).
 STUDENT_BN_MODES = ("recalibrate", "frozen", "train")
 DEFAULT_STUDENT_BN = "recalibrate"
+#: Whether the FA head's loss trains the students too (``students``, the official code and the default) or only
+#: the FA head (``detached``: the students learn from distillation alone; measured in :mod:`.loop`).
+FA_GRAD_MODES = ("detached", "students")
+DEFAULT_FA_GRAD = "students"
 
 
 
@@ -76,6 +80,7 @@ class TrainOptions:
     resize: str = DEFAULT_RESIZE
     augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
     student_bn: str = DEFAULT_STUDENT_BN  # recalibrate | frozen | train (official: train)
+    fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official: students)
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -171,7 +176,8 @@ class TrainOptions:
         for name, value, choices in (("teacher_recipe", self.teacher_recipe, TEACHER_RECIPES),
                                      ("texture_bank", self.texture_bank, TEXTURE_BANKS),
                                      ("resize", self.resize, RESIZE_POLICIES),
-                                     ("student_bn", self.student_bn, STUDENT_BN_MODES)):
+                                     ("student_bn", self.student_bn, STUDENT_BN_MODES),
+                                     ("fa_grad", self.fa_grad, FA_GRAD_MODES)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.threshold_target is not None:
@@ -197,6 +203,6 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
     # Runs saved before a recipe knob existed were trained with its old value, not today's default.
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
               "resize": "bilinear", "augment_before_resize": False,
-              "student_bn": "train", "threshold_target": None, **TILING_FIELDS}
+              "student_bn": "train", "threshold_target": None, "fa_grad": "students", **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

@@ -195,10 +195,12 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     from stlm_train.training import merge_resume_options
 
     old = {k: v for k, v in TrainOptions(data="builtin", out=str(tmp_path), seed=4).identity().items()
-           if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize", "student_bn", "threshold_target")}
+           if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize", "student_bn", "threshold_target",
+                         "fa_grad")}
     merged = merge_resume_options(TrainOptions(data="", out=str(tmp_path), resume=True), old, set())
     assert (merged.teacher_seed, merged.teacher_recipe, merged.texture_bank, merged.resize) == (4, "v1", "v1", "bilinear")
     assert (merged.student_bn, merged.threshold_target) == ("train", None)  # official BatchNorm, quantile rule
+    assert merged.fa_grad == "students"  # the FA loss trained the students too, as in the official code
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
@@ -207,6 +209,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
 @pytest.mark.parametrize("field,value,needle", [
     ("teacher_recipe", "fancy", "teacher_recipe must be one of local, reference, v1"),
     ("student_bn", "eval", "student_bn must be one of recalibrate, frozen, train"),
+    ("fa_grad", "both", "fa_grad must be one of detached, students"),
     ("threshold_target", "auc", "--threshold-target: expected f1, fpr<=A"),
     ("texture_bank", "dtd", "texture_bank must be one of reference, v1"),
     ("resize", "nearest", "resize must be one of area, bilinear"),
@@ -274,3 +277,19 @@ def test_ctrl_c_mid_step_saves_nothing_and_keeps_the_last_consistent_state(data_
     monkeypatch.setattr(loop, "stlm_loss", real)
     res = train(opts(data_root, out, steps=5, save_every=2, resume=True))
     assert res.steps == 5 and (out / "model.ckpt").exists()
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_fa_loss_reaches_the_students_only_when_not_detached(detach):
+    """fa_grad="detached": the FA head's loss trains the FA head alone; "students" (official): the students too."""
+    from stlm_train import STLM
+    from stlm_train.config import get_config
+    from stlm_train.training import TrainGraph
+
+    torch.manual_seed(0)
+    model = STLM(get_config("small").with_img_size(64)).train()
+    _, _, logits = TrainGraph(model, detach_fa=detach)(torch.randn(2, 3, 64, 64))
+    logits.sum().backward()
+    student = [p.grad for p in (*model.plain.parameters(), *model.denoising.parameters(), *model.decoder.parameters())]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fa_head.head.parameters())
+    assert all(g is None for g in student) if detach else any(g is not None and g.abs().sum() > 0 for g in student)
