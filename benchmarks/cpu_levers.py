@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .output import emit, run_main
 from .measure import environment, time_fn
+from .output import emit, run_main
 
 
 def _ort(path: Path, threads: int, x: np.ndarray, runs: int, static_batch: bool = False) -> float:

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from .output import write_json, run_main
 from .measure import environment, time_fn
+from .output import run_main, write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,8 @@ from typing import Any
 
 
 from .accuracy import bundled_sample_or_exit
-from .output import emit_beside, write_json, run_main
 from .measure import machine_line
+from .output import emit_beside, run_main, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The official batch of each family's recipe (STLM: this trainer's default; STFPM: gdwang08/STFPM main.py).

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 
-from .output import emit, run_main
 from .measure import environment, time_fn
+from .output import emit, run_main
 
 CANDIDATES = {
     "policy: MatMul+Conv+Gemm, FA head float": {},

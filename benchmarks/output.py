@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,6 @@ def run_main(main: Callable[[], int | None]) -> int:
     """Run a benchmark script's ``main`` under the project's one-line-error rule (as ``stlm-bench`` does):
     a bad input (a missing file, a malformed engine or checkpoint, a bad value) prints ``Error: ...`` on one
     line and exits 2 instead of a traceback; anything else still raises."""
-    import sys
-
     from stlm_deploy.errors import DeployError
 
     try:

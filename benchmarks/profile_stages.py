@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .output import emit, run_main
 from .measure import environment
+from .output import emit, run_main
 
 STAGES = ("normalize", "plain", "denoising", "decoder", "fa_head", "post", "fused")
 #: Untimed ONNX Runtime runs before profiling (see :func:`ort_profile`: the second run builds the memory pattern).

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .output import emit, run_main
 from .measure import _percentile, environment
+from .output import emit, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

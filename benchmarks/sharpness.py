@@ -22,8 +22,8 @@ import numpy as np
 
 
 from .accuracy import bundled_sample_or_exit
-from .output import emit_beside, run_main
 from .measure import machine_line
+from .output import emit_beside, run_main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -38,8 +38,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .output import emit, run_main
 from .measure import environment
+from .output import emit, run_main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLAIN_OPSET = 17
