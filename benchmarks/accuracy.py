@@ -77,14 +77,19 @@ GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],
           "tiling": ["current", "tiled-512", "tiled-768"]}
 #: ``tiled-<W>``: the current trainer with work size W (tiles of --img-size)
 TILED = re.compile(r"^tiled-(\d+)$")
+#: ``fa-grad-<A>``: the current trainer with the FA loss's gradient into the students scaled by A in (0, 1)
+FA_GRAD = re.compile(r"^fa-grad-(0\.\d+)$")
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
 
 def overrides_of(variant: str) -> dict[str, Any]:
-    """The TrainOptions a row sets: a named variant, or ``tiled-<W>`` (``work_size`` W)."""
-    m = TILED.match(variant)
-    return {"work_size": int(m.group(1))} if m else dict(VARIANTS[variant])
+    """The TrainOptions a row sets: a named variant, ``tiled-<W>`` (``work_size`` W) or ``fa-grad-<A>``."""
+    if m := TILED.match(variant):
+        return {"work_size": int(m.group(1))}
+    if m := FA_GRAD.match(variant):
+        return {"fa_grad": m.group(1)}
+    return dict(VARIANTS[variant])
 
 
 def bundled_sample_or_exit(alternative: str) -> str:
@@ -102,9 +107,9 @@ def resolve_variants(spec: str) -> list[str]:
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         for name in GROUPS.get(part, [part]):
-            if name not in VARIANTS and not TILED.match(name):
+            if name not in VARIANTS and not TILED.match(name) and not FA_GRAD.match(name):
                 raise SystemExit(f"Error: --variants: unknown variant {name!r} (choose from "
-                                 f"{', '.join([*GROUPS, *VARIANTS])} or tiled-<work size>)")
+                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size> or fa-grad-<0.A>)")
             names.append(name)
     return list(dict.fromkeys(names))
 

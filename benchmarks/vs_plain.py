@@ -190,18 +190,31 @@ def engine_rows(engine: Path, image: np.ndarray, threads: int) -> list[Row]:
     return rows
 
 
-def plain_rows(path: Path, x: np.ndarray, threads: int) -> list[Row]:
-    """The plain conversion on ONNX Runtime fp32 and on OpenVINO at each precision the CPU has."""
-    rows = [Row("plain torch.onnx.export, onnxruntime fp32", "plain", "onnxruntime", "fp32",
-                _ort_call(path, threads, x))]
+def plain_rows(path: Path, x: np.ndarray, threads: int, graph: str = "plain",
+               name: str = "plain torch.onnx.export") -> list[Row]:
+    """A graph file on ONNX Runtime fp32 and on OpenVINO at each precision the CPU has."""
+    rows = [Row(f"{name}, onnxruntime fp32", graph, "onnxruntime", "fp32", _ort_call(path, threads, x))]
     caps = _ov_capabilities()
     for prec, need in OV_PRECISIONS:
         if need and need not in caps:
             continue
         call, used = _ov_call(path, threads, prec, x)
         if used == prec:
-            rows.append(Row(f"plain torch.onnx.export, openvino {prec}", "plain", "openvino", prec, call))
+            rows.append(Row(f"{name}, openvino {prec}", graph, "openvino", prec, call))
     return rows
+
+
+#: ``--layouts`` rows: the project's fused graph (static batch 1, fp32 weights, simplified) with the
+#: students in the carried window layout and in the official block order, through the same harness as
+#: the plain conversion: the same-run A/B that keeps or drops the window-layout rewrite (issue 24).
+LAYOUTS = (("window-layout", True, "project graph, window layout"),
+           ("token-layout", False, "project graph, official block order"))
+
+
+def export_layout(stlm: Any, path: Path, window_layout: bool) -> Path:
+    from stlm_export.onnx_export import export_onnx, save_onnx
+
+    return save_onnx(export_onnx(stlm, batch=1, window_layout=window_layout).model, path)
 
 
 def time_interleaved(rows: list[Row], runs: int, warmup: int) -> None:
@@ -274,6 +287,10 @@ def run_size(size: int, args: argparse.Namespace, work: Path, record: Any) -> di
         rows.append(Row("pytorch eager fp32", "eager", "pytorch", "fp32", eager))
     rows += engine_rows(engine, image, args.threads)
     rows += plain_rows(plain, xf, args.threads)
+    if args.layouts and model.cfg.family == "stlm":
+        for graph, window_layout, name in LAYOUTS:
+            path = export_layout(model, work / f"{graph}_{size}.onnx", window_layout)
+            rows += plain_rows(path, image, args.threads, graph, name)
     ref = _ort_call(engine / "model.onnx", args.threads, image)()["anomaly_map"]
     for r in rows:
         r.max_abs_map = float(np.abs(np.asarray(r.call()["anomaly_map"], np.float64) - ref).max())
@@ -325,11 +342,18 @@ def markdown(report: dict[str, Any], ops_top: int = 8) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             gated = {True: "yes", False: "no", None: ""}[r["gated"]]
-            same = plain.get((r["runtime"], r["precision"])) if r["graph"] == "project" else None
+            same = plain.get((r["runtime"], r["precision"])) if r["graph"] != "eager" and r["graph"] != "plain" \
+                else None
             d = r["max_abs_map_vs_ort_fp32"]
             lines.append(f"| {r['label']} | {gated} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | "
                          f"{_ratio(eager, r['p50_ms'])} | {_ratio(same, r['p50_ms'])} | "
                          f"{'–' if d is None else format(d, '.1e')} |")
+        layout = {(r["graph"], r["runtime"], r["precision"]): r["p50_ms"] for r in rows if r["graph"].endswith("-layout")}
+        ab = [f"{rt} {pr} ×{_ratio(layout[('token-layout', rt, pr)], ms)}" for (g, rt, pr), ms in layout.items()
+              if g == "window-layout" and ("token-layout", rt, pr) in layout]
+        if ab:
+            lines += ["", "Window layout carried across blocks vs the official block order (same graph otherwise; "
+                          ">1 = the window layout is faster): " + ", ".join(ab)]
         for r in rows:
             for n in r["notes"]:
                 lines.append(f"\n{r['label']}: {n}")
@@ -384,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10, help="interleaved timed rounds per size")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager row")
+    ap.add_argument("--layouts", action="store_true",
+                    help="also time the project graph with the students' window layout carried across blocks "
+                         "and in the official block order (same harness as the plain rows)")
     ap.add_argument("--profile-sizes", type=_size_list, default=None,
                     help="sizes with the per-stage / per-op profile (default: the smallest size; 0 runs: none)")
     ap.add_argument("--profile-runs", type=int, default=2)

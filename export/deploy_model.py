@@ -5,7 +5,7 @@ copies) so that one traced graph goes from the camera's uint8 RGB batch to the o
 needs. STLM (student-only):
 
     image uint8 (N, S, S, 3) RGB --cast, NHWC->NCHW, (x - mean) / std-->  (N, 3, S, S)
-      -> Sp and Sd (two TinyViTs), one decoder call on both streams stacked on the batch axis
+      -> Sp and Sd (two TinyViTs, window order carried across blocks), one decoder call on both streams stacked on the batch axis
       -> FA head (sigmoid) -> bilinear upsample to S x S -> anomaly_map (N, S, S)
       -> mean of the top-k pixels -> score (N,)
       [-> no-FA (TLM) map -> upsample -> tlm_map (N, S, S)]   with ``with_tlm``
@@ -31,6 +31,8 @@ from torch import nn
 from stlm_train import STLM
 from stlm_train.modeling import STFPM, fa_input, tlm_map, topk_score, upsample
 
+from .window_layout import WindowedTinyViT
+
 __all__ = ["DeployModel", "INPUT_NAME", "OUTPUT_NAMES", "TLM_OUTPUT"]
 
 INPUT_NAME = "image"
@@ -46,9 +48,13 @@ class DeployModel(nn.Module):
         fuse_pre: True: input uint8 NHWC RGB, normalisation inside the graph. False: input is the
             already normalised float32 NCHW tensor (for runtimes that do their own preprocessing).
         with_tlm: also output STLM's no-FA (TLM) map, e.g. for evaluation or a second opinion.
+        window_layout: run the students as :class:`WindowedTinyViT` (window order carried across each
+            stage's blocks: fewer transposes, same numbers); False traces the training module's
+            official block order (kept for same-run comparisons).
     """
 
-    def __init__(self, stlm: STLM | STFPM, fuse_pre: bool = True, with_tlm: bool = False) -> None:
+    def __init__(self, stlm: STLM | STFPM, fuse_pre: bool = True, with_tlm: bool = False,
+                 window_layout: bool = True) -> None:
         super().__init__()
         self.family = getattr(stlm.cfg, "family", "stlm")
         if with_tlm and self.family != "stlm":
@@ -58,6 +64,10 @@ class DeployModel(nn.Module):
         self.with_tlm = bool(with_tlm)
         self.img_size = int(stlm.cfg.img_size)
         self.top_k = int(stlm.cfg.top_k)
+        self.window_layout = bool(window_layout) and self.family == "stlm"
+        if self.window_layout:  # inference views sharing the students' weights (no copies)
+            self.plain = WindowedTinyViT(stlm.plain)
+            self.denoising = WindowedTinyViT(stlm.denoising)
         # The wrapper itself must be in eval mode too: the exporter restores the wrapper's mode
         # recursively afterwards, which would otherwise switch the shared STLM to training (BN!).
         self.eval()
@@ -83,7 +93,12 @@ class DeployModel(nn.Module):
         if self.family == "stfpm":
             out = self.stlm(x)  # map at S x S and its maximum, both from the model's own forward
             return out.anomaly_map, out.score
-        plain, denoising = self.stlm.student_features(x)  # one batched decoder call for both streams
+        if self.window_layout:  # as STLM.student_features: one batched decoder call for both streams
+            b = x.shape[0]
+            f1, f2 = self.stlm.decoder(torch.cat([self.plain(x), self.denoising(x)], dim=0))
+            plain, denoising = (f1[:b], f2[:b]), (f1[b:], f2[b:])
+        else:
+            plain, denoising = self.stlm.student_features(x)
         size = (self.img_size, self.img_size)
         anomaly_map = upsample(self.stlm.fa_head(fa_input(plain, denoising)), size)  # (N, S, S)
         score = topk_score(anomaly_map, self.top_k)  # (N,)

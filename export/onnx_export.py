@@ -186,13 +186,15 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 
 def export_onnx(stlm: STLM | STFPM, *, opset: int = DEFAULT_OPSET, batch: int | str = "dynamic", fuse_pre: bool = True,
-                with_tlm: bool = False, simplify: bool = True, probe: Probe | None = None) -> OnnxExport:
+                with_tlm: bool = False, simplify: bool = True, probe: Probe | None = None,
+                window_layout: bool = True) -> OnnxExport:
     """Trace, check and (parity-probed) simplify the fused graph; returns it in memory.
 
+    ``window_layout=False`` traces the students in the official block order (a benchmark baseline).
     ``probe(model)`` is run on the simplified graph; the simplified graph is kept only if it
     passes (without a probe it is kept when ONNX's full checker accepts it).
     """
-    deploy = DeployModel(stlm, fuse_pre=fuse_pre, with_tlm=with_tlm)
+    deploy = DeployModel(stlm, fuse_pre=fuse_pre, with_tlm=with_tlm, window_layout=window_layout)
     raw = trace_onnx(deploy, opset=opset, batch=batch)
     onnx.checker.check_model(raw, full_check=True)
     raw_report = graph_report(raw)

@@ -76,14 +76,17 @@ class PatchMerging(nn.Module):
         self.conv2 = Conv2d_BN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
         self.conv3 = Conv2d_BN(out_dim, out_dim, 1, 1, 0)
 
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C', H', W'): the merge without the final token layout."""
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        return self.conv3(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
             h, w = self.resolution
             x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
-        x = self.conv3(x)
-        return x.flatten(2).transpose(1, 2)  # (B, H'*W', C')
+        return self.maps(x).flatten(2).transpose(1, 2)  # (B, H'*W', C')
 
 
 class Attention(nn.Module):

@@ -29,8 +29,23 @@ STUDENT_BN_MODES = ("recalibrate", "frozen", "train")
 DEFAULT_STUDENT_BN = "recalibrate"
 #: Whether the FA head's loss trains the students too (``students``, the official code and the default) or only
 #: the FA head (``detached``: the students learn from distillation alone; measured in :mod:`.loop`).
+#: A number strictly between 0 and 1 ("0.3") scales the FA loss's gradient into the students (the forward
+#: pass is unchanged): :func:`fa_grad_scale`.
 FA_GRAD_MODES = ("detached", "students")
 DEFAULT_FA_GRAD = "students"
+
+
+def fa_grad_scale(mode: str) -> float:
+    """``fa_grad`` as the factor on the FA loss's gradient into the students: students 1, detached 0, "A" A."""
+    if mode in FA_GRAD_MODES:
+        return 1.0 if mode == "students" else 0.0
+    try:
+        scale = float(mode)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not 0.0 < scale < 1.0:
+        raise TrainError(f"fa_grad must be one of {', '.join(FA_GRAD_MODES)} or a number in (0, 1), got {mode!r}")
+    return scale
 
 
 
@@ -80,7 +95,7 @@ class TrainOptions:
     resize: str = DEFAULT_RESIZE
     augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
     student_bn: str = DEFAULT_STUDENT_BN  # recalibrate | frozen | train (official: train)
-    fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official: students)
+    fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -176,10 +191,10 @@ class TrainOptions:
         for name, value, choices in (("teacher_recipe", self.teacher_recipe, TEACHER_RECIPES),
                                      ("texture_bank", self.texture_bank, TEXTURE_BANKS),
                                      ("resize", self.resize, RESIZE_POLICIES),
-                                     ("student_bn", self.student_bn, STUDENT_BN_MODES),
-                                     ("fa_grad", self.fa_grad, FA_GRAD_MODES)):
+                                     ("student_bn", self.student_bn, STUDENT_BN_MODES)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        fa_grad_scale(self.fa_grad)
         if self.threshold_target is not None:
             try:
                 parse_target(self.threshold_target)

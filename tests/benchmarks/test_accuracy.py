@@ -16,6 +16,11 @@ def test_variants_differ_only_in_their_changes():
     assert accuracy.resolve_variants("v0,ablation")[0] == "v0"
     with pytest.raises(SystemExit, match="unknown variant 'x'"):
         accuracy.resolve_variants("x")
+    assert accuracy.overrides_of("fa-grad-0.3") == {"fa_grad": "0.3"}
+    assert accuracy.overrides_of("tiled-512") == {"work_size": 512}
+    for bad in ("fa-grad-1.5", "fa-grad-0"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            accuracy.resolve_variants(bad)
 
 
 def test_two_seeds_of_two_variants_train_evaluate_and_resume(tmp_path, capsys):
