@@ -5,7 +5,7 @@ copies) so that one traced graph goes from the camera's uint8 RGB batch to the o
 needs. STLM (student-only):
 
     image uint8 (N, S, S, 3) RGB --cast, NHWC->NCHW, (x - mean) / std-->  (N, 3, S, S)
-      -> Sp and Sd (two TinyViTs, window order carried across blocks), one decoder call on both streams stacked on the batch axis
+      -> Sp and Sd (two TinyViTs), one decoder call on both streams stacked on the batch axis
       -> FA head (sigmoid) -> bilinear upsample to S x S -> anomaly_map (N, S, S)
       -> mean of the top-k pixels -> score (N,)
       [-> no-FA (TLM) map -> upsample -> tlm_map (N, S, S)]   with ``with_tlm``
@@ -49,12 +49,12 @@ class DeployModel(nn.Module):
             already normalised float32 NCHW tensor (for runtimes that do their own preprocessing).
         with_tlm: also output STLM's no-FA (TLM) map, e.g. for evaluation or a second opinion.
         window_layout: run the students as :class:`WindowedTinyViT` (window order carried across each
-            stage's blocks: fewer transposes, same numbers); False traces the training module's
-            official block order (kept for same-run comparisons).
+            stage's blocks; same numbers). Measured slower than the official block order on ONNX Runtime
+            and OpenVINO (``stlm_bench.vs_plain --layouts``), so off by default; kept to reproduce that.
     """
 
     def __init__(self, stlm: STLM | STFPM, fuse_pre: bool = True, with_tlm: bool = False,
-                 window_layout: bool = True) -> None:
+                 window_layout: bool = False) -> None:
         super().__init__()
         self.family = getattr(stlm.cfg, "family", "stlm")
         if with_tlm and self.family != "stlm":

@@ -1,17 +1,18 @@
-"""The students' TinyViT for inference graphs, with window layout carried across the blocks of a stage.
+"""The students' TinyViT with window layout carried across the blocks of a stage: measured, not adopted.
 
 The training module (``stlm_train.modeling.TinyViT``, the official block structure) keeps tokens in
 row-major (B, H*W, C) order and, in every block, pads to whole windows, partitions, runs attention,
 reverses, crops, and transposes twice more around the depthwise local convolution: four Transposes plus
-a Pad and a Slice per block, the largest non-GEMM cost of the exported graph on CPU runtimes (issue 24).
-Here each stage pads once and partitions once, keeps the tokens in window order across its blocks, and
-goes from windows straight to the convolution's NCHW map and back (one Transpose each way), with the
-padding re-zeroed by a constant mask where the official code would have cropped and padded again. Every
-real position sees exactly the numbers the official block computes (zero-padded attention keys, a
-zero-padded convolution border), so the maps agree to float rounding.
+a Pad and a Slice per block. Here each stage pads and partitions once and keeps the tokens in window
+order across its blocks; the padding is re-zeroed by a constant mask wherever the official code would
+crop and pad again, so every real position computes the official numbers (tested).
 
-It is an inference view: it shares (never copies) the trained submodules, and evaluation-mode
-BatchNorm is assumed (the padded positions would enter training-mode batch statistics).
+Issue 24 asked for this rewrite, to be kept only if faster in a same-run table. It is not
+(``python -m stlm_bench.vs_plain --layouts``): the padded tokens that the official block crops away
+(at 256 px stage 2 pads 16x16 to 28x28) now also go through the local convolution and the MLP, and
+the mask costs two multiplies per block, more than the Pad, Slice and Transposes saved. Exports
+therefore trace the official block order (``window_layout=False``); this module reproduces the
+measurement. It shares (never copies) the trained submodules and assumes evaluation-mode BatchNorm.
 """
 from __future__ import annotations
 
@@ -48,15 +49,18 @@ class WindowedStage(nn.Module):
                              persistent=False)
 
     def _to_windows(self, m: torch.Tensor) -> torch.Tensor:
-        """(B, C, PH, PW) -> (B * nW, ws*ws, C)."""
+        """(B, C, PH, PW) -> (B * nW, ws*ws, C), as two transposes that each move one axis (runtimes have
+        fast kernels for those; one general 6-D permutation was slower than both together)."""
         c, ws = m.shape[1], self.ws
-        m = m.reshape(-1, c, self.nh, ws, self.nw, ws).permute(0, 2, 4, 3, 5, 1)
+        m = m.reshape(-1, c, self.nh * ws * self.nw * ws).transpose(1, 2)  # channels last
+        m = m.reshape(-1, self.nh, ws, self.nw, ws * c).transpose(2, 3)
         return m.reshape(-1, ws * ws, c)
 
     def _to_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(B * nW, ws*ws, C) -> (B, C, PH, PW)."""
+        """(B * nW, ws*ws, C) -> (B, C, PH, PW), the reverse of :meth:`_to_windows`."""
         c, ws = x.shape[2], self.ws
-        x = x.reshape(-1, self.nh, self.nw, ws, ws, c).permute(0, 5, 1, 3, 2, 4)
+        x = x.reshape(-1, self.nh, self.nw, ws, ws * c).transpose(2, 3)
+        x = x.reshape(-1, self.nh * ws * self.nw * ws, c).transpose(1, 2)
         return x.reshape(-1, c, self.nh * ws, self.nw * ws)
 
     def _zero_padding(self, x: torch.Tensor) -> torch.Tensor:
