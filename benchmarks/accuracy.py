@@ -84,12 +84,23 @@ METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_aur
 
 
 def overrides_of(variant: str) -> dict[str, Any]:
-    """The TrainOptions a row sets: a named variant, ``tiled-<W>`` (``work_size`` W) or ``fa-grad-<A>``."""
-    if m := TILED.match(variant):
-        return {"work_size": int(m.group(1))}
-    if m := FA_GRAD.match(variant):
-        return {"fa_grad": m.group(1)}
-    return dict(VARIANTS[variant])
+    """The TrainOptions a row sets: a named variant, or ``tiled-<W>`` (``work_size`` W) and/or ``fa-grad-<A>``
+    joined by "+" (``tiled-512+fa-grad-0.3``)."""
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    out: dict[str, Any] = {}
+    for part in variant.split("+"):
+        if m := TILED.match(part):
+            out["work_size"] = int(m.group(1))
+        elif m := FA_GRAD.match(part):
+            out["fa_grad"] = m.group(1)
+        else:
+            raise KeyError(variant)
+    return out
+
+
+def _known(variant: str) -> bool:
+    return variant in VARIANTS or all(TILED.match(p) or FA_GRAD.match(p) for p in variant.split("+"))
 
 
 def bundled_sample_or_exit(alternative: str) -> str:
@@ -107,9 +118,10 @@ def resolve_variants(spec: str) -> list[str]:
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         for name in GROUPS.get(part, [part]):
-            if name not in VARIANTS and not TILED.match(name) and not FA_GRAD.match(name):
+            if not _known(name):
                 raise SystemExit(f"Error: --variants: unknown variant {name!r} (choose from "
-                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size> or fa-grad-<0.A>)")
+                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size>, fa-grad-<0.A> or both "
+                                 "joined by +)")
             names.append(name)
     return list(dict.fromkeys(names))
 

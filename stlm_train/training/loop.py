@@ -8,8 +8,9 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
    the students, with ``fa_grad="detached"`` only the FA head, with a number in (0, 1) the students get
    that fraction of its gradient. Screened at 400 steps (sample 3 seeds, generated set 2):
    detached lifts the FA map on the bundled real sample (pixel AUROC 0.62 -> 0.73, AUPRO 0.42 -> 0.52)
-   but breaks its image score on the generated set (image AUROC 0.33 and 0.17 on two seeds), so it is
-   an option, not the default;
+   but breaks its image score on the generated set (image AUROC 0.33 and 0.17 on two seeds), and a factor
+   of 0.3 does the same (sample: pixel 0.73, image 0.93; generated: image 0.19 and 0.31), so they are
+   options, not the default;
 4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``); Adam on students + shared decoder,
    SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
 

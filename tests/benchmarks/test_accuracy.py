@@ -18,7 +18,9 @@ def test_variants_differ_only_in_their_changes():
         accuracy.resolve_variants("x")
     assert accuracy.overrides_of("fa-grad-0.3") == {"fa_grad": "0.3"}
     assert accuracy.overrides_of("tiled-512") == {"work_size": 512}
-    for bad in ("fa-grad-1.5", "fa-grad-0"):
+    assert accuracy.overrides_of("tiled-512+fa-grad-0.3") == {"work_size": 512, "fa_grad": "0.3"}
+    assert accuracy.resolve_variants("tiled-512+fa-grad-0.3") == ["tiled-512+fa-grad-0.3"]
+    for bad in ("fa-grad-1.5", "fa-grad-0", "tiled-512+x"):
         with pytest.raises(SystemExit, match="unknown variant"):
             accuracy.resolve_variants(bad)
 
