@@ -9,7 +9,8 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
    that fraction of its gradient. Screened at 400 steps (sample 3 seeds, generated set 2):
    detached lifts the FA map on the bundled real sample (pixel AUROC 0.62 -> 0.73, AUPRO 0.42 -> 0.52)
    but breaks its image score on the generated set (image AUROC 0.33 and 0.17 on two seeds), and a factor
-   of 0.3 does the same (sample: pixel 0.73, image 0.93; generated: image 0.19 and 0.31), so they are
+   of 0.3 does the same (sample: pixel 0.73, image 0.93; generated: image 0.19 and 0.31) and, on tire
+   tiled at 512 for 20 minutes, lowers FA pixel AUROC to 0.70 / 0.77 from 0.90 / 0.86, so they are
    options, not the default;
 4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``); Adam on students + shared decoder,
    SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
