@@ -100,7 +100,11 @@ def overrides_of(variant: str) -> dict[str, Any]:
 
 
 def _known(variant: str) -> bool:
-    return variant in VARIANTS or all(TILED.match(p) or FA_GRAD.match(p) for p in variant.split("+"))
+    try:
+        overrides_of(variant)
+    except KeyError:
+        return False
+    return True
 
 
 def bundled_sample_or_exit(alternative: str) -> str:

@@ -342,8 +342,7 @@ def markdown(report: dict[str, Any], ops_top: int = 8) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             gated = {True: "yes", False: "no", None: ""}[r["gated"]]
-            same = plain.get((r["runtime"], r["precision"])) if r["graph"] != "eager" and r["graph"] != "plain" \
-                else None
+            same = plain.get((r["runtime"], r["precision"])) if r["graph"] not in ("eager", "plain") else None
             d = r["max_abs_map_vs_ort_fp32"]
             lines.append(f"| {r['label']} | {gated} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | "
                          f"{_ratio(eager, r['p50_ms'])} | {_ratio(same, r['p50_ms'])} | "

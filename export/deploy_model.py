@@ -93,12 +93,8 @@ class DeployModel(nn.Module):
         if self.family == "stfpm":
             out = self.stlm(x)  # map at S x S and its maximum, both from the model's own forward
             return out.anomaly_map, out.score
-        if self.window_layout:  # as STLM.student_features: one batched decoder call for both streams
-            b = x.shape[0]
-            f1, f2 = self.stlm.decoder(torch.cat([self.plain(x), self.denoising(x)], dim=0))
-            plain, denoising = (f1[:b], f2[:b]), (f1[b:], f2[b:])
-        else:
-            plain, denoising = self.stlm.student_features(x)
+        encoders = (self.plain, self.denoising) if self.window_layout else None
+        plain, denoising = self.stlm.student_features(x, encoders)  # one batched decoder call for both streams
         size = (self.img_size, self.img_size)
         anomaly_map = upsample(self.stlm.fa_head(fa_input(plain, denoising)), size)  # (N, S, S)
         score = topk_score(anomaly_map, self.top_k)  # (N,)

@@ -61,10 +61,15 @@ class STLM(nn.Module):
         self.fa_head = FAHead(2 * cfg.decoder.dim, cfg.fa_head)
         self.normalize = Normalize(cfg.pixel_mean, cfg.pixel_std)
 
-    def student_features(self, x: torch.Tensor) -> tuple[Features, Features]:
-        """Both streams, with one decoder call on their embeddings stacked along the batch."""
+    def student_features(self, x: torch.Tensor,
+                         encoders: tuple[nn.Module, nn.Module] | None = None) -> tuple[Features, Features]:
+        """Both streams, with one decoder call on their embeddings stacked along the batch.
+
+        ``encoders``: other modules computing the same (plain, denoising) embeddings, e.g. the export's
+        inference views of the students (``stlm_export.window_layout``); default the students themselves."""
+        plain, denoising = encoders if encoders is not None else (self.plain, self.denoising)
         b = x.shape[0]
-        emb = torch.cat([self.plain(x), self.denoising(x)], dim=0)  # (2B, C, h, w)
+        emb = torch.cat([plain(x), denoising(x)], dim=0)  # (2B, C, h, w)
         f1, f2 = self.decoder(emb)
         return (f1[:b], f2[:b]), (f1[b:], f2[b:])
 
