@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
       "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png"))
     r("5/5 score the test images, write overlays", "stlm_deploy.cli", "--engine", str(engine), "--out",
       str(out / "infer"), str(Path(eval_data) / "test"))
-    reached = reached_lines(json.loads((out / "eval.json").read_text()), args.steps, bool(sample))
-    write_report(out, r.stages, data, reached)
+    ev = json.loads((out / "eval.json").read_text())
+    reached = reached_lines(ev, args.steps, bool(sample))
+    write_report(out, r.stages, data, ev, reached)
     print("\n" + "\n".join(f"demo: {line}" for line in reached))
     print(f"demo: done — {out / 'report.md'}")
     return 0
@@ -110,14 +111,14 @@ def reached_lines(ev: dict, steps: int, sample: bool, results: Path | None = Non
         path = results / f"{stem}.json"
         if not path.is_file():
             continue
-        rows = [r for r in json.loads(path.read_text()).get("summary", []) if r.get("variant") == "current"]
-        if not rows:
+        row = next((r for r in json.loads(path.read_text()).get("summary", []) if r.get("variant") == "current"),
+                   None)
+        if row is None:
             continue
-        row = rows[0]
 
         def ms(key: str) -> str:
-            mean, sd = row[key]
-            return f"{mean:.2f} ± {sd:.2f}"
+            mean, sd = row.get(key) or (None, None)
+            return "n/a" if mean is None else f"{mean:.2f} ± {sd:.2f}"
 
         lines.append(f"the trainer at its measured budget on the {what} ({row['n']} seeds, {row['steps']:.0f} steps, "
                      f"benchmarks/results/{stem}.md): FA {ms('fa_i_auroc')} / {ms('fa_p_auroc')} / {ms('fa_aupro')}; "
@@ -126,10 +127,10 @@ def reached_lines(ev: dict, steps: int, sample: bool, results: Path | None = Non
     return lines
 
 
-def write_report(out: Path, stages: list[tuple[str, str, float]], data: str, reached: list[str]) -> None:
+def write_report(out: Path, stages: list[tuple[str, str, float]], data: str, ev: dict,
+                 reached: list[str]) -> None:
     from stlm_deploy.files import atomic_write_text
 
-    ev = json.loads((out / "eval.json").read_text())
     spec = json.loads((out / "engine" / "stlm.json").read_text())
     lines = ["# stlm-deploy demo report", "",
              f"Data: `{data}`. Teacher: built-in weightless (real accuracy needs SAM weights, see README).", "",
