@@ -79,6 +79,8 @@ GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],
 TILED = re.compile(r"^tiled-(\d+)$")
 #: ``fa-grad-<A>``: the current trainer with the FA loss's gradient into the students scaled by A in (0, 1)
 FA_GRAD = re.compile(r"^fa-grad-(0\.\d+)$")
+#: ``fa-loss-focal``: the current trainer with the FA head trained on the focal loss alone (no L1)
+FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
@@ -94,6 +96,8 @@ def overrides_of(variant: str) -> dict[str, Any]:
             out["work_size"] = int(m.group(1))
         elif m := FA_GRAD.match(part):
             out["fa_grad"] = m.group(1)
+        elif m := FA_LOSS.match(part):
+            out["fa_loss"] = m.group(1)
         else:
             raise KeyError(variant)
     return out
@@ -124,8 +128,8 @@ def resolve_variants(spec: str) -> list[str]:
         for name in GROUPS.get(part, [part]):
             if not _known(name):
                 raise SystemExit(f"Error: --variants: unknown variant {name!r} (choose from "
-                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size>, fa-grad-<0.A> or both "
-                                 "joined by +)")
+                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size>, fa-grad-<0.A>, fa-loss-focal "
+                                 "or those joined by +)")
             names.append(name)
     return list(dict.fromkeys(names))
 

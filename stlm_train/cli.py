@@ -20,6 +20,11 @@ from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET
 
 from .config import CONFIGS, validate_img_size
 
+#: ``--fa-loss`` choices and default, spelled here so ``--help`` needs no torch import; a test keeps them equal
+#: to :data:`stlm_train.training.options.FA_LOSSES` / ``DEFAULT_FA_LOSS``.
+FA_LOSS_CHOICES = ("focal+l1", "focal")
+DEFAULT_FA_LOSS_NAME = "focal+l1"
+
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
 
 _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; without any, "
@@ -75,6 +80,9 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               help="Trade-off of the stored image threshold: 'fpr<=A' (at most a fraction A of held-out good images "
               "above it), or f1 / 'fnr<=B' judged against their pseudo-anomalous versions. Change it later with "
               "stlm-threshold.")
+@click.option("--fa-loss", type=click.Choice(FA_LOSS_CHOICES), default=None,
+              help="The FA head's loss: 'focal+l1' (paper eq. 8, the official code) or 'focal' alone (no L1: the map "
+              f"keeps ranking weak student disagreement). [default: {DEFAULT_FA_LOSS_NAME}]")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
@@ -82,7 +90,7 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, work_size, tile_overlap, epochs,
               steps, time_budget,
               teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
-              init_mobile_sam, save_every, holdout, threshold_target, do_eval, quiet) -> int:
+              init_mobile_sam, save_every, holdout, threshold_target, fa_loss, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -97,7 +105,8 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         teacher=teacher, anomaly_source=anomaly_source,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
-        threshold_target=threshold_target, evaluate=do_eval, progress=not quiet)
+        threshold_target=threshold_target, evaluate=do_eval, progress=not quiet,
+        **({"fa_loss": fa_loss} if fa_loss is not None else {}))
     try:
         opts.validate()
     except TrainError as e:  # bad flags: a usage error (exit 2), like click's own checks

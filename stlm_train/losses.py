@@ -85,15 +85,20 @@ def stlm_loss(
     fa_prob: torch.Tensor,
     mask: torch.Tensor,
     gamma: float = 4.0,
+    l1: bool = True,
 ) -> LossTerms:
     """All four terms. ``fa_prob`` (B, 1, h, w) is the FA sigmoid output at feature resolution;
-    ``mask`` the pseudo mask at image resolution (B, H, W) or already (B, 1, h, w)."""
+    ``mask`` the pseudo mask at image resolution (B, H, W) or already (B, 1, h, w).
+
+    ``l1=False`` leaves the L1 term out of ``total`` (it is still reported): its gradient has the same size
+    on every pseudo-normal pixel however low the output already is, so it keeps pushing the head's logits
+    down everywhere and the map loses its ranking of the weak disagreement real defects cause."""
     target = mask_to_feature_size(mask, tuple(fa_prob.shape[-2:]))
     lp = cosine_distance_loss(plain, teacher_pseudo)
     lde = cosine_distance_loss(denoising, teacher_clean)
     lf = focal_loss(fa_prob, target, gamma)
-    l1 = l1_loss(fa_prob, target)
-    return LossTerms(lp, lde, lf, l1, lp + lde + lf + l1)
+    l1_term = l1_loss(fa_prob, target)
+    return LossTerms(lp, lde, lf, l1_term, lp + lde + lf + (l1_term if l1 else 0.0))
 
 
 __all__ = ["LossTerms", "cosine_distance_loss", "focal_loss", "l1_loss", "mask_to_feature_size", "stlm_loss"]

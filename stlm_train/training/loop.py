@@ -200,6 +200,7 @@ class Trainer(StepRunner):
         super().__init__(model, TrainGraph(model, fa_grad_scale(opts.fa_grad)), device, opts, info)
         self.teacher = teacher
         self.student_bn = opts.student_bn
+        self.fa_l1 = opts.fa_loss == "focal+l1"
         self.calibration, self.step_counter = calibration, step_counter
         self.opt_students, self.opt_fa = build_optimizers(model, opts)
         self.optimizers = {"opt_students": self.opt_students, "opt_fa": self.opt_fa}
@@ -216,7 +217,8 @@ class Trainer(StepRunner):
         with self._autocast():
             t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
             plain, denoising, logits = self.graph(x_pseudo)
-        terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask)
+        terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask,
+                           l1=self.fa_l1)
         self.update(terms.total, terms)
         done = self.step_counter() + 1 if self.step_counter is not None else 0
         if self.student_bn == "frozen" and self.calibration is not None and done % BN_REFRESH_STEPS == 0:

@@ -20,7 +20,7 @@ DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the pap
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
-                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad")
+                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
@@ -33,6 +33,10 @@ DEFAULT_STUDENT_BN = "recalibrate"
 #: pass is unchanged): :func:`fa_grad_scale`.
 FA_GRAD_MODES = ("detached", "students")
 DEFAULT_FA_GRAD = "students"
+#: The FA head's loss: ``focal+l1`` (paper eq. 8, the official code) or ``focal`` alone. Without L1 the head's
+#: ranking of weak student disagreement survives training (see :mod:`stlm_train.losses`).
+FA_LOSSES = ("focal+l1", "focal")
+DEFAULT_FA_LOSS = "focal+l1"
 
 
 def fa_grad_scale(mode: str) -> float:
@@ -96,6 +100,7 @@ class TrainOptions:
     augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
     student_bn: str = DEFAULT_STUDENT_BN  # recalibrate | frozen | train (official: train)
     fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
+    fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -191,7 +196,8 @@ class TrainOptions:
         for name, value, choices in (("teacher_recipe", self.teacher_recipe, TEACHER_RECIPES),
                                      ("texture_bank", self.texture_bank, TEXTURE_BANKS),
                                      ("resize", self.resize, RESIZE_POLICIES),
-                                     ("student_bn", self.student_bn, STUDENT_BN_MODES)):
+                                     ("student_bn", self.student_bn, STUDENT_BN_MODES),
+                                     ("fa_loss", self.fa_loss, FA_LOSSES)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         fa_grad_scale(self.fa_grad)
@@ -218,6 +224,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
     # Runs saved before a recipe knob existed were trained with its old value, not today's default.
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
               "resize": "bilinear", "augment_before_resize": False,
-              "student_bn": "train", "threshold_target": None, "fa_grad": "students", **TILING_FIELDS}
+              "student_bn": "train", "threshold_target": None, "fa_grad": "students", "fa_loss": "focal+l1",
+              **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

@@ -20,6 +20,8 @@ def test_variants_differ_only_in_their_changes():
     assert accuracy.overrides_of("tiled-512") == {"work_size": 512}
     assert accuracy.overrides_of("tiled-512+fa-grad-0.3") == {"work_size": 512, "fa_grad": "0.3"}
     assert accuracy.resolve_variants("tiled-512+fa-grad-0.3") == ["tiled-512+fa-grad-0.3"]
+    assert accuracy.overrides_of("fa-loss-focal") == {"fa_loss": "focal"}
+    assert accuracy.overrides_of("tiled-512+fa-loss-focal") == {"work_size": 512, "fa_loss": "focal"}
     for bad in ("fa-grad-1.5", "fa-grad-0", "tiled-512+x"):
         with pytest.raises(SystemExit, match="unknown variant"):
             accuracy.resolve_variants(bad)

@@ -104,6 +104,24 @@ def test_stlm_loss_pairs_streams_with_the_right_teacher_and_sums_equally():
     assert set(terms.as_floats()) == {"plain", "denoising", "focal", "l1", "total"}
 
 
+def test_focal_only_fa_loss_leaves_l1_out_of_the_total_but_reports_it():
+    """fa_loss "focal": the total is L_p + L_de + L_focal; L1 is still computed (logged) but sends no gradient."""
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
+    plain, den, t_pseudo, t_clean = rnd(), rnd(), rnd(), rnd()
+    logits = torch.randn(2, 1, 4, 4, generator=g, requires_grad=True)
+    mask = torch.zeros(2, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    full = stlm_loss(plain, den, t_pseudo, t_clean, torch.sigmoid(logits), mask)
+    focal = stlm_loss(plain, den, t_pseudo, t_clean, torch.sigmoid(logits), mask, l1=False)
+    assert focal.l1.item() == pytest.approx(full.l1.item()) and focal.l1.item() > 0
+    assert focal.total.item() == pytest.approx((focal.plain + focal.denoising + focal.focal).item(), abs=1e-6)
+    assert full.total.item() - focal.total.item() == pytest.approx(full.l1.item(), abs=1e-6)
+    (g_focal,) = torch.autograd.grad(focal.total, logits, retain_graph=True)
+    (g_only,) = torch.autograd.grad(focal.focal, logits)
+    assert torch.allclose(g_focal, g_only)
+
+
 def test_gradients_reach_students_decoder_and_fa_head_but_not_the_teacher():
     cfg = get_config("small", 64)
     torch.manual_seed(0)

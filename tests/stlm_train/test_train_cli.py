@@ -68,6 +68,14 @@ def test_real_sample_end_to_end(sample_dir, tmp_path):
     assert METRICS <= set(res["fa"]) and res["n_images"] == 10
 
 
+def test_fa_loss_flag_matches_the_trainer_options():
+    """--fa-loss is spelled in the CLI (no torch import for --help): its choices and default are the trainer's."""
+    from stlm_train import cli as train_cli
+    from stlm_train.training.options import DEFAULT_FA_LOSS, FA_LOSSES
+
+    assert train_cli.FA_LOSS_CHOICES == FA_LOSSES and train_cli.DEFAULT_FA_LOSS_NAME == DEFAULT_FA_LOSS
+
+
 def test_help_and_module_dispatch(capsys):
     for fn in (train_main, eval_main):
         assert fn(["--help"]) == 0
@@ -103,6 +111,7 @@ def garbage(tmp_path_factory) -> Path:
     (["--data", "builtin", "--out", "{tmp}/o", "--resume"], "nothing to resume"),
     (["--data", "{tmp}", "--out", "{tmp}/o", "--config", "small"], "no train/test"),
     (["--data", "builtin", "--out", "{tmp}/o", "--bogus"], "No such option"),
+    (["--data", "builtin", "--out", "{tmp}/o", "--fa-loss", "bce"], "'--fa-loss'"),
 ])
 def test_train_errors_are_one_line(args, needle, tmp_path, garbage, capsys):
     argv = [a.format(tmp=tmp_path, garbage=garbage) for a in args]
