@@ -90,9 +90,10 @@ def stlm_loss(
     """All four terms. ``fa_prob`` (B, 1, h, w) is the FA sigmoid output at feature resolution;
     ``mask`` the pseudo mask at image resolution (B, H, W) or already (B, 1, h, w).
 
-    ``l1=False`` leaves the L1 term out of ``total`` (it is still reported): its gradient has the same size
-    on every pseudo-normal pixel however low the output already is, so it keeps pushing the head's logits
-    down everywhere and the map loses its ranking of the weak disagreement real defects cause."""
+    ``l1=False`` leaves the L1 term out of ``total`` (it is still reported). On a pseudo-normal pixel with
+    output p the L1 gradient on the logit is about p (as BCE's), the focal loss's (gamma 4) about 5 p^5: with
+    L1 every low output keeps being pushed down, the head's low end flattens and the map loses its ranking of
+    the weak student disagreement real defects cause (measured in README, "Localisation")."""
     target = mask_to_feature_size(mask, tuple(fa_prob.shape[-2:]))
     lp = cosine_distance_loss(plain, teacher_pseudo)
     lde = cosine_distance_loss(denoising, teacher_clean)

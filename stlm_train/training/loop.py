@@ -12,8 +12,8 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
    of 0.3 does the same (sample: pixel 0.73, image 0.93; generated: image 0.19 and 0.31) and, on tire
    tiled at 512 for 20 minutes, lowers FA pixel AUROC to 0.70 / 0.77 from 0.90 / 0.86, so they are
    options, not the default;
-4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``); Adam on students + shared decoder,
-   SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
+4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``), or without ``L_l1`` when ``fa_loss="focal"``;
+   Adam on students + shared decoder, SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
 
 The students' BatchNorm (``student_bn``): the official code trains them in train mode, so every step
 normalises with the statistics of two pseudo-anomalous images and the running statistics that
