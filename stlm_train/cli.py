@@ -80,9 +80,9 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               help="Trade-off of the stored image threshold: 'fpr<=A' (at most a fraction A of held-out good images "
               "above it), or f1 / 'fnr<=B' judged against their pseudo-anomalous versions. Change it later with "
               "stlm-threshold.")
-@click.option("--fa-loss", type=click.Choice(FA_LOSS_CHOICES), default=None,
+@click.option("--fa-loss", type=click.Choice(FA_LOSS_CHOICES), default=DEFAULT_FA_LOSS_NAME, show_default=True,
               help="The FA head's loss: 'focal+l1' (paper eq. 8, the official code) or 'focal' alone (no L1: the map "
-              f"keeps ranking weak student disagreement). [default: {DEFAULT_FA_LOSS_NAME}]")
+              "keeps ranking weak student disagreement).")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
@@ -105,8 +105,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         teacher=teacher, anomaly_source=anomaly_source,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
-        threshold_target=threshold_target, evaluate=do_eval, progress=not quiet,
-        **({"fa_loss": fa_loss} if fa_loss is not None else {}))
+        threshold_target=threshold_target, fa_loss=fa_loss, evaluate=do_eval, progress=not quiet)
     try:
         opts.validate()
     except TrainError as e:  # bad flags: a usage error (exit 2), like click's own checks
