@@ -81,6 +81,9 @@ TILED = re.compile(r"^tiled-(\d+)$")
 FA_GRAD = re.compile(r"^fa-grad-(0\.\d+)$")
 #: ``fa-loss-focal``: the current trainer with the FA head trained on the focal loss alone (no L1)
 FA_LOSS = re.compile(r"^fa-loss-(focal)$")
+#: ``self-texture``: the current trainer with half the pseudo anomalies cut from the image itself
+#: (texture bank ``reference+self``)
+SELF_TEXTURE = re.compile(r"^self-texture$")
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
@@ -98,6 +101,8 @@ def overrides_of(variant: str) -> dict[str, Any]:
             out["fa_grad"] = m.group(1)
         elif m := FA_LOSS.match(part):
             out["fa_loss"] = m.group(1)
+        elif SELF_TEXTURE.match(part):
+            out["texture_bank"] = "reference+self"
         else:
             raise KeyError(variant)
     return out
@@ -128,8 +133,8 @@ def resolve_variants(spec: str) -> list[str]:
         for name in GROUPS.get(part, [part]):
             if not _known(name):
                 raise SystemExit(f"Error: --variants: unknown variant {name!r} (choose from "
-                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size>, fa-grad-<0.A>, fa-loss-focal "
-                                 "or those joined by +)")
+                                 f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size>, fa-grad-<0.A>, "
+                                 "fa-loss-focal, self-texture or those joined by +)")
             names.append(name)
     return list(dict.fromkeys(names))
 

@@ -61,7 +61,13 @@ PROCEDURAL_KINDS: tuple[str, ...] = ("noise", "stripes", "checker", "marble", "v
 TEXTURE_BANKS: dict[str, tuple[tuple[str, ...], bool]] = {
     "reference": (("noise", "stripes", "marble", "voronoi", "raw"), True),
     "v1": (("noise", "stripes", "checker", "marble"), False),
+    "reference+self": (("noise", "stripes", "marble", "voronoi", "raw"), True),
 }
+#: The share of anomalies whose texture is the clean image itself, rearranged (:func:`self_texture`) rather
+#: than a bank or folder texture. A procedural texture is foreign content: the FA head can learn to spot the
+#: texture itself in its input (where the students agree, the channel products still describe the content)
+#: instead of the students' disagreement, which is all a real defect in familiar material gives it.
+SELF_TEXTURE_SHARE: dict[str, float] = {"reference+self": 0.5}
 DEFAULT_TEXTURE_BANK = "reference"
 
 
@@ -244,6 +250,19 @@ def procedural_texture(
     return np.clip(np.rint(tex), 0, 255).astype(np.uint8)
 
 
+def self_texture(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The clean image turned by k*90 degrees (k in 1..3), mirrored half the time and rolled by a random
+    offset: the object's own material out of place (same size as ``clean``)."""
+    h, w = clean.shape[:2]
+    tex = np.rot90(clean, int(rng.integers(1, 4)))
+    if rng.random() < 0.5:
+        tex = tex[:, ::-1]
+    tex = np.roll(tex, (int(rng.integers(0, tex.shape[0])), int(rng.integers(0, tex.shape[1]))), axis=(0, 1))
+    if tex.shape[:2] != (h, w):
+        tex = cv2.resize(np.ascontiguousarray(tex), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(tex)
+
+
 def colour_jitter(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per-channel gain U(0.5, 1.5) and offset U(-60, 60): textures of every brightness and tint."""
     gain = rng.uniform(0.5, 1.5, 3).astype(np.float32)
@@ -258,6 +277,7 @@ class TextureSource:
         if bank not in TEXTURE_BANKS:
             raise ValueError(f"texture bank must be one of {', '.join(TEXTURE_BANKS)}, got {bank!r}")
         self.kinds, self.jitter = TEXTURE_BANKS[bank]
+        self.self_share = SELF_TEXTURE_SHARE.get(bank, 0.0)
         self.folder = Path(folder) if folder is not None else None
         self.files: list[Path] = []
         if self.folder is not None:
@@ -276,8 +296,12 @@ class TextureSource:
                     "(expected .png/.jpg/.jpeg/.bmp/.tif/.tiff files, searched recursively)"
                 )
 
-    def sample(self, size: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        """One texture resized to ``size`` (h, w), and a name saying where it came from."""
+    def sample(self, size: tuple[int, int], rng: np.random.Generator,
+               clean: Optional[np.ndarray] = None) -> tuple[np.ndarray, str]:
+        """One texture resized to ``size`` (h, w), and a name saying where it came from; with a bank that
+        has a self share and ``clean`` given (h x w), that share of draws is :func:`self_texture` of it."""
+        if self.self_share and clean is not None and rng.random() < self.self_share:
+            return self_texture(clean, rng), "self"
         if self.files:
             path = self.files[int(rng.integers(0, len(self.files)))]
             return resize_rgb(read_image_rgb(path), size), str(path)
@@ -370,7 +394,7 @@ class PseudoAnomalySynthesizer:
         mask, noise_params = perlin_mask((h, w), rng)
         params.update(noise_params)
         params["beta"] = float(rng.uniform(0.0, self.beta_max))
-        texture, params["texture_name"] = self.textures.sample((h, w), rng)
+        texture, params["texture_name"] = self.textures.sample((h, w), rng, clean)
         params["texture"] = texture
         pseudo = np.rint(blend(clean, texture, mask, params["beta"])).astype(np.uint8)
         self.last_params = params
@@ -436,6 +460,7 @@ __all__ = [
     "FILL_COLOUR",
     "NO_ROTATION_CATEGORIES",
     "PROCEDURAL_KINDS",
+    "SELF_TEXTURE_SHARE",
     "TEXTURE_BANKS",
     "colour_jitter",
     "ROTATION_CATEGORIES",
@@ -449,5 +474,6 @@ __all__ = [
     "perlin_mask",
     "perlin_noise_2d",
     "procedural_texture",
+    "self_texture",
     "sample_rng",
 ]

@@ -308,6 +308,43 @@ def test_texture_banks_draw_their_kinds_with_and_without_colour_jitter():
         TextureSource(bank="dtd")
 
 
+def test_self_texture_bank_cuts_half_the_anomalies_from_the_clean_image_itself():
+    from stlm_train.anomalies import SELF_TEXTURE_SHARE, TextureSource, self_texture
+
+    clean = np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    tex = self_texture(clean, np.random.default_rng(0))
+    assert tex.shape == clean.shape and tex.dtype == np.uint8
+    assert not np.array_equal(tex, clean)
+    square = np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    # a square image's self texture is a permutation of its own pixels: the same material, out of place
+    moved = self_texture(square, np.random.default_rng(1))
+    np.testing.assert_array_equal(np.sort(moved.reshape(-1, 3), axis=0), np.sort(square.reshape(-1, 3), axis=0))
+    src = TextureSource(bank="reference+self")
+    names = [src.sample((16, 16), np.random.default_rng(i), square)[1] for i in range(200)]
+    share = names.count("self") / len(names)
+    assert abs(share - SELF_TEXTURE_SHARE["reference+self"]) < 0.1
+    assert {n for n in names if n != "self"} <= {f"procedural:{k}" for k in src.kinds}
+    # without the clean image (or with a bank without a self share) nothing changes
+    assert "self" not in {src.sample((16, 16), np.random.default_rng(i))[1] for i in range(50)}
+    ref = TextureSource(bank="reference")
+    for i in range(20):
+        a, _ = ref.sample((16, 16), np.random.default_rng(i), square)
+        b, _ = ref.sample((16, 16), np.random.default_rng(i))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_synthesizer_pastes_the_images_own_material_with_the_self_bank():
+    img = np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    syn = PseudoAnomalySynthesizer(32, augmentation="none", probability=1.0, texture_bank="reference+self")
+    seen = set()
+    for i in range(12):
+        clean, pseudo, mask = syn(img, np.random.default_rng(i))
+        p = syn.last_params
+        seen.add(p["texture_name"] == "self")
+        np.testing.assert_array_equal(pseudo, np.rint(blend(clean, p["texture"], mask, p["beta"])).astype(np.uint8))
+    assert seen == {True, False}
+
+
 def test_pseudo_anomaly_dataset_takes_epoch_index_keys():
     syn = PseudoAnomalySynthesizer(32, seed=0, augmentation="none")
     base = [np.full((40, 40, 3), 100 + i, np.uint8) for i in range(4)]
