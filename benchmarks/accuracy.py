@@ -9,7 +9,9 @@ removes one from the defaults, so each change is measured alone and together. Th
 has its own base, ``r2`` (the trainer before it: official train-mode student BatchNorm, the "reference"
 teacher recipe, the highest held-out score as threshold), with ``r2+<change>`` rows. ``tiled-<W>`` is the
 current trainer with ``--work-size W`` (``--img-size`` is the tile); the group ``tiling`` is ``current``,
-``tiled-512`` and ``tiled-768``. ``--eval-grid original`` evaluates every row on the test images' own size
+``tiled-512`` and ``tiled-768``. ``fa-grad-<A>``, ``fa-loss-focal`` and ``self-texture`` (texture bank
+``reference+self``) are the current trainer with one training option changed; parts join with "+".
+``--eval-grid original`` evaluates every row on the test images' own size
 (``stlm-eval --grid original``), the grid on which untiled and tiled rows compare, and times that pass per
 image (PyTorch eager on this machine: tiles included).
 

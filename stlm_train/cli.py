@@ -24,6 +24,10 @@ from .config import CONFIGS, validate_img_size
 #: to :data:`stlm_train.training.options.FA_LOSSES` / ``DEFAULT_FA_LOSS``.
 FA_LOSS_CHOICES = ("focal+l1", "focal")
 DEFAULT_FA_LOSS_NAME = "focal+l1"
+#: ``--texture-bank`` choices and default, spelled here for the same reason (kept equal to
+#: :data:`stlm_train.anomalies.TEXTURE_BANKS` / ``DEFAULT_TEXTURE_BANK`` by a test).
+TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self")
+DEFAULT_TEXTURE_BANK_NAME = "reference"
 
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
 
@@ -59,6 +63,10 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               "mobile_sam.pt (STLM), resnet18-*.pth (torchvision) or timm resnet18 (STFPM).")
 @click.option("--anomaly-source", default=None, metavar="DIR",
               help="Texture images for pseudo anomalies (e.g. DTD); default: procedural textures.")
+@click.option("--texture-bank", type=click.Choice(TEXTURE_BANK_CHOICES), default=DEFAULT_TEXTURE_BANK_NAME,
+              show_default=True, help="Procedural pseudo-anomaly textures: 'reference' (five kinds, jittered colours), "
+              "'v1' (this project's first bank) or 'reference+self' (half the anomalies cut from the image itself, "
+              "turned and moved: the object's own material out of place).")
 @click.option("--augmentation", type=click.Choice(("auto", "none", "slight", "rotation")), default="auto",
               show_default=True, help="Geometric augmentation before the noise; auto: the official per-category "
               "mode of --category (or of an MVTec category named in the data folder).")
@@ -89,7 +97,7 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.pass_context
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, work_size, tile_overlap, epochs,
               steps, time_budget,
-              teacher, anomaly_source, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
+              teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
               init_mobile_sam, save_every, holdout, threshold_target, fa_loss, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
@@ -102,7 +110,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
     opts = TrainOptions(
         data=data or "", out=out, format=format_, category=category, config=config, img_size=img_size,
         work_size=work_size, tile_overlap=tile_overlap, epochs=epochs, steps=steps, time_budget=time_budget,
-        teacher=teacher, anomaly_source=anomaly_source,
+        teacher=teacher, anomaly_source=anomaly_source, texture_bank=texture_bank,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
         threshold_target=threshold_target, fa_loss=fa_loss, evaluate=do_eval, progress=not quiet)

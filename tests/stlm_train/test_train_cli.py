@@ -55,9 +55,10 @@ def test_builtin_end_to_end_train_then_eval(tmp_path):
 def test_real_sample_end_to_end(sample_dir, tmp_path):
     run = tmp_path / "bottle"
     code = train_main(["--data", str(sample_dir), "--category", "bottle", "--config", "small", "--img-size", "128",
-                       "--steps", "2", "--out", str(run), "--quiet"])
+                       "--steps", "2", "--texture-bank", "reference+self", "--out", str(run), "--quiet"])
     assert code == 0
     metrics = check_outputs(run)
+    assert metrics["train"]["texture_bank"] == "reference+self"
     assert metrics["train"]["n_train_images"] == 4 and metrics["thresholds"]["n_images"] == 1  # 5 images: hold 1
     assert metrics["train"]["augmentation"] == "rotation"  # bottle is a rotation category
     assert metrics["eval"]["n_images"] == 10 and metrics["eval"]["n_anomalous"] == 5
@@ -74,6 +75,14 @@ def test_fa_loss_flag_matches_the_trainer_options():
     from stlm_train.training.options import DEFAULT_FA_LOSS, FA_LOSSES
 
     assert train_cli.FA_LOSS_CHOICES == FA_LOSSES and train_cli.DEFAULT_FA_LOSS_NAME == DEFAULT_FA_LOSS
+
+
+def test_texture_bank_flag_matches_the_synthesizer_banks():
+    from stlm_train import cli as train_cli
+    from stlm_train.anomalies import DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
+
+    assert train_cli.TEXTURE_BANK_CHOICES == tuple(TEXTURE_BANKS)
+    assert train_cli.DEFAULT_TEXTURE_BANK_NAME == DEFAULT_TEXTURE_BANK
 
 
 def test_help_and_module_dispatch(capsys):
@@ -112,6 +121,7 @@ def garbage(tmp_path_factory) -> Path:
     (["--data", "{tmp}", "--out", "{tmp}/o", "--config", "small"], "no train/test"),
     (["--data", "builtin", "--out", "{tmp}/o", "--bogus"], "No such option"),
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-loss", "bce"], "'--fa-loss'"),
+    (["--data", "builtin", "--out", "{tmp}/o", "--texture-bank", "dtd"], "'--texture-bank'"),
 ])
 def test_train_errors_are_one_line(args, needle, tmp_path, garbage, capsys):
     argv = [a.format(tmp=tmp_path, garbage=garbage) for a in args]
