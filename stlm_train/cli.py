@@ -66,7 +66,7 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--texture-bank", type=click.Choice(TEXTURE_BANK_CHOICES), default=DEFAULT_TEXTURE_BANK_NAME,
               show_default=True, help="Procedural pseudo-anomaly textures: 'reference' (five kinds, jittered colours), "
               "'v1' (this project's first bank) or 'reference+self' (half the anomalies cut from the image itself, "
-              "turned and moved: the object's own material out of place).")
+              "turned and moved: the object's own material out of place; with --anomaly-source too).")
 @click.option("--augmentation", type=click.Choice(("auto", "none", "slight", "rotation")), default="auto",
               show_default=True, help="Geometric augmentation before the noise; auto: the official per-category "
               "mode of --category (or of an MVTec category named in the data folder).")
@@ -97,8 +97,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.pass_context
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, work_size, tile_overlap, epochs,
               steps, time_budget,
-              teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp, num_workers,
-              init_mobile_sam, save_every, holdout, threshold_target, fa_loss, do_eval, quiet) -> int:
+              teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp,
+              num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
