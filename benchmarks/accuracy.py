@@ -85,7 +85,7 @@ FA_GRAD = re.compile(r"^fa-grad-(0\.\d+)$")
 FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: ``self-texture``: the current trainer with half the pseudo anomalies cut from the image itself
 #: (texture bank ``reference+self``)
-SELF_TEXTURE = re.compile(r"^self-texture$")
+SELF_TEXTURE = "self-texture"
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
@@ -103,7 +103,7 @@ def overrides_of(variant: str) -> dict[str, Any]:
             out["fa_grad"] = m.group(1)
         elif m := FA_LOSS.match(part):
             out["fa_loss"] = m.group(1)
-        elif SELF_TEXTURE.match(part):
+        elif part == SELF_TEXTURE:
             out["texture_bank"] = "reference+self"
         else:
             raise KeyError(variant)

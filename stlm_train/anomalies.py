@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -55,19 +55,30 @@ ROTATION_CATEGORIES: tuple[str, ...] = (
 )
 
 PROCEDURAL_KINDS: tuple[str, ...] = ("noise", "stripes", "checker", "marble", "voronoi", "raw")
-#: Texture banks: which procedural kinds are drawn, and whether each texture then gets a per-channel
-#: gain/offset colour jitter. "reference" (five kinds incl. Voronoi cells and raw noise, jittered
-#: colours) is the bank of the reference trainer; "v1" is this project's first (saturated colours).
-TEXTURE_BANKS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "reference": (("noise", "stripes", "marble", "voronoi", "raw"), True),
-    "v1": (("noise", "stripes", "checker", "marble"), False),
-    "reference+self": (("noise", "stripes", "marble", "voronoi", "raw"), True),
+
+
+class TextureBank(NamedTuple):
+    """Which procedural kinds a bank draws, whether each texture then gets a per-channel gain/offset colour
+    jitter, and the share of anomalies whose texture is the clean image itself, rearranged
+    (:func:`self_texture`), instead of a bank or folder texture. A procedural texture is foreign content: the
+    FA head can learn to spot the texture itself in its input (where the students agree, the channel products
+    still describe the content) instead of the students' disagreement, which is all a real defect in familiar
+    material gives it."""
+
+    kinds: tuple[str, ...]
+    jitter: bool
+    self_share: float = 0.0
+
+
+REFERENCE_KINDS: tuple[str, ...] = ("noise", "stripes", "marble", "voronoi", "raw")
+#: "reference" (five kinds incl. Voronoi cells and raw noise, jittered colours) is the bank of the reference
+#: trainer; "v1" is this project's first (saturated colours); "reference+self" the reference bank for half the
+#: anomalies and the image's own material for the other half.
+TEXTURE_BANKS: dict[str, TextureBank] = {
+    "reference": TextureBank(REFERENCE_KINDS, True),
+    "v1": TextureBank(("noise", "stripes", "checker", "marble"), False),
+    "reference+self": TextureBank(REFERENCE_KINDS, True, self_share=0.5),
 }
-#: The share of anomalies whose texture is the clean image itself, rearranged (:func:`self_texture`) rather
-#: than a bank or folder texture. A procedural texture is foreign content: the FA head can learn to spot the
-#: texture itself in its input (where the students agree, the channel products still describe the content)
-#: instead of the students' disagreement, which is all a real defect in familiar material gives it.
-SELF_TEXTURE_SHARE: dict[str, float] = {"reference+self": 0.5}
 DEFAULT_TEXTURE_BANK = "reference"
 
 
@@ -276,8 +287,7 @@ class TextureSource:
     def __init__(self, folder: Optional[PathLike] = None, bank: str = DEFAULT_TEXTURE_BANK) -> None:
         if bank not in TEXTURE_BANKS:
             raise ValueError(f"texture bank must be one of {', '.join(TEXTURE_BANKS)}, got {bank!r}")
-        self.kinds, self.jitter = TEXTURE_BANKS[bank]
-        self.self_share = SELF_TEXTURE_SHARE.get(bank, 0.0)
+        self.kinds, self.jitter, self.self_share = TEXTURE_BANKS[bank]
         self.folder = Path(folder) if folder is not None else None
         self.files: list[Path] = []
         if self.folder is not None:
@@ -460,8 +470,8 @@ __all__ = [
     "FILL_COLOUR",
     "NO_ROTATION_CATEGORIES",
     "PROCEDURAL_KINDS",
-    "SELF_TEXTURE_SHARE",
     "TEXTURE_BANKS",
+    "TextureBank",
     "colour_jitter",
     "ROTATION_CATEGORIES",
     "SLIGHT_ROTATION_CATEGORIES",

@@ -309,7 +309,7 @@ def test_texture_banks_draw_their_kinds_with_and_without_colour_jitter():
 
 
 def test_self_texture_bank_cuts_half_the_anomalies_from_the_clean_image_itself():
-    from stlm_train.anomalies import SELF_TEXTURE_SHARE, TextureSource, self_texture
+    from stlm_train.anomalies import TEXTURE_BANKS, TextureSource, self_texture
 
     clean = np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     tex = self_texture(clean, np.random.default_rng(0))
@@ -322,7 +322,7 @@ def test_self_texture_bank_cuts_half_the_anomalies_from_the_clean_image_itself()
     src = TextureSource(bank="reference+self")
     names = [src.sample((16, 16), np.random.default_rng(i), square)[1] for i in range(200)]
     share = names.count("self") / len(names)
-    assert abs(share - SELF_TEXTURE_SHARE["reference+self"]) < 0.1
+    assert TEXTURE_BANKS["reference+self"].self_share == 0.5 and abs(share - 0.5) < 0.1
     assert {n for n in names if n != "self"} <= {f"procedural:{k}" for k in src.kinds}
     # without the clean image (or with a bank without a self share) nothing changes
     assert "self" not in {src.sample((16, 16), np.random.default_rng(i))[1] for i in range(50)}
