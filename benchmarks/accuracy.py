@@ -51,7 +51,7 @@ CHANGES: dict[str, dict[str, Any]] = {
 }
 V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
                       "augment_before_resize": False, "student_bn": "train", "threshold_target": None,
-                      "fa_grad": "students"}
+                      "fa_grad": "students", "fa_target": "mask"}
 #: The localisation round: each change against the trainer before it (r2).
 CHANGES_R3: dict[str, dict[str, Any]] = {
     "frozen-bn": {"student_bn": "frozen"},
@@ -86,6 +86,9 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: ``self-texture``: the current trainer with half the pseudo anomalies cut from the image itself
 #: (texture bank ``reference+self``)
 SELF_TEXTURE = "self-texture"
+#: ``fa-target-changed``: the current trainer with the FA loss counting only pixels where the pseudo mask and
+#: the teacher's change agree
+FA_TARGET_CHANGED = "fa-target-changed"
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
@@ -103,6 +106,8 @@ def overrides_of(variant: str) -> dict[str, Any]:
             out["fa_grad"] = m.group(1)
         elif m := FA_LOSS.match(part):
             out["fa_loss"] = m.group(1)
+        elif part == FA_TARGET_CHANGED:
+            out["fa_target"] = "changed"
         elif part == SELF_TEXTURE:
             out["texture_bank"] = "reference+self"
         else:

@@ -5,6 +5,10 @@
 - FA head: focal loss (gamma 4, built on BCE of the sigmoid output, mean) + L1 (mean) against the
   pseudo mask resized bilinearly to the feature size and re-binarised at 0.5.
 - Total: the four terms with equal weights.
+- ``fa_target="changed"`` (not the official code): the FA terms count only the pixels where the pseudo
+  mask and the teacher agree (a masked pixel whose teacher features changed, an unmasked one whose
+  features did not, :func:`fa_weights`); the rest is left out, so the head is never asked to fire where
+  the students have nothing to disagree on, nor to stay silent where the paste moved the teacher.
 
 All losses are computed in float32 (cast on the way in), so they can sit outside an autocast region.
 """
@@ -51,20 +55,62 @@ def cosine_distance_loss(student: Sequence[torch.Tensor], teacher: Sequence[torc
     return total
 
 
-def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 4.0,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     """Official focal loss: ``mean(BCE(p, y) * (1 - p_t)^gamma)``, ``p_t = p y + (1 - p)(1 - y)``.
 
     ``prob`` is the sigmoid output (not logits), as in the official code; BCE clamps log at -100.
+    ``weight`` (same shape, 0/1): pixels left out count as zero in the mean (the scale stays the official one).
     """
     prob, target = prob.float(), target.float()
     ce = F.binary_cross_entropy(prob, target, reduction="none")
     p_t = prob * target + (1 - prob) * (1 - target)
-    return torch.mean(ce * (1 - p_t) ** gamma)
+    term = ce * (1 - p_t) ** gamma
+    return torch.mean(term if weight is None else term * weight)
 
 
-def l1_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean(|p - y|)``."""
-    return F.l1_loss(prob.float(), target.float(), reduction="mean")
+def l1_loss(prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(|p - y|)`` (``weight`` as in :func:`focal_loss`)."""
+    if weight is None:
+        return F.l1_loss(prob.float(), target.float(), reduction="mean")
+    return torch.mean((prob.float() - target.float()).abs() * weight)
+
+
+#: ``fa_weights``: a pixel's teacher features "changed" when their change exceeds this factor times the
+#: median change over the image's unmasked pixels, and at least MIN_TEACHER_CHANGE (clean samples: none).
+CHANGE_FACTOR = 2.0
+MIN_TEACHER_CHANGE = 0.01
+
+
+@torch.no_grad()
+def teacher_change(teacher_pseudo: Sequence[torch.Tensor], teacher_clean: Sequence[torch.Tensor],
+                   size: tuple[int, int]) -> torch.Tensor:
+    """``sum_k (1 - <l2n(T_k(I_a)), l2n(T_k(N))>)`` at ``size`` -> (B, 1, h, w): where the paste moved the teacher."""
+    total = None
+    for tp, tc in zip(teacher_pseudo, teacher_clean):
+        d = 1.0 - torch.sum(l2n(tp.float()) * l2n(tc.float()), dim=1, keepdim=True)
+        if tuple(d.shape[-2:]) != tuple(size):
+            d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+        total = d if total is None else total + d
+    if total is None:
+        raise ValueError("teacher_change: no feature levels")
+    return total
+
+
+@torch.no_grad()
+def fa_weights(change: torch.Tensor, target: torch.Tensor, factor: float = CHANGE_FACTOR) -> torch.Tensor:
+    """1 where the mask and the teacher agree (masked and changed, or unmasked and unchanged), else 0.
+
+    ``change`` and ``target`` (B, 1, h, w). The reference level is each image's median change over its
+    unmasked pixels (over all pixels when the mask covers the image)."""
+    b = change.shape[0]
+    flat, outside = change.flatten(1), (target == 0).flatten(1)
+    masked = torch.where(outside, flat, torch.full_like(flat, float("nan")))
+    ref = torch.nanmedian(masked, dim=1).values
+    ref = torch.where(torch.isnan(ref), flat.median(dim=1).values, ref)
+    level = torch.clamp(factor * ref, min=MIN_TEACHER_CHANGE).view(b, 1, 1, 1)
+    changed = change > level
+    return (changed == (target > 0)).to(torch.float32)
 
 
 def mask_to_feature_size(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -86,6 +132,7 @@ def stlm_loss(
     mask: torch.Tensor,
     gamma: float = 4.0,
     l1: bool = True,
+    fa_target: str = "mask",
 ) -> LossTerms:
     """All four terms. ``fa_prob`` (B, 1, h, w) is the FA sigmoid output at feature resolution;
     ``mask`` the pseudo mask at image resolution (B, H, W) or already (B, 1, h, w).
@@ -94,12 +141,19 @@ def stlm_loss(
     output p the L1 gradient on the logit is about p (as BCE's), the focal loss's (gamma 4) about 5 p^5: with
     L1 every low output keeps being pushed down, the head's low end flattens and the map loses its ranking of
     the weak student disagreement real defects cause (measured in README, "Localisation")."""
-    target = mask_to_feature_size(mask, tuple(fa_prob.shape[-2:]))
+    size = tuple(fa_prob.shape[-2:])
+    target = mask_to_feature_size(mask, size)
+    weight = None
+    if fa_target == "changed":
+        weight = fa_weights(teacher_change(teacher_pseudo, teacher_clean, size), target)
+    elif fa_target != "mask":
+        raise ValueError(f"fa_target must be mask or changed, got {fa_target!r}")
     lp = cosine_distance_loss(plain, teacher_pseudo)
     lde = cosine_distance_loss(denoising, teacher_clean)
-    lf = focal_loss(fa_prob, target, gamma)
-    l1_term = l1_loss(fa_prob, target)
+    lf = focal_loss(fa_prob, target, gamma, weight)
+    l1_term = l1_loss(fa_prob, target, weight)
     return LossTerms(lp, lde, lf, l1_term, lp + lde + lf + (l1_term if l1 else 0.0))
 
 
-__all__ = ["LossTerms", "cosine_distance_loss", "focal_loss", "l1_loss", "mask_to_feature_size", "stlm_loss"]
+__all__ = ["LossTerms", "cosine_distance_loss", "fa_weights", "focal_loss", "l1_loss", "mask_to_feature_size",
+           "stlm_loss", "teacher_change"]

@@ -201,6 +201,7 @@ class Trainer(StepRunner):
         self.teacher = teacher
         self.student_bn = opts.student_bn
         self.fa_l1 = opts.fa_loss == "focal+l1"
+        self.fa_target = opts.fa_target
         self.calibration, self.step_counter = calibration, step_counter
         self.opt_students, self.opt_fa = build_optimizers(model, opts)
         self.optimizers = {"opt_students": self.opt_students, "opt_fa": self.opt_fa}
@@ -218,7 +219,7 @@ class Trainer(StepRunner):
             t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
             plain, denoising, logits = self.graph(x_pseudo)
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask,
-                           l1=self.fa_l1)
+                           l1=self.fa_l1, fa_target=self.fa_target)
         self.update(terms.total, terms)
         done = self.step_counter() + 1 if self.step_counter is not None else 0
         if self.student_bn == "frozen" and self.calibration is not None and done % BN_REFRESH_STEPS == 0:

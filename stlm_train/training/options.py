@@ -20,7 +20,7 @@ DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the pap
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
-                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss")
+                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss", "fa_target")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
@@ -37,6 +37,10 @@ DEFAULT_FA_GRAD = "students"
 #: ranking of weak student disagreement survives training (see :mod:`stlm_train.losses`).
 FA_LOSSES = ("focal+l1", "focal")
 DEFAULT_FA_LOSS = "focal+l1"
+#: Which pixels the FA head's loss counts: ``mask`` (all, the official code) or ``changed`` (those where the
+#: pseudo mask and the teacher's change agree, :func:`stlm_train.losses.fa_weights`).
+FA_TARGETS = ("mask", "changed")
+DEFAULT_FA_TARGET = "mask"
 
 
 def fa_grad_scale(mode: str) -> float:
@@ -101,6 +105,7 @@ class TrainOptions:
     student_bn: str = DEFAULT_STUDENT_BN  # recalibrate | frozen | train (official: train)
     fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
     fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal
+    fa_target: str = DEFAULT_FA_TARGET  # mask (official) | changed
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -197,7 +202,8 @@ class TrainOptions:
                                      ("texture_bank", self.texture_bank, TEXTURE_BANKS),
                                      ("resize", self.resize, RESIZE_POLICIES),
                                      ("student_bn", self.student_bn, STUDENT_BN_MODES),
-                                     ("fa_loss", self.fa_loss, FA_LOSSES)):
+                                     ("fa_loss", self.fa_loss, FA_LOSSES),
+                                     ("fa_target", self.fa_target, FA_TARGETS)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         fa_grad_scale(self.fa_grad)
@@ -225,6 +231,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
               "resize": "bilinear", "augment_before_resize": False,
               "student_bn": "train", "threshold_target": None, "fa_grad": "students", "fa_loss": "focal+l1",
+              "fa_target": "mask",
               **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

@@ -375,7 +375,7 @@ class _Run:
             "augmentation": self.augmentation, "anomaly_source": opts.anomaly_source,
             "texture_bank": opts.texture_bank, "resize": cfg.resize,
             "augment_before_resize": opts.augment_before_resize, "student_bn": opts.student_bn,
-            "fa_grad": opts.fa_grad, "fa_loss": opts.fa_loss,
+            "fa_grad": opts.fa_grad, "fa_loss": opts.fa_loss, "fa_target": opts.fa_target,
             "batch_size": opts.batch_size,
             **({"work_size": self.tiling.work_size, "tile_overlap": self.tiling.overlap} if self.tiling else {}),
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),

@@ -122,6 +122,50 @@ def test_focal_only_fa_loss_leaves_l1_out_of_the_total_but_reports_it():
     assert torch.allclose(g_focal, g_only)
 
 
+def test_fa_weights_keep_only_pixels_where_mask_and_teacher_change_agree():
+    """fa_target "changed": a masked pixel counts when the teacher moved there, an unmasked one when it did
+    not; clean samples (no change anywhere) keep every pixel."""
+    from stlm_train.losses import fa_weights
+
+    change = torch.full((2, 1, 4, 4), 0.1)
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2, :2] = 1
+    change[0, 0, 0, 0] = 0.5  # masked, changed: kept
+    change[0, 0, 1, 1] = 0.1  # masked, unchanged: left out
+    change[0, 0, 3, 3] = 0.9  # unmasked, changed (the paste moved its neighbour): left out
+    change[1] = 0.0  # a clean sample
+    w = fa_weights(change, target)
+    assert w[0, 0, 0, 0] == 1 and w[0, 0, 1, 1] == 0 and w[0, 0, 3, 3] == 0 and w[0, 0, 2, 2] == 1
+    assert w[0].sum() == 16 - 3 - 1  # three unchanged masked pixels and the changed neighbour dropped
+    assert torch.all(w[1] == 1)
+
+
+def test_fa_target_changed_counts_only_the_kept_pixels_in_the_fa_terms():
+    """The FA terms under "changed" are the weighted means (left-out pixels add zero); the official "mask" rule
+    and the distillation terms are unchanged, and an unknown rule is an error."""
+    from stlm_train.losses import fa_weights, teacher_change
+
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
+    plain, den, t_clean = rnd(), rnd(), rnd()
+    t_pseudo = [t.clone() for t in t_clean]
+    for t in t_pseudo:
+        t[0, :, :2, :2] = torch.randn(8, 2, 2, generator=g)  # the paste moves the teacher in one corner
+    prob = torch.sigmoid(torch.randn(2, 1, 4, 4, generator=g))
+    mask = torch.zeros(2, 64, 64)
+    mask[0, :32, :48] = 1  # wider than where the teacher moved
+    target = mask_to_feature_size(mask, (4, 4))
+    w = fa_weights(teacher_change(t_pseudo, t_clean, (4, 4)), target)
+    assert 0 < w.sum() < w.numel() and torch.all(w[1] == 1)
+    changed = stlm_loss(plain, den, t_pseudo, t_clean, prob, mask, fa_target="changed")
+    official = stlm_loss(plain, den, t_pseudo, t_clean, prob, mask)
+    assert changed.focal.item() == pytest.approx(focal_loss(prob, target, weight=w).item(), abs=1e-7)
+    assert changed.l1.item() == pytest.approx(l1_loss(prob, target, weight=w).item(), abs=1e-7)
+    assert changed.l1.item() < official.l1.item() and changed.plain.item() == official.plain.item()
+    with pytest.raises(ValueError, match="fa_target must be mask or changed"):
+        stlm_loss(plain, den, t_pseudo, t_clean, prob, mask, fa_target="teacher")
+
+
 def test_gradients_reach_students_decoder_and_fa_head_but_not_the_teacher():
     cfg = get_config("small", 64)
     torch.manual_seed(0)

@@ -77,6 +77,14 @@ def test_fa_loss_flag_matches_the_trainer_options():
     assert train_cli.FA_LOSS_CHOICES == FA_LOSSES and train_cli.DEFAULT_FA_LOSS_NAME == DEFAULT_FA_LOSS
 
 
+def test_fa_target_flag_matches_the_trainer_options():
+    """--fa-target is spelled in the CLI as well: its choices and default are the trainer's."""
+    from stlm_train import cli as train_cli
+    from stlm_train.training.options import DEFAULT_FA_TARGET, FA_TARGETS
+
+    assert train_cli.FA_TARGET_CHOICES == FA_TARGETS and train_cli.DEFAULT_FA_TARGET_NAME == DEFAULT_FA_TARGET
+
+
 def test_texture_bank_flag_matches_the_synthesizer_banks():
     from stlm_train import cli as train_cli
     from stlm_train.anomalies import DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
@@ -121,6 +129,7 @@ def garbage(tmp_path_factory) -> Path:
     (["--data", "{tmp}", "--out", "{tmp}/o", "--config", "small"], "no train/test"),
     (["--data", "builtin", "--out", "{tmp}/o", "--bogus"], "No such option"),
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-loss", "bce"], "'--fa-loss'"),
+    (["--data", "builtin", "--out", "{tmp}/o", "--fa-target", "teacher"], "'--fa-target'"),
     (["--data", "builtin", "--out", "{tmp}/o", "--texture-bank", "dtd"], "'--texture-bank'"),
 ])
 def test_train_errors_are_one_line(args, needle, tmp_path, garbage, capsys):

@@ -196,12 +196,13 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
 
     old = {k: v for k, v in TrainOptions(data="builtin", out=str(tmp_path), seed=4).identity().items()
            if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize", "student_bn", "threshold_target",
-                         "fa_grad", "fa_loss")}
+                         "fa_grad", "fa_loss", "fa_target")}
     merged = merge_resume_options(TrainOptions(data="", out=str(tmp_path), resume=True), old, set())
     assert (merged.teacher_seed, merged.teacher_recipe, merged.texture_bank, merged.resize) == (4, "v1", "v1", "bilinear")
     assert (merged.student_bn, merged.threshold_target) == ("train", None)  # official BatchNorm, quantile rule
     assert merged.fa_grad == "students"  # the FA loss trained the students too, as in the official code
     assert merged.fa_loss == "focal+l1"  # and the FA head learned from focal + L1 (paper eq. 8)
+    assert merged.fa_target == "mask"  # on every pixel of the pseudo mask
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
@@ -213,6 +214,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     ("fa_grad", "both", "fa_grad must be one of detached, students or a number in (0, 1)"),
     ("fa_grad", "1.5", "fa_grad must be one of detached, students or a number in (0, 1)"),
     ("fa_loss", "bce", "fa_loss must be one of focal+l1, focal"),
+    ("fa_target", "teacher", "fa_target must be one of mask, changed"),
     ("threshold_target", "auc", "--threshold-target: expected f1, fpr<=A"),
     ("texture_bank", "dtd", "texture_bank must be one of reference, v1"),
     ("resize", "nearest", "resize must be one of area, bilinear"),
@@ -335,3 +337,19 @@ def test_fa_loss_option_reaches_the_step_and_the_run_record(data_root, tmp_path,
             expected = t.plain + t.denoising + t.focal + (t.l1 if l1 else 0.0)
             assert float(t.total) == pytest.approx(float(expected), abs=1e-6) and float(t.l1) > 0
         assert json.loads((out / "metrics.json").read_text())["train"]["fa_loss"] == mode
+
+
+def test_fa_target_option_reaches_the_step_and_the_run_record(data_root, tmp_path, monkeypatch):
+    """fa_target="changed" reaches every step's loss and metrics.json records it."""
+    import stlm_train.training.loop as loop
+
+    real, seen = loop.stlm_loss, []
+
+    def spy(*a, **k):
+        seen.append(k.get("fa_target"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "stlm_loss", spy)
+    train(opts(data_root, tmp_path / "o", steps=2, fa_target="changed"))
+    assert seen == ["changed", "changed"]
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["fa_target"] == "changed"
