@@ -13,6 +13,8 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
    tiled at 512 for 20 minutes, lowers FA pixel AUROC to 0.70 / 0.77 from 0.90 / 0.86, so they are
    options, not the default;
 4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``), or without ``L_l1`` when ``fa_loss="focal"``;
+   with ``fa_target="changed"`` the FA terms count only the pixels where the pseudo mask and the teacher's
+   change agree (screened in README "Localisation": FA AUPRO up on tire, the TLM map down: an option);
    Adam on students + shared decoder, SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
 
 The students' BatchNorm (``student_bn``): the official code trains them in train mode, so every step
