@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .modeling.stlm import l2n
+from .modeling.stlm import cosine_distance_map
 
 
 class LossTerms(NamedTuple):
@@ -47,8 +47,7 @@ def cosine_distance_loss(student: Sequence[torch.Tensor], teacher: Sequence[torc
     for s, t in zip(student, teacher):  # each (B, C, h, w)
         if s.shape != t.shape:
             raise ValueError(f"cosine_distance_loss: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
-        sim = torch.sum(l2n(s.float()) * l2n(t.detach().float()), dim=1)  # (B, h, w)
-        term = torch.mean(1.0 - sim)
+        term = torch.mean(cosine_distance_map(s.float(), t.detach().float()))
         total = term if total is None else total + term
     if total is None:
         raise ValueError("cosine_distance_loss: no feature levels")
@@ -88,7 +87,7 @@ def teacher_change(teacher_pseudo: Sequence[torch.Tensor], teacher_clean: Sequen
     """``sum_k (1 - <l2n(T_k(I_a)), l2n(T_k(N))>)`` at ``size`` -> (B, 1, h, w): where the paste moved the teacher."""
     total = None
     for tp, tc in zip(teacher_pseudo, teacher_clean):
-        d = 1.0 - torch.sum(l2n(tp.float()) * l2n(tc.float()), dim=1, keepdim=True)
+        d = cosine_distance_map(tp.float(), tc.float())
         if tuple(d.shape[-2:]) != tuple(size):
             d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
         total = d if total is None else total + d
@@ -105,8 +104,8 @@ def fa_weights(change: torch.Tensor, target: torch.Tensor, factor: float = CHANG
     unmasked pixels (over all pixels when the mask covers the image)."""
     b = change.shape[0]
     flat, outside = change.flatten(1), (target == 0).flatten(1)
-    masked = torch.where(outside, flat, torch.full_like(flat, float("nan")))
-    ref = torch.nanmedian(masked, dim=1).values
+    outside_only = torch.where(outside, flat, torch.full_like(flat, float("nan")))
+    ref = torch.nanmedian(outside_only, dim=1).values
     ref = torch.where(torch.isnan(ref), flat.median(dim=1).values, ref)
     level = torch.clamp(factor * ref, min=MIN_TEACHER_CHANGE).view(b, 1, 1, 1)
     changed = change > level

@@ -24,6 +24,11 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
     return x / (torch.sqrt(torch.sum(x * x, dim=1, keepdim=True)) + 1e-12)
 
 
+def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``1 - <l2n(a), l2n(b)>`` per position: (B, C, h, w) x2 -> (B, 1, h, w) (the TLM map's and the losses' term)."""
+    return 1 - torch.sum(l2n(a) * l2n(b), dim=1, keepdim=True)
+
+
 def fa_input(plain: Features, denoising: Features) -> torch.Tensor:
     """FA head input: cat_k(-l2n(Sp_k) * l2n(Sd_k)) -> (B, 2C, h, w)."""
     return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)
@@ -33,7 +38,7 @@ def tlm_map(plain: Features, denoising: Features) -> torch.Tensor:
     """No-FA map: prod_k(1 - <l2n(Sp_k), l2n(Sd_k)>) -> (B, 1, h, w)."""
     out = None
     for p, d in zip(plain, denoising):
-        m = 1 - torch.sum(l2n(p) * l2n(d), dim=1, keepdim=True)
+        m = cosine_distance_map(p, d)
         out = m if out is None else out * m
     assert out is not None
     return out
