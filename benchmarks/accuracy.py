@@ -89,6 +89,8 @@ SELF_TEXTURE = "self-texture"
 #: ``fa-target-changed``: the current trainer with the FA loss counting only pixels where the pseudo mask and
 #: the teacher's change agree
 FA_TARGET_CHANGED = "fa-target-changed"
+#: ``amp`` / ``fp32``: the current trainer with mixed precision forced on (bf16 autocast on CPU, fp16 on CUDA) / off
+PRECISION_PARTS = {"amp": True, "fp32": False}
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
@@ -110,6 +112,8 @@ def overrides_of(variant: str) -> dict[str, Any]:
             out["fa_target"] = "changed"
         elif part == SELF_TEXTURE:
             out["texture_bank"] = "reference+self"
+        elif part in PRECISION_PARTS:
+            out["amp"] = PRECISION_PARTS[part]
         else:
             raise KeyError(variant)
     return out
@@ -174,6 +178,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides}
+    if res.metrics_path is not None:  # the precision the steps ran in, as the run recorded it
+        row["amp"] = json.loads(Path(res.metrics_path).read_text())["train"].get("amp")
     if eval_s is not None:
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     row.update(metric_columns(metrics))

@@ -23,6 +23,8 @@ def test_variants_differ_only_in_their_changes():
     assert accuracy.overrides_of("fa-loss-focal") == {"fa_loss": "focal"}
     assert accuracy.overrides_of("tiled-512+fa-loss-focal") == {"work_size": 512, "fa_loss": "focal"}
     assert accuracy.overrides_of("tiled-512+fa-target-changed") == {"work_size": 512, "fa_target": "changed"}
+    assert accuracy.overrides_of("amp") == {"amp": True} and accuracy.overrides_of("fp32") == {"amp": False}
+    assert accuracy.overrides_of("tiled-512+amp") == {"work_size": 512, "amp": True}
     for bad in ("fa-grad-1.5", "fa-grad-0", "tiled-512+x"):
         with pytest.raises(SystemExit, match="unknown variant"):
             accuracy.resolve_variants(bad)
@@ -35,6 +37,7 @@ def test_two_seeds_of_two_variants_train_evaluate_and_resume(tmp_path, capsys):
     d = json.loads((tmp_path / "t.json").read_text())
     assert [(r["variant"], r["seed"]) for r in d["runs"]] == [("v0", 0), ("v0", 1), ("current", 0), ("current", 1)]
     assert all(0.0 <= r["fa_i_auroc"] <= 1.0 and r["steps"] == 1 for r in d["runs"])
+    assert [r["amp"] for r in d["runs"]] == [False] * 4  # the precision the steps ran in (default fp32)
     assert d["runs"][0]["overrides"]["teacher_seed"] == 0 and d["runs"][1]["overrides"]["teacher_seed"] == 1
     summary = {s["variant"]: s for s in d["summary"]}
     v = [r["fa_p_auroc"] for r in d["runs"] if r["variant"] == "v0"]

@@ -223,10 +223,19 @@ def test_a_checkpoint_config_of_an_unknown_family_or_foreign_fields_is_one_line(
         assert str(e.value).startswith(f"{tmp_path / name}: invalid 'config'") and "\n" not in str(e.value)
 
 
-def test_stfpm_amp_bf16_on_cpu_runs_with_finite_losses(sample_dir, tmp_path):
+def test_stfpm_amp_bf16_on_cpu_runs_with_finite_losses(sample_dir, tmp_path, monkeypatch):
+    import stlm_train.training.stfpm_step as step
     from stlm_train.training import train
 
+    real, dtypes = step.stfpm_loss, []
+
+    def spy(teacher, student):  # the loss sees fp32 features though the networks ran under bf16 autocast
+        dtypes.append({t.dtype for t in (*teacher, *student)})
+        return real(teacher, student)
+
+    monkeypatch.setattr(step, "stfpm_loss", spy)
     r = train(_opts(str(sample_dir), tmp_path / "amp", steps=1, amp=True))
+    assert dtypes and all(d == {torch.float32} for d in dtypes)
     assert set(r.losses) == {"layer1", "layer2", "layer3", "total"}
     assert all(np.isfinite(v) for v in r.losses.values())
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
