@@ -83,7 +83,7 @@ class STFPMTrainer(StepRunner):
                 t = self.model.teacher(x)
             s = self.graph(x)
         names = [f"layer{i}" for i in self.model.cfg.layers]
-        # the loss in fp32 whatever ran under autocast (as STLM's: normalised differences lose it in bf16)
+        # the loss in fp32 whatever ran under autocast: the ResNet features come out in bf16 there
         terms = STFPMTerms({n: stfpm_loss([ti.float()], [si.float()]) for n, ti, si in zip(names, t, s)})
         self.update(terms.total, terms)
         return terms
