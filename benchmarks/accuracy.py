@@ -83,21 +83,23 @@ TILED = re.compile(r"^tiled-(\d+)$")
 FA_GRAD = re.compile(r"^fa-grad-(0\.\d+)$")
 #: ``fa-loss-focal``: the current trainer with the FA head trained on the focal loss alone (no L1)
 FA_LOSS = re.compile(r"^fa-loss-(focal)$")
-#: ``self-texture``: the current trainer with half the pseudo anomalies cut from the image itself
-#: (texture bank ``reference+self``)
-SELF_TEXTURE = "self-texture"
-#: ``fa-target-changed``: the current trainer with the FA loss counting only pixels where the pseudo mask and
-#: the teacher's change agree
-FA_TARGET_CHANGED = "fa-target-changed"
-#: ``amp`` / ``fp32``: the current trainer with mixed precision forced on (bf16 autocast on CPU, fp16 on CUDA) / off
-PRECISION_PARTS = {"amp": True, "fp32": False}
+#: Named parts with fixed options, each the current trainer with one change: ``self-texture`` (half the pseudo
+#: anomalies cut from the image itself, texture bank ``reference+self``), ``fa-target-changed`` (the FA loss counts
+#: only pixels where the pseudo mask and the teacher's change agree), ``amp`` / ``fp32`` (mixed precision forced
+#: on: bf16 autocast on CPU, fp16 on CUDA / off)
+FIXED_PARTS: dict[str, dict[str, Any]] = {
+    "self-texture": {"texture_bank": "reference+self"},
+    "fa-target-changed": {"fa_target": "changed"},
+    "amp": {"amp": True},
+    "fp32": {"amp": False},
+}
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))
 
 
 def overrides_of(variant: str) -> dict[str, Any]:
-    """The TrainOptions a row sets: a named variant, or ``tiled-<W>`` (``work_size`` W) and/or ``fa-grad-<A>``
-    joined by "+" (``tiled-512+fa-grad-0.3``)."""
+    """The TrainOptions a row sets: a named variant, or ``tiled-<W>`` (``work_size`` W), ``fa-grad-<A>``,
+    ``fa-loss-focal`` and the :data:`FIXED_PARTS` joined by "+" (``tiled-512+fa-grad-0.3``)."""
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
     out: dict[str, Any] = {}
@@ -108,12 +110,8 @@ def overrides_of(variant: str) -> dict[str, Any]:
             out["fa_grad"] = m.group(1)
         elif m := FA_LOSS.match(part):
             out["fa_loss"] = m.group(1)
-        elif part == FA_TARGET_CHANGED:
-            out["fa_target"] = "changed"
-        elif part == SELF_TEXTURE:
-            out["texture_bank"] = "reference+self"
-        elif part in PRECISION_PARTS:
-            out["amp"] = PRECISION_PARTS[part]
+        elif part in FIXED_PARTS:
+            out.update(FIXED_PARTS[part])
         else:
             raise KeyError(variant)
     return out
@@ -178,8 +176,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides}
-    if res.metrics_path is not None:  # the precision the steps ran in, as the run recorded it
-        row["amp"] = json.loads(Path(res.metrics_path).read_text())["train"].get("amp")
+    row["amp"] = bool(opts.amp)  # the precision the steps ran in (the trainer's own reading of it)
     if eval_s is not None:
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     row.update(metric_columns(metrics))
