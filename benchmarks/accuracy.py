@@ -7,7 +7,10 @@ first trainer (teacher drawn from the students' seed, its first randomisation re
 texture bank, bilinear resize); ``v0+<change>`` adds one change to v0 and ``current-<change>``
 removes one from the defaults, so each change is measured alone and together. The localisation round
 has its own base, ``r2`` (the trainer before it: official train-mode student BatchNorm, the "reference"
-teacher recipe, the highest held-out score as threshold), with ``r2+<change>`` rows. ``tiled-<W>`` is the
+teacher recipe, the highest held-out score as threshold), with ``r2+<change>`` rows. Rows whose change acts only
+after the last step (``r2+recalibrated-bn``, ``r2+fpr-threshold``, ``current-fpr-threshold``: :data:`DERIVED_FROM`)
+are not trained again: they re-finish their base row's run of the same seed (its ``last.ckpt``; the base runs first
+in the same command, or ``--keep-runs`` holds it), a paired comparison on identical weights. ``tiled-<W>`` is the
 current trainer with ``--work-size W`` (``--img-size`` is the tile); the group ``tiling`` is ``current``,
 ``tiled-512`` and ``tiled-768``. ``fa-grad-<A>``, ``fa-loss-focal`` and ``self-texture`` (texture bank
 ``reference+self``) are the current trainer with one training option changed; parts join with "+".
@@ -73,6 +76,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "current+detached-fa": dict(CHANGES_R3["detached-fa"]),
     "current": {},
 }
+#: Rows measured on another row's weights (same seed, resumed from its last.ckpt): their change acts only after
+#: the last step (:mod:`stlm_train.training.refinish`), so the pair differs in nothing else, not even the steps.
+DERIVED_FROM: dict[str, str] = {"r2+recalibrated-bn": "r2", "r2+fpr-threshold": "r2",
+                                "current-fpr-threshold": "current"}
 GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],
           "localisation": ["r2", *(f"r2+{n}" for n in CHANGES_R3), "current"],
           "ablation-full": list(VARIANTS),
@@ -149,21 +156,37 @@ def resolve_variants(spec: str) -> list[str]:
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Train + evaluate one (variant, seed); returns the metrics row."""
-    from stlm_train.training import TrainError, TrainOptions, train
+    """Train + evaluate one (variant, seed), or re-finish its :data:`DERIVED_FROM` row's run; the metrics row."""
+    from stlm_train.training import TrainError, TrainOptions, refinish, train
 
     overrides = {k: (seed if v == "SEED" else v) for k, v in overrides_of(variant).items()}
     grid = getattr(args, "eval_grid", "model")
-    opts = TrainOptions(data=args.data, out=str(work / f"{variant}-s{seed}"), category=args.category,
-                        config=args.config, img_size=args.img_size, steps=args.steps,
-                        time_budget=args.time_budget, seed=seed, progress=False, save_every=0,
-                        evaluate=grid == "model" or "work_size" not in overrides, **overrides)
-    try:
-        opts.validate()
-    except TrainError as e:
-        raise SystemExit(f"Error: --variants {variant}: {e}") from None
+    evaluate = grid == "model" or "work_size" not in overrides
+    out = work / f"{variant}-s{seed}"
     t0 = time.perf_counter()
-    res = train(opts, log=lambda s: None)
+    base = DERIVED_FROM.get(variant)
+    if base is not None:
+        src = work / f"{base}-s{seed}"
+        if not (src / "last.ckpt").is_file():
+            raise SystemExit(f"Error: --variants {variant}: measured on the weights of {base} seed {seed}, but "
+                             f"{src / 'last.ckpt'} is not there (run {base} in the same command, or pass "
+                             "--keep-runs DIR holding it)")
+        try:
+            res = refinish(src, out, post_training_changes(variant, base), evaluate=evaluate)
+        except TrainError as e:
+            raise SystemExit(f"Error: --variants {variant}: {e}") from None
+        amp = bool(json.loads((src / "metrics.json").read_text())["train"].get("amp", False)) \
+            if (src / "metrics.json").is_file() else False
+    else:
+        opts = TrainOptions(data=args.data, out=str(out), category=args.category, config=args.config,
+                            img_size=args.img_size, steps=args.steps, time_budget=args.time_budget, seed=seed,
+                            progress=False, save_every=0, evaluate=evaluate, **overrides)
+        try:
+            opts.validate()
+        except TrainError as e:
+            raise SystemExit(f"Error: --variants {variant}: {e}") from None
+        res = train(opts, log=lambda s: None)
+        amp = bool(opts.amp)  # the precision the steps ran in (the trainer's own reading of it)
     metrics, eval_s, model_grid = res.metrics, None, None
     if grid != "model" and res.model_path is not None:  # on the images' own grid, timed (untiled rows keep both)
         from stlm_train.evaluate import evaluate_checkpoint
@@ -175,14 +198,36 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
     if metrics is None:
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
-           "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides}
-    row["amp"] = bool(opts.amp)  # the precision the steps ran in (the trainer's own reading of it)
+           "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides, "amp": amp,
+           **({"derived_from": base} if base is not None else {})}
     if eval_s is not None:
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     row.update(metric_columns(metrics))
     if model_grid is not None:
         row["model_grid"] = metric_columns(model_grid)
     return row
+
+
+def post_training_changes(variant: str, base: str) -> dict[str, Any]:
+    """The options ``variant`` sets differently from ``base`` (both over the trainer's defaults)."""
+    from stlm_train.training import TrainOptions
+
+    defaults = TrainOptions(data="", out="")
+    a, b = overrides_of(variant), overrides_of(base)
+    return {k: a.get(k, getattr(defaults, k)) for k in {*a, *b}
+            if a.get(k, getattr(defaults, k)) != b.get(k, getattr(defaults, k))}
+
+
+def run_order(variants: list[str]) -> list[str]:
+    """``variants`` with each derived row's base before it (added when not asked for: its run is needed)."""
+    out: list[str] = []
+    for v in variants:
+        base = DERIVED_FROM.get(v)
+        if base is not None and base not in out:
+            out.append(base)
+        if v not in out:
+            out.append(v)
+    return out
 
 
 def metric_columns(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise SystemExit(f"Error: --seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    variants = resolve_variants(args.variants)
+    variants = run_order(resolve_variants(args.variants))
     name = args.name or f"accuracy_{Path(args.data).name}"
     json_path = Path(args.out_dir) / f"{name}.json"
     budget = f"{args.steps} steps" if args.steps is not None else f"{args.time_budget:g} min"

@@ -80,6 +80,11 @@ def train(opts: TrainOptions, explicit: set[str] | None = None, log: Log | None 
     state = load_run_state(opts.out) if opts.resume else None
     if state is not None:
         opts = merge_resume_options(opts, state["options"], explicit or set())
+    return train_resumed(opts, state, log)
+
+
+def train_resumed(opts: TrainOptions, state: dict[str, Any] | None, log: Log | None = None) -> TrainResult:
+    """:func:`train` with the run state already read and merged into ``opts`` (None: a new run)."""
     opts.validate()
     cfg = replace(get_config(opts.config, opts.img_size), resize=opts.resize)
     info = setup_distributed(resolve_device(opts.device).type)  # a bad --device fails before joining a group

@@ -108,3 +108,23 @@ def test_keep_runs_keeps_each_trained_checkpoint(tmp_path):
             "--variants", "current", "--name", "k", "--out-dir", str(tmp_path), "--keep-runs", str(keep)]
     assert accuracy.main(argv) == 0
     assert (keep / "current-s0" / "model.ckpt").is_file()
+
+
+def test_post_training_rows_are_measured_on_their_base_run_s_weights(tmp_path):
+    from stlm_train.training import POST_TRAINING_OPTIONS
+
+    assert accuracy.post_training_changes("r2+recalibrated-bn", "r2") == {"student_bn": "recalibrate"}
+    assert accuracy.post_training_changes("current-fpr-threshold", "current") == {"threshold_target": None}
+    for variant, base in accuracy.DERIVED_FROM.items():
+        assert set(accuracy.post_training_changes(variant, base)) <= set(POST_TRAINING_OPTIONS)
+    assert accuracy.run_order(["r2+fpr-threshold", "current"]) == ["r2", "r2+fpr-threshold", "current"]
+    argv = ["--data", "generated", "--config", "small", "--img-size", "128", "--steps", "1", "--seeds", "0",
+            "--variants", "r2+recalibrated-bn", "--name", "d", "--out-dir", str(tmp_path)]
+    assert accuracy.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "d.json").read_text())["runs"]}
+    base, derived = rows["r2"], rows["r2+recalibrated-bn"]  # the base was trained first, in the same command
+    assert "derived_from" not in base and derived["derived_from"] == "r2" and derived["steps"] == base["steps"] == 1
+    assert derived["train_seconds"] == base["train_seconds"]  # the same steps, not a second training
+    args = accuracy.argparse.Namespace(data="generated", eval_grid="model")
+    with pytest.raises(SystemExit, match=r"weights of r2 seed 3, but .*r2-s3/last.ckpt is not there"):
+        accuracy.run_one("r2+fpr-threshold", 3, args, tmp_path / "empty")

@@ -113,6 +113,35 @@ def test_resume_gives_the_uninterrupted_weights(data_root, tmp_path):
     assert hist_a.shape == (4, 7) and float((hist_a[:, :6] - hist_b[:, :6]).abs().max()) <= 1e-6
 
 
+def test_refinish_measures_a_post_training_change_on_the_run_s_own_weights(data_root, tmp_path):
+    """A row that differs only after the last step (students' statistics, threshold policy) re-finished from the
+    base run's last.ckpt equals a run trained with that option from the start, and the base's own result."""
+    from stlm_train.training import refinish
+
+    r2 = dict(steps=2, evaluate=True, student_bn="train", threshold_target=None)
+    base = train(opts(data_root, tmp_path / "base", **r2))
+    again = refinish(tmp_path / "base", tmp_path / "again", {})
+    assert again.steps == 2 and max_diff(weights(base), weights(again)) == 0.0
+    assert again.thresholds["image"] == base.thresholds["image"]
+    assert again.metrics["fa"]["p_auroc"] == base.metrics["fa"]["p_auroc"]
+    change = {"student_bn": "recalibrate", "threshold_target": "fpr<=0.05"}
+    derived = refinish(tmp_path / "base", tmp_path / "derived", change)
+    trained = train(opts(data_root, tmp_path / "trained", **{**r2, **change}))
+    assert max_diff(weights(trained), weights(derived)) <= 1e-6
+    moved = [k for k in weights(base) if "running_mean" in k and not torch.equal(weights(base)[k], weights(derived)[k])]
+    assert moved and all(k.startswith(("plain.", "denoising.")) for k in moved)  # the students' BatchNorm only
+    assert derived.thresholds["target"] == "fpr<=0.05" and base.thresholds["target"] is None
+    assert derived.thresholds["image"] == pytest.approx(trained.thresholds["image"], abs=1e-6)
+    assert derived.metrics["fa"]["p_auroc"] == pytest.approx(trained.metrics["fa"]["p_auroc"], abs=1e-6)
+    assert json.loads((tmp_path / "base" / "metrics.json").read_text())["thresholds"]["target"] is None  # untouched
+    with pytest.raises(TrainError, match="fa_grad changes the training steps"):
+        refinish(tmp_path / "base", tmp_path / "x", {"fa_grad": "detached"})
+    with pytest.raises(TrainError, match="student_bn 'train' -> 'frozen'"):
+        refinish(tmp_path / "base", tmp_path / "x", {"student_bn": "frozen"})
+    with pytest.raises(TrainError, match="is the run itself"):
+        refinish(tmp_path / "base", tmp_path / "base", {})
+
+
 def test_resume_errors(data_root, tmp_path):
     with pytest.raises(TrainError, match="last.ckpt not found"):
         train(opts(data_root, tmp_path / "none", resume=True))
