@@ -155,8 +155,10 @@ def resolve_variants(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Train + evaluate one (variant, seed), or re-finish its :data:`DERIVED_FROM` row's run; the metrics row."""
+def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
+            base_row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train + evaluate one (variant, seed), or re-finish its :data:`DERIVED_FROM` row's run (``base_row``: that
+    row, whose steps it shares); the metrics row."""
     from stlm_train.training import TrainError, TrainOptions, refinish, train
 
     overrides = {k: (seed if v == "SEED" else v) for k, v in overrides_of(variant).items()}
@@ -175,8 +177,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
             res = refinish(src, out, post_training_changes(variant, base), evaluate=evaluate)
         except TrainError as e:
             raise SystemExit(f"Error: --variants {variant}: {e}") from None
-        amp = bool(json.loads((src / "metrics.json").read_text())["train"].get("amp", False)) \
-            if (src / "metrics.json").is_file() else False
+        amp = bool((base_row or {}).get("amp", False))  # rows from before the field: fp32 steps
     else:
         opts = TrainOptions(data=args.data, out=str(out), category=args.category, config=args.config,
                             img_size=args.img_size, steps=args.steps, time_budget=args.time_budget, seed=seed,
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 if any(r["variant"] == v and r["seed"] == seed for r in rows):
                     continue
-                row = run_one(v, seed, args, work)
+                base_row = next((r for r in rows if r["variant"] == DERIVED_FROM.get(v) and r["seed"] == seed), None)
+                row = run_one(v, seed, args, work, base_row)
                 rows.append(row)
                 print(f"{v:32s} seed {seed}: FA I-AUROC {row['fa_i_auroc']:.3f} P-AUROC {row['fa_p_auroc']:.3f} "
                       f"AUPRO {row['fa_aupro']:.3f} | TLM I-AUROC {float('nan') if row['tlm_i_auroc'] is None else row['tlm_i_auroc']:.3f} "

@@ -2,14 +2,14 @@
 
 ``student_bn`` "train" vs "recalibrate" (the students' statistics re-estimated on clean images once training
 is over) and ``threshold_target`` change nothing in the steps, so their effect is measured best on the same
-weights: copy the run's ``last.ckpt`` (saved before the run's own finish) into a new folder and run the
-finish there, thresholds, checkpoint and evaluation included. Two trainings of the same seed differ in
-their step count under a time budget and across machines; this way the row differs only in the change.
+weights: resume the run's ``last.ckpt`` (saved before the run's own finish) into a new folder with no step
+left, and run the finish there, thresholds, checkpoint and evaluation included. Two trainings of the same
+seed differ in their step count under a time budget and across machines; this way the row differs only in
+the change.
 """
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,24 +27,19 @@ def refinish(run_dir: str | os.PathLike, out: str | os.PathLike, changes: dict[s
              log: Log | None = None) -> TrainResult:
     """``run_dir``'s weights finished into ``out`` with ``changes`` (keys of :data:`POST_TRAINING_OPTIONS`)."""
     src, dst = Path(run_dir), Path(out)
+    if dst.resolve() == src.resolve():
+        raise TrainError(f"refinish: {dst} is the run itself; give another folder")
     state = load_run_state(src)
-    stored = state["options"]
+    # the run's own step count as the stop rule: the loop has nothing left to do (it writes out/last.ckpt itself)
+    opts = TrainOptions(data=str(state["options"].get("data", "")), out=str(dst), resume=True,
+                        steps=int(state["step"]), progress=False, save_every=0, evaluate=evaluate)
+    run = merge_resume_options(opts, state["options"], set())  # older runs: their options' values then
     for key, value in changes.items():
         if key not in POST_TRAINING_OPTIONS:
             raise TrainError(f"refinish: {key} changes the training steps; only "
                              f"{', '.join(POST_TRAINING_OPTIONS)} act after the last step")
         allowed = POST_TRAINING_OPTIONS[key]
-        if allowed is not None and (value not in allowed or stored.get(key, "train") not in allowed):
-            raise TrainError(f"refinish: {key} {stored.get(key, 'train')!r} -> {value!r}: only "
+        if allowed is not None and (value not in allowed or getattr(run, key) not in allowed):
+            raise TrainError(f"refinish: {key} {getattr(run, key)!r} -> {value!r}: only "
                              f"{' and '.join(map(repr, allowed))} train the same steps")
-    if dst.resolve() == src.resolve():
-        raise TrainError(f"refinish: {dst} is the run itself; give another folder")
-    dst.mkdir(parents=True, exist_ok=True)
-    tmp = dst / "last.ckpt.tmp"
-    shutil.copyfile(src / "last.ckpt", tmp)
-    os.replace(tmp, dst / "last.ckpt")
-    # the run's own step count as the stop rule: the loop has nothing left to do
-    opts = TrainOptions(data=str(stored.get("data", "")), out=str(dst), resume=True, steps=int(state["step"]),
-                        progress=False, save_every=0, evaluate=evaluate)
-    opts = replace(merge_resume_options(opts, stored, set()), **changes)
-    return train_resumed(opts, state, log)
+    return train_resumed(replace(run, **changes), state, log)
