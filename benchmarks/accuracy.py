@@ -93,9 +93,12 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: Named parts with fixed options, each the current trainer with one change: ``self-texture`` (half the pseudo
 #: anomalies cut from the image itself, texture bank ``reference+self``), ``fa-target-changed`` (the FA loss counts
 #: only pixels where the pseudo mask and the teacher's change agree), ``amp`` / ``fp32`` (mixed precision forced
-#: on: bf16 autocast on CPU, fp16 on CUDA / off)
+#: on: bf16 autocast on CPU, fp16 on CUDA / off), ``teacher-<recipe>`` (the built-in teacher's recipe named, whatever
+#: the default)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
+    "teacher-reference": {"teacher_recipe": "reference"},
+    "teacher-local": {"teacher_recipe": "local"},
     "fa-target-changed": {"fa_target": "changed"},
     "amp": {"amp": True},
     "fp32": {"amp": False},
@@ -150,7 +153,7 @@ def resolve_variants(spec: str) -> list[str]:
             if not _known(name):
                 raise SystemExit(f"Error: --variants: unknown variant {name!r} (choose from "
                                  f"{', '.join([*GROUPS, *VARIANTS])}, tiled-<work size>, fa-grad-<0.A>, "
-                                 "fa-loss-focal, self-texture or those joined by +)")
+                                 "fa-loss-focal, self-texture, teacher-<recipe> or those joined by +)")
             names.append(name)
     return list(dict.fromkeys(names))
 

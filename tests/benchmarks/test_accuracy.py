@@ -25,6 +25,10 @@ def test_variants_differ_only_in_their_changes():
     assert accuracy.overrides_of("tiled-512+fa-target-changed") == {"work_size": 512, "fa_target": "changed"}
     assert accuracy.overrides_of("amp") == {"amp": True} and accuracy.overrides_of("fp32") == {"amp": False}
     assert accuracy.overrides_of("tiled-512+amp") == {"work_size": 512, "amp": True}
+    assert accuracy.overrides_of("tiled-512+teacher-reference") == {"work_size": 512, "teacher_recipe": "reference"}
+    from stlm_train.modeling.teacher import TEACHER_RECIPES
+    named = {accuracy.overrides_of(f"teacher-{r}")["teacher_recipe"] for r in ("local", "reference")}
+    assert named == {"local", "reference"} and named <= set(TEACHER_RECIPES)
     for bad in ("fa-grad-1.5", "fa-grad-0", "tiled-512+x"):
         with pytest.raises(SystemExit, match="unknown variant"):
             accuracy.resolve_variants(bad)
