@@ -94,12 +94,13 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: anomalies cut from the image itself, texture bank ``reference+self``), ``fa-target-changed`` (the FA loss counts
 #: only pixels where the pseudo mask and the teacher's change agree), ``amp`` / ``fp32`` (mixed precision forced
 #: on: bf16 autocast on CPU, fp16 on CUDA / off), ``teacher-<recipe>`` (the built-in teacher's recipe named, whatever
-#: the default)
+#: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
     "teacher-reference": {"teacher_recipe": "reference"},
     "teacher-local": {"teacher_recipe": "local"},
     "fa-target-changed": {"fa_target": "changed"},
+    "fa-input-absdiff": {"fa_input": "absdiff"},
     "amp": {"amp": True},
     "fp32": {"amp": False},
 }

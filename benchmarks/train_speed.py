@@ -69,7 +69,7 @@ class OfficialLikeStep:
             t_clean = self._per_sample(t.decoder, t.encoder(x_clean))
         plain = self._per_sample(m.decoder, m.plain(x_pseudo))
         denoising = self._per_sample(m.decoder, m.denoising(x_pseudo))
-        prob = torch.sigmoid(m.fa_head.logits(fa_input(plain, denoising)))
+        prob = torch.sigmoid(m.fa_head.logits(fa_input(plain, denoising, m.cfg.fa_input)))
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, prob, mask)
         self.opt_students.zero_grad(set_to_none=True)
         self.opt_fa.zero_grad(set_to_none=True)

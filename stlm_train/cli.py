@@ -27,6 +27,9 @@ DEFAULT_FA_LOSS_NAME = "focal+l1"
 #: ``--fa-target`` choices and default (kept equal to ``FA_TARGETS`` / ``DEFAULT_FA_TARGET`` by a test).
 FA_TARGET_CHOICES = ("mask", "changed")
 DEFAULT_FA_TARGET_NAME = "mask"
+#: ``--fa-input`` choices and default (kept equal to ``stlm_train.config.FA_INPUTS`` / ``DEFAULT_FA_INPUT`` by a test).
+FA_INPUT_CHOICES = ("product", "absdiff")
+DEFAULT_FA_INPUT_NAME = "product"
 #: ``--texture-bank`` choices and default, spelled here for the same reason (kept equal to
 #: :data:`stlm_train.anomalies.TEXTURE_BANKS` / ``DEFAULT_TEXTURE_BANK`` by a test).
 TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self")
@@ -97,6 +100,9 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--fa-target", type=click.Choice(FA_TARGET_CHOICES), default=DEFAULT_FA_TARGET_NAME, show_default=True,
               help="Which pixels the FA head's loss counts: 'mask' (all, the official code) or 'changed' (only where "
               "the pseudo mask and the teacher's change agree).")
+@click.option("--fa-input", type=click.Choice(FA_INPUT_CHOICES), default=DEFAULT_FA_INPUT_NAME, show_default=True,
+              help="What the FA head reads per level: 'product' of the students' normalised features (the official "
+              "code) or their 'absdiff' (zero where the students agree). Stored in the model; engines follow it.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
@@ -104,8 +110,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, work_size, tile_overlap, epochs,
               steps, time_budget,
               teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp,
-              num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, fa_target, do_eval,
-              quiet) -> int:
+              num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, fa_target, fa_input,
+              do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -120,7 +126,8 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         teacher=teacher, anomaly_source=anomaly_source, texture_bank=texture_bank,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
-        threshold_target=threshold_target, fa_loss=fa_loss, fa_target=fa_target, evaluate=do_eval, progress=not quiet)
+        threshold_target=threshold_target, fa_loss=fa_loss, fa_target=fa_target, fa_input=fa_input, evaluate=do_eval,
+        progress=not quiet)
     try:
         opts.validate()
     except TrainError as e:  # bad flags: a usage error (exit 2), like click's own checks

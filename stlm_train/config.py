@@ -13,6 +13,11 @@ from stlm_deploy.spec import IMG_SIZE_MULTIPLE, is_img_size
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+#: What the FA head reads per level k (``stlm_train.modeling.stlm.fa_input``): ``product`` is the official
+#: ``-l2n(Sp_k) * l2n(Sd_k)`` (where the students agree it is the squared feature: content); ``absdiff`` is
+#: ``|l2n(Sp_k) - l2n(Sd_k)|`` (zero where they agree: only their disagreement reaches the head).
+FA_INPUTS = ("product", "absdiff")
+DEFAULT_FA_INPUT = "product"
 
 
 @dataclass(frozen=True)
@@ -105,9 +110,12 @@ class STLMConfig(_ImageModelConfig):
     # How images reach img_size (stlm_deploy.preprocess.RESIZE_POLICIES); checkpoints written before the
     # field existed were trained on "bilinear" and are read as such.
     resize: str = DEFAULT_RESIZE
+    fa_input: str = DEFAULT_FA_INPUT  # FA_INPUTS; official checkpoints and older runs: product
 
     def __post_init__(self) -> None:
         self._check_image()
+        if self.fa_input not in FA_INPUTS:
+            raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {self.fa_input!r}")
 
     @property
     def feature_size(self) -> int:

@@ -29,9 +29,14 @@ def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1 - torch.sum(l2n(a) * l2n(b), dim=1, keepdim=True)
 
 
-def fa_input(plain: Features, denoising: Features) -> torch.Tensor:
-    """FA head input: cat_k(-l2n(Sp_k) * l2n(Sd_k)) -> (B, 2C, h, w)."""
-    return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)
+def fa_input(plain: Features, denoising: Features, mode: str = "product") -> torch.Tensor:
+    """FA head input -> (B, 2C, h, w): ``product`` cat_k(-l2n(Sp_k) * l2n(Sd_k)) (official), ``absdiff``
+    cat_k(|l2n(Sp_k) - l2n(Sd_k)|) (:data:`stlm_train.config.FA_INPUTS`)."""
+    if mode == "product":
+        return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)
+    if mode == "absdiff":
+        return torch.cat([torch.abs(l2n(p) - l2n(d)) for p, d in zip(plain, denoising)], dim=1)
+    raise ValueError(f"fa_input must be product or absdiff, got {mode!r}")
 
 
 def tlm_map(plain: Features, denoising: Features) -> torch.Tensor:
@@ -82,7 +87,7 @@ class STLM(nn.Module):
         """x: normalised (B, 3, S, S) -> maps at S x S and scores."""
         plain, denoising = self.student_features(x)
         size = (x.shape[2], x.shape[3])
-        anomaly_map = upsample(self.fa_head(fa_input(plain, denoising)), size)
+        anomaly_map = upsample(self.fa_head(fa_input(plain, denoising, self.cfg.fa_input)), size)
         return InferenceOutput(anomaly_map, topk_score(anomaly_map, self.cfg.top_k),
                                upsample(tlm_map(plain, denoising), size))
 

@@ -70,7 +70,7 @@ class TrainGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[Features, Features, torch.Tensor]:  # x: (B, 3, S, S)
         plain, denoising = self.model.student_features(x)
-        products = fa_input(plain, denoising)
+        products = fa_input(plain, denoising, self.model.cfg.fa_input)
         if self.fa_grad_scale != 1.0:  # p + a (p - p) in value, a dp in gradient
             fixed = products.detach()
             products = fixed + self.fa_grad_scale * (products - fixed) if self.fa_grad_scale else fixed

@@ -10,7 +10,7 @@ from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET, ThresholdError, par
 from stlm_deploy.tiling import DEFAULT_TILE_OVERLAP, Tiling, check_tiling
 
 from ..anomalies import AUGMENTATIONS, DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
-from ..config import CONFIGS, validate_img_size
+from ..config import CONFIGS, DEFAULT_FA_INPUT, FA_INPUTS, validate_img_size
 from ..data.datasets import FORMATS
 from ..evaluate import BUILTIN_DATA
 from ..modeling.teacher import DEFAULT_TEACHER_RECIPE, TEACHER_RECIPES, TEACHER_SEED_OFFSET
@@ -20,7 +20,8 @@ DEFAULT_STEPS = 100  # when no stopping flag is given: a quick demo run (the pap
 IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "batch_size", "teacher",
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
-                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss", "fa_target")
+                   "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss", "fa_target",
+                   "fa_input")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
@@ -106,6 +107,7 @@ class TrainOptions:
     fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
     fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal
     fa_target: str = DEFAULT_FA_TARGET  # mask (official) | changed
+    fa_input: str = DEFAULT_FA_INPUT  # what the FA head reads (STLM only): product (official) | absdiff
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -203,10 +205,13 @@ class TrainOptions:
                                      ("resize", self.resize, RESIZE_POLICIES),
                                      ("student_bn", self.student_bn, STUDENT_BN_MODES),
                                      ("fa_loss", self.fa_loss, FA_LOSSES),
-                                     ("fa_target", self.fa_target, FA_TARGETS)):
+                                     ("fa_target", self.fa_target, FA_TARGETS),
+                                     ("fa_input", self.fa_input, FA_INPUTS)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         fa_grad_scale(self.fa_grad)
+        if self.fa_input != DEFAULT_FA_INPUT and CONFIGS[self.config].family != "stlm":
+            raise TrainError(f"--fa-input {self.fa_input}: STLM only (--config {self.config} has no FA head)")
         if self.threshold_target is not None:
             try:
                 parse_target(self.threshold_target)
@@ -231,7 +236,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
               "resize": "bilinear", "augment_before_resize": False,
               "student_bn": "train", "threshold_target": None, "fa_grad": "students", "fa_loss": "focal+l1",
-              "fa_target": "mask",
+              "fa_target": "mask", "fa_input": "product",
               **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

@@ -37,7 +37,7 @@ from stlm_deploy.thresholds import choose_threshold, parse_target
 
 from ..anomalies import PseudoAnomalyDataset, PseudoAnomalySynthesizer, sample_rng
 from ..checkpoint import save_checkpoint
-from ..config import ModelConfig, get_config
+from ..config import ModelConfig, STLMConfig, get_config
 from ..data import DataError, build_dataset
 from stlm_deploy.preprocess import work_image
 
@@ -87,6 +87,8 @@ def train_resumed(opts: TrainOptions, state: dict[str, Any] | None, log: Log | N
     """:func:`train` with the run state already read and merged into ``opts`` (None: a new run)."""
     opts.validate()
     cfg = replace(get_config(opts.config, opts.img_size), resize=opts.resize)
+    if isinstance(cfg, STLMConfig):
+        cfg = replace(cfg, fa_input=opts.fa_input)
     info = setup_distributed(resolve_device(opts.device).type)  # a bad --device fails before joining a group
     try:
         return _Run(opts, cfg, state, info, log).execute()
@@ -381,6 +383,7 @@ class _Run:
             "texture_bank": opts.texture_bank, "resize": cfg.resize,
             "augment_before_resize": opts.augment_before_resize, "student_bn": opts.student_bn,
             "fa_grad": opts.fa_grad, "fa_loss": opts.fa_loss, "fa_target": opts.fa_target,
+            **({"fa_input": cfg.fa_input} if isinstance(cfg, STLMConfig) else {}),
             "batch_size": opts.batch_size,
             **({"work_size": self.tiling.work_size, "tile_overlap": self.tiling.overlap} if self.tiling else {}),
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),

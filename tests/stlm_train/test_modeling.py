@@ -101,3 +101,43 @@ def test_predict_rejects_bad_input(bad, match):
     m = STLM(get_config("small")).eval()
     with pytest.raises(ValueError, match=match):
         m.predict(bad)
+
+
+def test_fa_input_absdiff_reads_only_the_students_disagreement():
+    """``absdiff`` is |l2n(Sp) - l2n(Sd)| per level: zero where the students agree (where the official
+    product still holds the squared feature, i.e. the content); a config without the field is the official
+    product, and the model follows its config."""
+    from dataclasses import replace
+
+    from stlm_train.config import STLMConfig
+    from stlm_train.modeling import fa_input, l2n
+
+    g = torch.Generator().manual_seed(3)
+    p = (torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g))
+    d = (p[0].clone(), torch.randn(2, 8, 4, 4, generator=g))
+    got = fa_input(p, d, "absdiff")
+    assert got.shape == (2, 16, 4, 4)
+    assert got[:, :8].abs().max().item() == 0.0  # level 1: the students agree
+    assert torch.allclose(got[:, 8:], (l2n(p[1]) - l2n(d[1])).abs())
+    assert fa_input(p, d, "product")[:, :8].abs().max().item() > 1e-3  # the official input: the content
+    with pytest.raises(ValueError, match="fa_input must be product or absdiff"):
+        fa_input(p, d, "sum")
+
+    cfg = get_config("small")
+    assert cfg.fa_input == "product"
+    d_old = {k: v for k, v in cfg.to_dict().items() if k != "fa_input"}
+    assert STLMConfig.from_dict(d_old).fa_input == "product"  # checkpoints written before the field existed
+    assert STLMConfig.from_dict({**d_old, "fa_input": "absdiff"}).fa_input == "absdiff"
+    with pytest.raises(ValueError, match="fa_input must be one of product, absdiff"):
+        replace(cfg, fa_input="sum")
+    torch.manual_seed(0)
+    m = randomize(STLM(replace(cfg, fa_input="absdiff")), 1).eval()
+    imgs = torch.randint(0, 256, (1, 128, 128, 3), dtype=torch.uint8, generator=g)
+    x = m.normalize(imgs)
+    plain, denoising = m.student_features(x)
+    want = torch.nn.functional.interpolate(m.fa_head(fa_input(plain, denoising, "absdiff")), size=(128, 128),
+                                           mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(m(x).anomaly_map, want, atol=1e-6)
+    official = torch.nn.functional.interpolate(m.fa_head(fa_input(plain, denoising, "product")), size=(128, 128),
+                                               mode="bilinear", align_corners=False)[:, 0]
+    assert (m(x).anomaly_map - official).abs().max().item() > 1e-4  # the head does read the other input

@@ -85,6 +85,14 @@ def test_fa_target_flag_matches_the_trainer_options():
     assert train_cli.FA_TARGET_CHOICES == FA_TARGETS and train_cli.DEFAULT_FA_TARGET_NAME == DEFAULT_FA_TARGET
 
 
+def test_fa_input_flag_matches_the_model_config():
+    """--fa-input is spelled in the CLI as well: its choices and default are the model config's."""
+    from stlm_train import cli as train_cli
+    from stlm_train.config import DEFAULT_FA_INPUT, FA_INPUTS
+
+    assert train_cli.FA_INPUT_CHOICES == FA_INPUTS and train_cli.DEFAULT_FA_INPUT_NAME == DEFAULT_FA_INPUT
+
+
 def test_texture_bank_flag_matches_the_synthesizer_banks():
     from stlm_train import cli as train_cli
     from stlm_train.anomalies import DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
@@ -130,6 +138,7 @@ def garbage(tmp_path_factory) -> Path:
     (["--data", "builtin", "--out", "{tmp}/o", "--bogus"], "No such option"),
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-loss", "bce"], "'--fa-loss'"),
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-target", "teacher"], "'--fa-target'"),
+    (["--data", "builtin", "--out", "{tmp}/o", "--fa-input", "sum"], "'--fa-input'"),
     (["--data", "builtin", "--out", "{tmp}/o", "--texture-bank", "dtd"], "'--texture-bank'"),
 ])
 def test_train_errors_are_one_line(args, needle, tmp_path, garbage, capsys):

@@ -225,13 +225,14 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
 
     old = {k: v for k, v in TrainOptions(data="builtin", out=str(tmp_path), seed=4).identity().items()
            if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize", "student_bn", "threshold_target",
-                         "fa_grad", "fa_loss", "fa_target")}
+                         "fa_grad", "fa_loss", "fa_target", "fa_input")}
     merged = merge_resume_options(TrainOptions(data="", out=str(tmp_path), resume=True), old, set())
     assert (merged.teacher_seed, merged.teacher_recipe, merged.texture_bank, merged.resize) == (4, "v1", "v1", "bilinear")
     assert (merged.student_bn, merged.threshold_target) == ("train", None)  # official BatchNorm, quantile rule
     assert merged.fa_grad == "students"  # the FA loss trained the students too, as in the official code
     assert merged.fa_loss == "focal+l1"  # and the FA head learned from focal + L1 (paper eq. 8)
     assert merged.fa_target == "mask"  # on every pixel of the pseudo mask
+    assert merged.fa_input == "product"  # of the students' product, as in the official code
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
@@ -244,6 +245,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     ("fa_grad", "1.5", "fa_grad must be one of detached, students or a number in (0, 1)"),
     ("fa_loss", "bce", "fa_loss must be one of focal+l1, focal"),
     ("fa_target", "teacher", "fa_target must be one of mask, changed"),
+    ("fa_input", "sum", "fa_input must be one of product, absdiff"),
     ("threshold_target", "auc", "--threshold-target: expected f1, fpr<=A"),
     ("texture_bank", "dtd", "texture_bank must be one of reference, v1"),
     ("resize", "nearest", "resize must be one of area, bilinear"),
@@ -382,3 +384,16 @@ def test_fa_target_option_reaches_the_step_and_the_run_record(data_root, tmp_pat
     train(opts(data_root, tmp_path / "o", steps=2, fa_target="changed"))
     assert seen == ["changed", "changed"]
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["fa_target"] == "changed"
+
+
+def test_fa_input_option_reaches_the_model_the_checkpoint_and_the_run_record(data_root, tmp_path):
+    """fa_input="absdiff" is part of the model: the trained model, its checkpoint (and so every engine
+    exported from it) and metrics.json carry it; STFPM has no FA head and refuses it."""
+    from stlm_train import load_model
+
+    res = train(opts(data_root, tmp_path / "o", steps=2, fa_input="absdiff"))
+    assert res.model.cfg.fa_input == "absdiff"
+    assert load_model(tmp_path / "o" / "model.ckpt").cfg.fa_input == "absdiff"
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["fa_input"] == "absdiff"
+    with pytest.raises(TrainError, match="--fa-input absdiff: STLM only"):
+        TrainOptions(data="builtin", out=str(tmp_path / "s"), config="stfpm", fa_input="absdiff").validate()
