@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import STLMConfig
+from ..config import FA_INPUTS, STLMConfig
 from .common import Normalize
 from .decoder import FeatureDecoder
 from .fa_head import FAHead
@@ -36,7 +36,7 @@ def fa_input(plain: Features, denoising: Features, mode: str = "product") -> tor
         return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)
     if mode == "absdiff":
         return torch.cat([torch.abs(l2n(p) - l2n(d)) for p, d in zip(plain, denoising)], dim=1)
-    raise ValueError(f"fa_input must be product or absdiff, got {mode!r}")
+    raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {mode!r}")
 
 
 def tlm_map(plain: Features, denoising: Features) -> torch.Tensor:

@@ -120,7 +120,7 @@ def test_fa_input_absdiff_reads_only_the_students_disagreement():
     assert got[:, :8].abs().max().item() == 0.0  # level 1: the students agree
     assert torch.allclose(got[:, 8:], (l2n(p[1]) - l2n(d[1])).abs())
     assert fa_input(p, d, "product")[:, :8].abs().max().item() > 1e-3  # the official input: the content
-    with pytest.raises(ValueError, match="fa_input must be product or absdiff"):
+    with pytest.raises(ValueError, match="fa_input must be one of product, absdiff"):
         fa_input(p, d, "sum")
 
     cfg = get_config("small")
