@@ -49,7 +49,7 @@ CHANGES: dict[str, dict[str, Any]] = {
     "independent-teacher": {"teacher_seed": None},
     "teacher-recipe": {"teacher_recipe": "reference"},
     "area-resize": {"resize": "area"},
-    "texture-bank": {"texture_bank": "reference"},
+    "texture-bank": {"texture_bank": "reference+grey"},  # "reference" then; the same on these colour images
     "augment-before-resize": {"augment_before_resize": True},
 }
 V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
@@ -91,12 +91,16 @@ FA_GRAD = re.compile(r"^fa-grad-(0\.\d+)$")
 #: ``fa-loss-focal``: the current trainer with the FA head trained on the focal loss alone (no L1)
 FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: Named parts with fixed options, each the current trainer with one change: ``self-texture`` (half the pseudo
-#: anomalies cut from the image itself, texture bank ``reference+self``), ``fa-target-changed`` (the FA loss counts
+#: anomalies cut from the image itself, texture bank ``reference+self``), ``grey-textures`` (bank ``reference+grey``:
+#: grey pseudo anomalies on grey images, the default) and ``colour-textures`` (bank ``reference``: coloured on every
+#: image, the default before), ``fa-target-changed`` (the FA loss counts
 #: only pixels where the pseudo mask and the teacher's change agree), ``amp`` / ``fp32`` (mixed precision forced
 #: on: bf16 autocast on CPU, fp16 on CUDA / off), ``teacher-<recipe>`` (the built-in teacher's recipe named, whatever
 #: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
+    "grey-textures": {"texture_bank": "reference+grey"},
+    "colour-textures": {"texture_bank": "reference"},
     "teacher-reference": {"teacher_recipe": "reference"},
     "teacher-local": {"teacher_recipe": "local"},
     "fa-target-changed": {"fa_target": "changed"},

@@ -32,8 +32,8 @@ FA_INPUT_CHOICES = ("product", "absdiff")
 DEFAULT_FA_INPUT_NAME = "product"
 #: ``--texture-bank`` choices and default, spelled here for the same reason (kept equal to
 #: :data:`stlm_train.anomalies.TEXTURE_BANKS` / ``DEFAULT_TEXTURE_BANK`` by a test).
-TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self")
-DEFAULT_TEXTURE_BANK_NAME = "reference"
+TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self", "reference+grey")
+DEFAULT_TEXTURE_BANK_NAME = "reference+grey"
 
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
 
@@ -70,9 +70,10 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--anomaly-source", default=None, metavar="DIR",
               help="Texture images for pseudo anomalies (e.g. DTD); default: procedural textures.")
 @click.option("--texture-bank", type=click.Choice(TEXTURE_BANK_CHOICES), default=DEFAULT_TEXTURE_BANK_NAME,
-              show_default=True, help="Procedural pseudo-anomaly textures: 'reference' (five kinds, jittered colours), "
-              "'v1' (this project's first bank) or 'reference+self' (half the anomalies cut from the image itself, "
-              "turned and moved: the object's own material out of place; with --anomaly-source too).")
+              show_default=True, help="Pseudo-anomaly textures: 'reference+grey' (five procedural kinds, jittered colours; grey on "
+              "grey-scale images, folder textures too), 'reference' (the same, coloured on every image), 'v1' (this "
+              "project's first bank) or 'reference+self' (half the anomalies cut from the image itself, turned and "
+              "moved: the object's own material out of place; with --anomaly-source too).")
 @click.option("--augmentation", type=click.Choice(("auto", "none", "slight", "rotation")), default="auto",
               show_default=True, help="Geometric augmentation before the noise; auto: the official per-category "
               "mode of --category (or of an MVTec category named in the data folder).")

@@ -3,9 +3,10 @@
 Three measurements, each a number with a documented pass level, kept as fast tests and printed by
 ``python -m stlm_train.diagnostics`` for a checkpoint:
 
-- **positional flatness** (:func:`edge_ratio`): the mean map over good images, pooled on a coarse grid
-  and divided by its mean, should be flat. A hot right column / bottom row is the network frame (at
-  256 px TinyViT's right/bottom attention windows are mostly zero padding), not content.
+- **positional flatness** (:func:`edge_ratio`, :func:`border_ratio`): the mean map over good images,
+  pooled on a coarse grid and divided by its mean, should be flat. A hot right column / bottom row is
+  the network frame (at 256 px TinyViT's right/bottom attention windows are mostly zero padding), not
+  content; a hot ring on every side is the frame too.
 - **BatchNorm consistency** (:func:`batchnorm_consistency`): the students' running statistics, which
   inference uses, describe clean images. With the official train-mode BatchNorm they are an average of
   the last steps' pseudo-anomalous pairs, which inference never sees.
@@ -40,6 +41,14 @@ def edge_ratio(profile: np.ndarray) -> float:
     edge = np.zeros(profile.shape, dtype=bool)
     edge[:, -1] = edge[-1, :] = True
     return float(profile[edge].mean() / max(float(profile[~edge].mean()), 1e-12))
+
+
+def border_ratio(profile: np.ndarray) -> float:
+    """Mean of the outer ring of cells over the mean of the inner cells: a frame hot on every side (zero
+    padding, stretched borders) that :func:`edge_ratio`'s right/bottom band does not single out."""
+    ring = np.ones(profile.shape, dtype=bool)
+    ring[1:-1, 1:-1] = False
+    return float(profile[ring].mean() / max(float(profile[~ring].mean()), 1e-12))
 
 
 @torch.no_grad()
@@ -150,6 +159,7 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
         if imgs is not None:
             prof = grid_profile(mean_maps(model, imgs))
             out[f"edge_ratio_{name}"] = edge_ratio(prof)
+            out[f"border_ratio_{name}"] = border_ratio(prof)
             out[f"profile_{name}"] = np.round(prof, 2).tolist()
     out["batchnorm_consistency"] = batchnorm_consistency(model, train_images[:8])
     t = train.get("teacher") or {}
@@ -177,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = diagnose_checkpoint(a.ckpt, a.data, a.category, a.format)
     except (ValueError, OSError) as e:
         raise SystemExit(f"Error: {' '.join(str(e).split())}") from None
-    for k in ("edge_ratio_test_good", "edge_ratio_train"):
+    for k in ("edge_ratio_test_good", "edge_ratio_train", "border_ratio_test_good", "border_ratio_train"):
         if k in res:
             print(f"{k}: {res[k]:.2f} (flat: <= {MAX_EDGE_RATIO})")
     print(f"batchnorm_consistency: {res['batchnorm_consistency']:.4f} (max |running - clean-batch statistics "
@@ -195,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency",
+__all__ = ["MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "border_ratio",
            "diagnose_checkpoint", "edge_ratio", "grid_profile", "locality_pairs", "mean_maps", "teacher_locality"]
 
 

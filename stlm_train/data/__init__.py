@@ -1,4 +1,4 @@
-"""Data loading for STLM training and evaluation: image I/O, data-set layouts, a procedural set."""
+"""Data loading for STLM training and evaluation: image I/O, data-set layouts, two procedural sets."""
 
 from stlm_train.data.datasets import (
     FORMATS,
@@ -30,8 +30,18 @@ __all__ = [
     "build_dataset",
     "list_images",
     "make_generated_dataset",
+    "make_texture_dataset",
     "read_image_rgb",
     "read_mask",
     "resize_mask",
     "resize_rgb",
 ]
+
+
+def __getattr__(name: str):
+    """``make_texture_dataset`` on first use, so ``python -m stlm_train.data.texture`` runs its module once."""
+    if name == "make_texture_dataset":
+        from stlm_train.data.texture import make_texture_dataset
+
+        return make_texture_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -333,6 +333,30 @@ def test_self_texture_bank_cuts_half_the_anomalies_from_the_clean_image_itself()
         np.testing.assert_array_equal(a, b)
 
 
+def test_grey_bank_greys_the_texture_only_on_grey_images():
+    from stlm_train.anomalies import TextureSource, grey_texture, is_grey
+
+    grey = np.repeat(np.random.default_rng(5).integers(0, 256, (16, 24, 1), dtype=np.uint8), 3, axis=2)
+    colour = grey.copy()
+    colour[0, 0, 1] ^= 1  # one channel of one pixel differs: a colour image
+    assert is_grey(grey) and not is_grey(colour)
+    src, ref = TextureSource(bank="reference+grey"), TextureSource(bank="reference")
+    for i in range(12):
+        g, name = src.sample((16, 24), np.random.default_rng(i), grey)
+        r, _ = ref.sample((16, 24), np.random.default_rng(i), grey)
+        assert is_grey(g) and name.endswith("(grey)") and not is_grey(r)
+        np.testing.assert_array_equal(g, grey_texture(r))  # the same draw, its luminance
+        c, _ = src.sample((16, 24), np.random.default_rng(i), colour)
+        np.testing.assert_array_equal(c, r)  # colour images keep the coloured texture
+    syn = PseudoAnomalySynthesizer(16, augmentation="none", probability=1.0, texture_bank="reference+grey")
+    pasted = 0
+    for i in range(12):
+        clean, pseudo, mask = syn(grey, np.random.default_rng(i))
+        assert is_grey(pseudo)
+        pasted += int(mask.any() and not np.array_equal(pseudo, clean))
+    assert pasted >= 3  # (a Perlin mask can be empty at 16 px)
+
+
 def test_synthesizer_pastes_the_images_own_material_with_the_self_bank():
     img = np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     syn = PseudoAnomalySynthesizer(32, augmentation="none", probability=1.0, texture_bank="reference+self")

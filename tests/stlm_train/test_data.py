@@ -269,6 +269,32 @@ def test_generated_masks_match_drawn_pixels(tmp_path: Path) -> None:
     assert np.abs(g0 - g1).mean() < 30
 
 
+def test_texture_set_grey_sizes_vary_and_masks_cover_the_changes(tmp_path: Path) -> None:
+    from stlm_train.data import make_texture_dataset
+    from stlm_train.data import texture as tex
+
+    a = make_texture_dataset(tmp_path / "a", n_train=6, n_test_good=2, n_test_bad=5, sides=(64, 160), seed=2)
+    assert _digest(a) == _digest(make_texture_dataset(tmp_path / "b", n_train=6, n_test_good=2, n_test_bad=5,
+                                                      sides=(64, 160), seed=2))
+    raw = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((a / "train" / "good").glob("*.png"))]
+    assert all(r.ndim == 2 for r in raw)  # single-channel files: the loader's grey path
+    assert len({r.shape for r in raw}) > 3 and all(64 <= min(r.shape) and max(r.shape) <= 160 for r in raw)
+    period = float(tex._rng(2, 98).uniform(10.0, 14.0))
+    for i in range(5):
+        rng = tex._rng(2, tex._SPLIT_IDS["test_bad"], i)
+        clean = tex._surface(rng, (int(rng.integers(64, 161)), int(rng.integers(64, 161))), period)
+        clean = np.clip(np.rint(clean), 0, 255).astype(np.uint8)
+        bad = cv2.imread(str(a / "test" / "defect" / f"{i:03d}.png"), cv2.IMREAD_UNCHANGED)
+        mask = read_mask(a / "ground_truth" / "defect" / f"{i:03d}_mask.png").astype(bool)
+        changed = bad != clean
+        assert mask.any() and not (changed & ~mask).any()  # nothing changed outside the mask
+        assert changed[mask].mean() > 0.8  # and the mask is what changed (a flattened patch may equal a pixel)
+    test = build_dataset(a, "mvtec", split="test", img_size=64)
+    assert len(test) == 7 and int(test.labels.sum()) == 5 and test[0].image.shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="sides"):
+        make_texture_dataset(tmp_path / "c", sides=(200, 100))
+
+
 # ---------------------------------------------------------------------------------------- VisA
 
 

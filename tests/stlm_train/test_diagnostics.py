@@ -18,7 +18,7 @@ import torch
 from stlm_train import get_config
 from stlm_train.data import build_dataset, make_generated_dataset
 from stlm_train.diagnostics import (MAX_BN_INCONSISTENCY, MAX_EDGE_RATIO, MIN_TEACHER_LOCALITY, batchnorm_consistency,
-                                    edge_ratio, grid_profile, locality_pairs, mean_maps, teacher_locality)
+                                    border_ratio, edge_ratio, grid_profile, locality_pairs, mean_maps, teacher_locality)
 from stlm_train.modeling import build_builtin_teacher, calibrate_batchnorm
 from stlm_train.modeling.common import Normalize
 from stlm_train.training import TrainOptions, train
@@ -54,6 +54,15 @@ def test_grid_profile_and_edge_ratio_known_values():
     assert prof.shape == (8, 8) and prof.mean() == pytest.approx(1.0)
     # right column cells 3, bottom row cells 1 (but the corner): (8*3 + 7*1) / 15 over 1
     assert edge_ratio(prof) == pytest.approx((8 * 3 + 7) / 15)
+    # the ring holds the 8 hot right-column cells among its 28; the 36 inner cells are cold
+    assert border_ratio(prof) == pytest.approx((8 * 3 + 20) / 28)
+
+
+def test_border_ratio_sees_a_frame_that_edge_ratio_misses():
+    maps = np.ones((2, 64, 64), np.float32)
+    maps[:, :8] = maps[:, :, :8] = 4.0  # hot top row and left column only
+    prof = grid_profile(maps)
+    assert edge_ratio(prof) < 1.0 < MAX_EDGE_RATIO < border_ratio(prof)
 
 
 # -------------------------------------------------------------------------------- students' BatchNorm
