@@ -18,6 +18,7 @@ byte-identical files, and changing one count does not change the other images.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -132,23 +133,31 @@ def make_generated_dataset(
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     if min(n_train, n_test_good, n_test_bad) < 0:
         raise ValueError("image counts must not be negative")
-    out = Path(root)
     pal = _palette(seed)
-    dirs = {
-        "train": out / "train" / "good",
-        "test_good": out / "test" / "good",
-        "test_bad": out / "test" / "defect",
-        "mask": out / "ground_truth" / "defect",
-    }
+
+    def draw(split: str, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        rng = _rng(seed, _SPLIT_IDS[split], i)
+        img, disc = _render_good(rng, size, pal)
+        return img, (_draw_defects(rng, img, disc, pal["defect"]) if split == "test_bad" else None)
+
+    return write_category(root, {"train": n_train, "test_good": n_test_good, "test_bad": n_test_bad}, draw)
+
+
+def write_category(root: PathLike, counts: dict[str, int],
+                   draw: Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]) -> Path:
+    """Write ``counts[split]`` images per split ("train", "test_good", "test_bad") in the MVTec layout at
+    ``root``: ``draw(split, i)`` gives the uint8 image (RGB or grey) and, for "test_bad", its {0,1} mask."""
+    out = Path(root)
+    dirs = {"train": out / "train" / "good", "test_good": out / "test" / "good",
+            "test_bad": out / "test" / "defect", "mask": out / "ground_truth" / "defect"}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     png = [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    for split, count in (("train", n_train), ("test_good", n_test_good), ("test_bad", n_test_bad)):
+    for split, count in counts.items():
         for i in range(count):
-            rng = _rng(seed, _SPLIT_IDS[split], i)
-            img, disc = _render_good(rng, size, pal)
-            if split == "test_bad":
-                mask = _draw_defects(rng, img, disc, pal["defect"])
+            img, mask = draw(split, i)
+            if mask is not None:
                 cv2.imwrite(str(dirs["mask"] / f"{i:03d}_mask.png"), mask * np.uint8(255), png)
-            cv2.imwrite(str(dirs[split] / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), png)
+            cv2.imwrite(str(dirs[split] / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img,
+                        png)
     return out

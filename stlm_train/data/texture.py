@@ -22,7 +22,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from stlm_train.data.generated import _rng
+from stlm_train.data.generated import _rng, write_category
 from stlm_train.data.io import PathLike
 
 _SPLIT_IDS = {"train": 10, "test_good": 11, "test_bad": 12}
@@ -91,22 +91,15 @@ def make_texture_dataset(
         raise ValueError(f"sides must be (low, high) with 32 <= low <= high, got {sides}")
     if min(n_train, n_test_good, n_test_bad) < 0:
         raise ValueError("image counts must not be negative")
-    out = Path(root)
     period = float(_rng(seed, 98).uniform(10.0, 14.0))
-    dirs = {"train": out / "train" / "good", "test_good": out / "test" / "good",
-            "test_bad": out / "test" / "defect", "mask": out / "ground_truth" / "defect"}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    png = [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    for split, count in (("train", n_train), ("test_good", n_test_good), ("test_bad", n_test_bad)):
-        for i in range(count):
-            rng = _rng(seed, _SPLIT_IDS[split], i)
-            img = _surface(rng, (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))), period)
-            if split == "test_bad":
-                mask = _defects(rng, img, period)
-                cv2.imwrite(str(dirs["mask"] / f"{i:03d}_mask.png"), mask * np.uint8(255), png)
-            cv2.imwrite(str(dirs[split] / f"{i:03d}.png"), np.clip(np.rint(img), 0, 255).astype(np.uint8), png)
-    return out
+
+    def draw(split: str, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        rng = _rng(seed, _SPLIT_IDS[split], i)
+        img = _surface(rng, (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))), period)
+        mask = _defects(rng, img, period) if split == "test_bad" else None
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask
+
+    return write_category(root, {"train": n_train, "test_good": n_test_good, "test_bad": n_test_bad}, draw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
