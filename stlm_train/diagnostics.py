@@ -40,7 +40,7 @@ def edge_ratio(profile: np.ndarray) -> float:
     """Mean of the right column and bottom row cells over the mean of the other cells."""
     edge = np.zeros(profile.shape, dtype=bool)
     edge[:, -1] = edge[-1, :] = True
-    return float(profile[edge].mean() / max(float(profile[~edge].mean()), 1e-12))
+    return _cells_over_rest(profile, edge)
 
 
 def border_ratio(profile: np.ndarray) -> float:
@@ -48,7 +48,11 @@ def border_ratio(profile: np.ndarray) -> float:
     padding, stretched borders) that :func:`edge_ratio`'s right/bottom band does not single out."""
     ring = np.ones(profile.shape, dtype=bool)
     ring[1:-1, 1:-1] = False
-    return float(profile[ring].mean() / max(float(profile[~ring].mean()), 1e-12))
+    return _cells_over_rest(profile, ring)
+
+
+def _cells_over_rest(profile: np.ndarray, cells: np.ndarray) -> float:
+    return float(profile[cells].mean() / max(float(profile[~cells].mean()), 1e-12))
 
 
 @torch.no_grad()

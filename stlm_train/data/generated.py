@@ -131,8 +131,6 @@ def make_generated_dataset(
     """
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
-    if min(n_train, n_test_good, n_test_bad) < 0:
-        raise ValueError("image counts must not be negative")
     pal = _palette(seed)
 
     def draw(split: str, i: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -147,6 +145,8 @@ def write_category(root: PathLike, counts: dict[str, int],
                    draw: Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]) -> Path:
     """Write ``counts[split]`` images per split ("train", "test_good", "test_bad") in the MVTec layout at
     ``root``: ``draw(split, i)`` gives the uint8 image (RGB or grey) and, for "test_bad", its {0,1} mask."""
+    if min(counts.values()) < 0:
+        raise ValueError("image counts must not be negative")
     out = Path(root)
     dirs = {"train": out / "train" / "good", "test_good": out / "test" / "good",
             "test_bad": out / "test" / "defect", "mask": out / "ground_truth" / "defect"}

@@ -89,8 +89,6 @@ def make_texture_dataset(
     lo, hi = sides
     if lo < 32 or hi < lo:
         raise ValueError(f"sides must be (low, high) with 32 <= low <= high, got {sides}")
-    if min(n_train, n_test_good, n_test_bad) < 0:
-        raise ValueError("image counts must not be negative")
     period = float(_rng(seed, 98).uniform(10.0, 14.0))
 
     def draw(split: str, i: int) -> tuple[np.ndarray, np.ndarray | None]:
