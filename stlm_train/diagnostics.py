@@ -3,7 +3,7 @@
 Three measurements, each a number with a documented pass level, kept as fast tests and printed by
 ``python -m stlm_train.diagnostics`` for a checkpoint:
 
-- **positional flatness** (:func:`edge_ratio`, :func:`border_ratio`): the mean map over good images,
+- **positional flatness** (:func:`edge_ratio`, :func:`border_ratio`): the mean FA (and TLM) map over good images,
   pooled on a coarse grid and divided by its mean, should be flat. A hot right column / bottom row is
   the network frame (at 256 px TinyViT's right/bottom attention windows are mostly zero padding), not
   content; a hot ring on every side is the frame too.
@@ -55,14 +55,25 @@ def _cells_over_rest(profile: np.ndarray, cells: np.ndarray) -> float:
     return float(profile[cells].mean() / max(float(profile[~cells].mean()), 1e-12))
 
 
+#: the maps the positional diagnostics read: the deployed FA map and the students' TLM map
+MAP_OUTPUTS = ("anomaly_map", "tlm_map")
+
+
 @torch.no_grad()
-def mean_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """FA maps (N, S, S) of uint8 RGB images already at the model's size (model in eval mode)."""
+def mean_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8, output: str = "anomaly_map") -> np.ndarray:
+    """FA maps (or with ``output="tlm_map"`` the TLM maps) (N, S, S) of uint8 RGB images already at the model's
+    size (model in eval mode): the TLM map can carry a frame of its own that the FA head hides or adds to."""
+    if output not in MAP_OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(MAP_OUTPUTS)}, got {output!r}")
     was = model.training
     model.eval()
     try:
-        out = [model(model.normalize(torch.from_numpy(images[s:s + batch_size]))).anomaly_map.float().numpy()
-               for s in range(0, len(images), batch_size)]
+        out = []
+        for s in range(0, len(images), batch_size):
+            m = getattr(model(model.normalize(torch.from_numpy(images[s:s + batch_size]))), output)
+            if m is None:
+                raise ValueError(f"the model has no {output} (STFPM has one map)")
+            out.append(m.float().numpy())
     finally:
         model.train(was)
     return np.concatenate(out)
@@ -160,11 +171,13 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
     except Exception:  # no test split: the training images only
         good = []
     for name, imgs in (("test_good", np.stack(good) if good else None), ("train", train_images)):
-        if imgs is not None:
-            prof = grid_profile(mean_maps(model, imgs))
-            out[f"edge_ratio_{name}"] = edge_ratio(prof)
-            out[f"border_ratio_{name}"] = border_ratio(prof)
-            out[f"profile_{name}"] = np.round(prof, 2).tolist()
+        if imgs is None:
+            continue
+        for output, prefix in zip(MAP_OUTPUTS, ("", "tlm_")):  # keys of the FA map unprefixed, as before
+            prof = grid_profile(mean_maps(model, imgs, output=output))
+            out[f"{prefix}edge_ratio_{name}"] = edge_ratio(prof)
+            out[f"{prefix}border_ratio_{name}"] = border_ratio(prof)
+            out[f"{prefix}profile_{name}"] = np.round(prof, 2).tolist()
     out["batchnorm_consistency"] = batchnorm_consistency(model, train_images[:8])
     t = train.get("teacher") or {}
     if t.get("kind") == "builtin":
@@ -191,17 +204,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = diagnose_checkpoint(a.ckpt, a.data, a.category, a.format)
     except (ValueError, OSError) as e:
         raise SystemExit(f"Error: {' '.join(str(e).split())}") from None
-    for k in ("edge_ratio_test_good", "edge_ratio_train", "border_ratio_test_good", "border_ratio_train"):
-        if k in res:
-            print(f"{k}: {res[k]:.2f} (flat: <= {MAX_EDGE_RATIO})")
+    for prefix in ("", "tlm_"):
+        for k in ("edge_ratio_test_good", "edge_ratio_train", "border_ratio_test_good", "border_ratio_train"):
+            if prefix + k in res:
+                print(f"{prefix}{k}: {res[prefix + k]:.2f} (flat: <= {MAX_EDGE_RATIO})")
     print(f"batchnorm_consistency: {res['batchnorm_consistency']:.4f} (max |running - clean-batch statistics "
           f"features| / max |feature|; <= {MAX_BN_INCONSISTENCY})")
     if "teacher_locality" in res:
         print("teacher_locality: " + ", ".join(f"level {k + 1} {v:.2f}" for k, v in enumerate(res["teacher_locality"]))
               + f" (local: >= {MIN_TEACHER_LOCALITY})")
-    if "profile_test_good" in res:
-        print("mean map of good test images, 8x8, / mean:")
-        print("\n".join(" ".join(f"{v:5.2f}" for v in row) for row in res["profile_test_good"]))
+    for prefix, label in (("", "FA"), ("tlm_", "TLM")):
+        if prefix + "profile_test_good" in res:
+            print(f"mean {label} map of good test images, 8x8, / mean:")
+            print("\n".join(" ".join(f"{v:5.2f}" for v in row) for row in res[prefix + "profile_test_good"]))
     if a.json:
         from stlm_deploy.files import atomic_write_json
 
@@ -209,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "border_ratio",
+__all__ = ["MAP_OUTPUTS", "MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "border_ratio",
            "diagnose_checkpoint", "edge_ratio", "grid_profile", "locality_pairs", "mean_maps", "teacher_locality"]
 
 

@@ -163,3 +163,17 @@ def test_mean_map_is_flat_on_good_images(data_root, tmp_path):
     res = _train(data_root, tmp_path / "run", "recalibrate", steps=6)
     ratio = edge_ratio(grid_profile(mean_maps(res.model, _images(data_root))))
     assert ratio <= MAX_EDGE_RATIO, ratio
+
+
+def test_mean_maps_reads_the_tlm_map_too(data_root, tmp_path):
+    """The positional diagnostics read the TLM map as well: a frame can sit in the students' map alone."""
+    res = _train(data_root, tmp_path / "run", "recalibrate", steps=2)
+    images = _images(data_root)[:3]
+    model = res.model.eval()
+    with torch.no_grad():
+        out = model(model.normalize(torch.from_numpy(images)))
+    np.testing.assert_allclose(mean_maps(model, images, output="tlm_map"), out.tlm_map.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mean_maps(model, images), out.anomaly_map.numpy(), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(out.tlm_map.numpy(), out.anomaly_map.numpy())
+    with pytest.raises(ValueError, match="output must be one of anomaly_map, tlm_map"):
+        mean_maps(model, images, output="map")
