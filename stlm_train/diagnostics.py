@@ -60,23 +60,32 @@ MAP_OUTPUTS = ("anomaly_map", "tlm_map")
 
 
 @torch.no_grad()
-def mean_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8, output: str = "anomaly_map") -> np.ndarray:
-    """FA maps (or with ``output="tlm_map"`` the TLM maps) (N, S, S) of uint8 RGB images already at the model's
-    size (model in eval mode): the TLM map can carry a frame of its own that the FA head hides or adds to."""
-    if output not in MAP_OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(MAP_OUTPUTS)}, got {output!r}")
+def model_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Each of :data:`MAP_OUTPUTS` the model gives (STFPM has no TLM map), (N, S, S), from one forward pass per
+    batch of uint8 RGB images already at the model's size (model in eval mode)."""
     was = model.training
     model.eval()
     try:
-        out = []
+        out: dict[str, list[np.ndarray]] = {}
         for s in range(0, len(images), batch_size):
-            m = getattr(model(model.normalize(torch.from_numpy(images[s:s + batch_size]))), output)
-            if m is None:
-                raise ValueError(f"the model has no {output} (STFPM has one map)")
-            out.append(m.float().numpy())
+            pred = model(model.normalize(torch.from_numpy(images[s:s + batch_size])))
+            for name in MAP_OUTPUTS:
+                if getattr(pred, name) is not None:
+                    out.setdefault(name, []).append(getattr(pred, name).float().numpy())
     finally:
         model.train(was)
-    return np.concatenate(out)
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def mean_maps(model: nn.Module, images: np.ndarray, batch_size: int = 8, output: str = "anomaly_map") -> np.ndarray:
+    """FA maps (or with ``output="tlm_map"`` the TLM maps) of :func:`model_maps`: the TLM map can carry a frame of
+    its own that the FA head hides or adds to."""
+    if output not in MAP_OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(MAP_OUTPUTS)}, got {output!r}")
+    maps = model_maps(model, images, batch_size)
+    if output not in maps:
+        raise ValueError(f"the model has no {output} (STFPM has one map)")
+    return maps[output]
 
 
 @torch.no_grad()
@@ -173,8 +182,11 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
     for name, imgs in (("test_good", np.stack(good) if good else None), ("train", train_images)):
         if imgs is None:
             continue
+        maps = model_maps(model, imgs)  # one pass for both maps
         for output, prefix in zip(MAP_OUTPUTS, ("", "tlm_")):  # keys of the FA map unprefixed, as before
-            prof = grid_profile(mean_maps(model, imgs, output=output))
+            if output not in maps:
+                continue
+            prof = grid_profile(maps[output])
             out[f"{prefix}edge_ratio_{name}"] = edge_ratio(prof)
             out[f"{prefix}border_ratio_{name}"] = border_ratio(prof)
             out[f"{prefix}profile_{name}"] = np.round(prof, 2).tolist()
@@ -225,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["MAP_OUTPUTS", "MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "border_ratio",
-           "diagnose_checkpoint", "edge_ratio", "grid_profile", "locality_pairs", "mean_maps", "teacher_locality"]
+           "diagnose_checkpoint", "edge_ratio", "grid_profile", "locality_pairs", "mean_maps", "model_maps",
+           "teacher_locality"]
 
 
 if __name__ == "__main__":
