@@ -96,7 +96,8 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: image, the default before), ``fa-target-changed`` (the FA loss counts
 #: only pixels where the pseudo mask and the teacher's change agree), ``amp`` / ``fp32`` (mixed precision forced
 #: on: bf16 autocast on CPU, fp16 on CUDA / off), ``teacher-<recipe>`` (the built-in teacher's recipe named, whatever
-#: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product)
+#: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product),
+#: ``fa-loss-dice`` (a soft Dice term added to the FA head's focal + L1)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
     "grey-textures": {"texture_bank": "reference+grey"},
@@ -105,6 +106,7 @@ FIXED_PARTS: dict[str, dict[str, Any]] = {
     "teacher-local": {"teacher_recipe": "local"},
     "fa-target-changed": {"fa_target": "changed"},
     "fa-input-absdiff": {"fa_input": "absdiff"},
+    "fa-loss-dice": {"fa_loss": "focal+l1+dice"},
     "amp": {"amp": True},
     "fp32": {"amp": False},
 }

@@ -22,7 +22,7 @@ from .config import CONFIGS, validate_img_size
 
 #: ``--fa-loss`` choices and default, spelled here so ``--help`` needs no torch import; a test keeps them equal
 #: to :data:`stlm_train.training.options.FA_LOSSES` / ``DEFAULT_FA_LOSS``.
-FA_LOSS_CHOICES = ("focal+l1", "focal")
+FA_LOSS_CHOICES = ("focal+l1", "focal", "focal+l1+dice")
 DEFAULT_FA_LOSS_NAME = "focal+l1"
 #: ``--fa-target`` choices and default (kept equal to ``FA_TARGETS`` / ``DEFAULT_FA_TARGET`` by a test).
 FA_TARGET_CHOICES = ("mask", "changed")
@@ -96,8 +96,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               "above it), or f1 / 'fnr<=B' judged against their pseudo-anomalous versions. Change it later with "
               "stlm-threshold.")
 @click.option("--fa-loss", type=click.Choice(FA_LOSS_CHOICES), default=DEFAULT_FA_LOSS_NAME, show_default=True,
-              help="The FA head's loss: 'focal+l1' (paper eq. 8, the official code) or 'focal' alone (no L1: the map "
-              "keeps ranking weak student disagreement).")
+              help="The FA head's loss: 'focal+l1' (paper eq. 8, the official code), 'focal' alone (no L1: the map "
+              "keeps ranking weak student disagreement) or 'focal+l1+dice' (a soft Dice term added: cover the region).")
 @click.option("--fa-target", type=click.Choice(FA_TARGET_CHOICES), default=DEFAULT_FA_TARGET_NAME, show_default=True,
               help="Which pixels the FA head's loss counts: 'mask' (all, the official code) or 'changed' (only where "
               "the pseudo mask and the teacher's change agree).")

@@ -5,6 +5,10 @@
 - FA head: focal loss (gamma 4, built on BCE of the sigmoid output, mean) + L1 (mean) against the
   pseudo mask resized bilinearly to the feature size and re-binarised at 0.5.
 - Total: the four terms with equal weights.
+- ``dice=True`` (``fa_loss="focal+l1+dice"``, not the official code): a soft Dice term on the FA output over
+  the samples that carry a pseudo mask is added to the total. Focal and L1 are per-pixel means, so a missed
+  region costs in proportion to its area and small pasted regions hardly count; Dice is the share of each
+  region covered, whatever its size (measured in README, "Localisation").
 - ``fa_target="changed"`` (not the official code): the FA terms count only the pixels where the pseudo
   mask and the teacher agree (a masked pixel whose teacher features changed, an unmasked one whose
   features did not, :func:`fa_weights`); the rest is left out, so the head is never asked to fire where
@@ -31,9 +35,10 @@ class LossTerms(NamedTuple):
     focal: torch.Tensor  # focal loss on the FA output
     l1: torch.Tensor  # L1 on the FA output
     total: torch.Tensor
+    dice: torch.Tensor | None = None  # the soft Dice term, when the FA loss has one (in ``total`` then)
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(v.detach()) for k, v in self._asdict().items()}
+        return {k: float(v.detach()) for k, v in self._asdict().items() if v is not None}
 
 
 def cosine_distance_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -73,6 +78,23 @@ def l1_loss(prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     if weight is None:
         return F.l1_loss(prob.float(), target.float(), reduction="mean")
     return torch.mean((prob.float() - target.float()).abs() * weight)
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                   smooth: float = 1.0) -> torch.Tensor:
+    """``1 - (2 sum(p y) + s) / (sum(p) + sum(y) + s)`` per sample, averaged over the samples whose target is
+    not empty (a clean sample has no region to cover; the focal term already keeps its map low); 0 when none.
+
+    ``weight`` (0/1, as in :func:`focal_loss`) leaves pixels out of all three sums."""
+    prob, target = prob.float().flatten(1), target.float().flatten(1)
+    if weight is not None:
+        w = weight.float().flatten(1)
+        prob, target = prob * w, target * w
+    has_region = (target.sum(dim=1) > 0).to(prob.dtype)
+    inter = (prob * target).sum(dim=1)
+    dice = 1 - (2 * inter + smooth) / (prob.sum(dim=1) + target.sum(dim=1) + smooth)
+    # no host sync (no branch on the data): a batch of clean samples gives 0 and keeps the graph
+    return (dice * has_region).sum() / has_region.sum().clamp(min=1.0)
 
 
 #: ``fa_weights``: a pixel's teacher features "changed" when their change exceeds this factor times the
@@ -132,6 +154,7 @@ def stlm_loss(
     gamma: float = 4.0,
     l1: bool = True,
     fa_target: str = "mask",
+    dice: bool = False,
 ) -> LossTerms:
     """All four terms. ``fa_prob`` (B, 1, h, w) is the FA sigmoid output at feature resolution;
     ``mask`` the pseudo mask at image resolution (B, H, W) or already (B, 1, h, w).
@@ -139,7 +162,8 @@ def stlm_loss(
     ``l1=False`` leaves the L1 term out of ``total`` (it is still reported). On a pseudo-normal pixel with
     output p the L1 gradient on the logit is about p (as BCE's), the focal loss's (gamma 4) about 5 p^5: with
     L1 every low output keeps being pushed down, the head's low end flattens and the map loses its ranking of
-    the weak student disagreement real defects cause (measured in README, "Localisation")."""
+    the weak student disagreement real defects cause (measured in README, "Localisation"). ``dice=True`` adds
+    :func:`soft_dice_loss` to ``total`` (reported as ``dice``)."""
     size = tuple(fa_prob.shape[-2:])
     target = mask_to_feature_size(mask, size)
     weight = None
@@ -151,8 +175,12 @@ def stlm_loss(
     lde = cosine_distance_loss(denoising, teacher_clean)
     lf = focal_loss(fa_prob, target, gamma, weight)
     l1_term = l1_loss(fa_prob, target, weight)
-    return LossTerms(lp, lde, lf, l1_term, lp + lde + lf + (l1_term if l1 else 0.0))
+    total = lp + lde + lf + (l1_term if l1 else 0.0)
+    if not dice:
+        return LossTerms(lp, lde, lf, l1_term, total)
+    dice_term = soft_dice_loss(fa_prob, target, weight)
+    return LossTerms(lp, lde, lf, l1_term, total + dice_term, dice_term)
 
 
 __all__ = ["LossTerms", "cosine_distance_loss", "fa_weights", "focal_loss", "l1_loss", "mask_to_feature_size",
-           "stlm_loss", "teacher_change"]
+           "soft_dice_loss", "stlm_loss", "teacher_change"]

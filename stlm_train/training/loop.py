@@ -12,7 +12,8 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
    of 0.3 does the same (sample: pixel 0.73, image 0.93; generated: image 0.19 and 0.31) and, on tire
    tiled at 512 for 20 minutes, lowers FA pixel AUROC to 0.70 / 0.77 from 0.90 / 0.86, so they are
    options, not the default;
-4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``), or without ``L_l1`` when ``fa_loss="focal"``;
+4. ``L_p + L_de + L_focal + L_l1`` (``stlm_train.losses``), or without ``L_l1`` when ``fa_loss="focal"``, or
+   plus a soft Dice term on the FA output when ``fa_loss="focal+l1+dice"``;
    with ``fa_target="changed"`` the FA terms count only the pixels where the pseudo mask and the teacher's
    change agree (screened in README "Localisation": FA AUPRO up on tire, the TLM map down: an option);
    Adam on students + shared decoder, SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
@@ -202,7 +203,8 @@ class Trainer(StepRunner):
         super().__init__(model, TrainGraph(model, fa_grad_scale(opts.fa_grad)), device, opts, info)
         self.teacher = teacher
         self.student_bn = opts.student_bn
-        self.fa_l1 = opts.fa_loss == "focal+l1"
+        self.fa_l1 = opts.fa_loss in ("focal+l1", "focal+l1+dice")
+        self.fa_dice = opts.fa_loss == "focal+l1+dice"
         self.fa_target = opts.fa_target
         self.calibration, self.step_counter = calibration, step_counter
         self.opt_students, self.opt_fa = build_optimizers(model, opts)
@@ -221,7 +223,7 @@ class Trainer(StepRunner):
             t_pseudo, t_clean = teacher_features(self.teacher, x_clean, x_pseudo, same)
             plain, denoising, logits = self.graph(x_pseudo)
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, torch.sigmoid(logits.float()), mask,
-                           l1=self.fa_l1, fa_target=self.fa_target)
+                           l1=self.fa_l1, fa_target=self.fa_target, dice=self.fa_dice)
         self.update(terms.total, terms)
         done = self.step_counter() + 1 if self.step_counter is not None else 0
         if self.student_bn == "frozen" and self.calibration is not None and done % BN_REFRESH_STEPS == 0:

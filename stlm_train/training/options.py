@@ -34,9 +34,10 @@ DEFAULT_STUDENT_BN = "recalibrate"
 #: pass is unchanged): :func:`fa_grad_scale`.
 FA_GRAD_MODES = ("detached", "students")
 DEFAULT_FA_GRAD = "students"
-#: The FA head's loss: ``focal+l1`` (paper eq. 8, the official code) or ``focal`` alone. Without L1 the head's
-#: ranking of weak student disagreement survives training (see :mod:`stlm_train.losses`).
-FA_LOSSES = ("focal+l1", "focal")
+#: The FA head's loss: ``focal+l1`` (paper eq. 8, the official code), ``focal`` alone (without L1 the head's
+#: ranking of weak student disagreement survives training) or ``focal+l1+dice`` (a soft Dice term added, so the
+#: head is asked to cover a pasted region's extent, not only its most foreign spot; see :mod:`stlm_train.losses`).
+FA_LOSSES = ("focal+l1", "focal", "focal+l1+dice")
 DEFAULT_FA_LOSS = "focal+l1"
 #: Which pixels the FA head's loss counts: ``mask`` (all, the official code) or ``changed`` (those where the
 #: pseudo mask and the teacher's change agree, :func:`stlm_train.losses.fa_weights`).
@@ -105,7 +106,7 @@ class TrainOptions:
     augment_before_resize: bool = True  # geometric augmentation on the full-resolution image, then resize
     student_bn: str = DEFAULT_STUDENT_BN  # recalibrate | frozen | train (official: train)
     fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
-    fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal
+    fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal | focal+l1+dice
     fa_target: str = DEFAULT_FA_TARGET  # mask (official) | changed
     fa_input: str = DEFAULT_FA_INPUT  # what the FA head reads (STLM only): product (official) | absdiff
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or

@@ -22,6 +22,7 @@ def test_variants_differ_only_in_their_changes():
     assert accuracy.resolve_variants("tiled-512+fa-grad-0.3") == ["tiled-512+fa-grad-0.3"]
     assert accuracy.overrides_of("fa-loss-focal") == {"fa_loss": "focal"}
     assert accuracy.overrides_of("tiled-512+fa-loss-focal") == {"work_size": 512, "fa_loss": "focal"}
+    assert accuracy.overrides_of("fa-loss-dice") == {"fa_loss": "focal+l1+dice"}
     assert accuracy.overrides_of("tiled-512+fa-target-changed") == {"work_size": 512, "fa_target": "changed"}
     assert accuracy.overrides_of("amp") == {"amp": True} and accuracy.overrides_of("fp32") == {"amp": False}
     assert accuracy.overrides_of("tiled-512+amp") == {"work_size": 512, "amp": True}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from stlm_train import STLM, get_config
 from stlm_train.losses import (LossTerms, cosine_distance_loss, focal_loss, l1_loss, mask_to_feature_size,
-                               stlm_loss)
+                               soft_dice_loss, stlm_loss)
 from stlm_train.modeling import build_builtin_teacher
 from stlm_train.training import TrainGraph, teacher_features
 
@@ -120,6 +120,59 @@ def test_focal_only_fa_loss_leaves_l1_out_of_the_total_but_reports_it():
     (g_focal,) = torch.autograd.grad(focal.total, logits, retain_graph=True)
     (g_only,) = torch.autograd.grad(focal.focal, logits)
     assert torch.allclose(g_focal, g_only)
+
+
+def test_soft_dice_known_values_and_clean_samples():
+    """Per sample 1 - (2 sum(p y) + 1) / (sum(p) + sum(y) + 1), averaged over the samples with a region only."""
+    y = torch.zeros(3, 1, 2, 2)
+    y[0, 0, 0, :] = 1  # region of 2 pixels
+    y[1, 0, :, :] = 1  # whole image
+    p = torch.zeros(3, 1, 2, 2)
+    p[0, 0, 0, 0] = 1.0  # covers half the region: 1 - (2 + 1) / (1 + 2 + 1) = 0.25
+    p[1] = 0.5  # 1 - (4 + 1) / (2 + 4 + 1) = 2/7
+    p[2] = 0.9  # a clean sample: left out, however high its map
+    assert soft_dice_loss(p, y).item() == pytest.approx((0.25 + 2 / 7) / 2, abs=1e-6)
+    assert soft_dice_loss(y[:2], y[:2]).item() == pytest.approx(0.0, abs=1e-7)
+    # a batch of clean samples: zero, and still differentiable
+    q = torch.full((2, 1, 2, 2), 0.3, requires_grad=True)
+    out = soft_dice_loss(q, torch.zeros(2, 1, 2, 2))
+    assert out.item() == 0.0 and out.requires_grad
+    # pixels left out by a weight count in none of the sums: sample 0 with its uncovered pixel left out is perfect
+    w = torch.ones(3, 1, 2, 2)
+    w[0, 0, 0, 1] = 0
+    assert soft_dice_loss(p[:1], y[:1], w[:1]).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_dice_weighs_a_missed_region_by_its_share_not_its_area():
+    """Why the Dice term exists: the per-pixel focal + L1 means charge a missed region by its area, so a small
+    pasted region the head ignores costs about 1/16 of a large one; Dice charges both about the same."""
+    def missed(size: int) -> torch.Tensor:
+        y = torch.zeros(1, 1, 16, 16)
+        y[..., :size, :size] = 1
+        return y
+
+    small, large = missed(2), missed(8)  # 4 and 64 cells
+    silent = torch.full((1, 1, 16, 16), 0.02)  # the head fires nowhere
+    per_pixel = lambda y: (focal_loss(silent, y) + l1_loss(silent, y)).item()  # noqa: E731
+    assert per_pixel(large) / per_pixel(small) > 10
+    assert soft_dice_loss(silent, large).item() / soft_dice_loss(silent, small).item() < 1.5
+
+
+def test_dice_fa_loss_adds_the_term_to_the_total_and_reports_it():
+    """dice=True: total = L_p + L_de + L_focal + L_l1 + L_dice, ``dice`` reported; the default reports no dice."""
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
+    plain, den, t_pseudo, t_clean = rnd(), rnd(), rnd(), rnd()
+    prob = torch.rand(2, 1, 4, 4, generator=g)
+    mask = torch.zeros(2, 64, 64)
+    mask[0, 16:48, 16:48] = 1  # sample 1 clean
+    base = stlm_loss(plain, den, t_pseudo, t_clean, prob, mask)
+    with_dice = stlm_loss(plain, den, t_pseudo, t_clean, prob, mask, dice=True)
+    target = mask_to_feature_size(mask, (4, 4))
+    assert with_dice.dice.item() == pytest.approx(soft_dice_loss(prob[:1], target[:1]).item(), abs=1e-6)
+    assert with_dice.total.item() == pytest.approx(base.total.item() + with_dice.dice.item(), abs=1e-6)
+    assert set(with_dice.as_floats()) == {"plain", "denoising", "focal", "l1", "total", "dice"}
+    assert base.dice is None and "dice" not in base.as_floats()
 
 
 def test_fa_weights_keep_only_pixels_where_mask_and_teacher_change_agree():

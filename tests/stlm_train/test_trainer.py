@@ -355,18 +355,19 @@ def test_fa_loss_option_reaches_the_step_and_the_run_record(data_root, tmp_path,
 
     def spy(*a, **k):
         terms = real(*a, **k)
-        seen.append((k.get("l1", True), terms))
+        seen.append((k.get("l1", True), k.get("dice", False), terms))
         return terms
 
     monkeypatch.setattr(loop, "stlm_loss", spy)
-    for mode, l1 in (("focal", False), ("focal+l1", True)):
+    for mode, l1, dice in (("focal", False, False), ("focal+l1", True, False), ("focal+l1+dice", True, True)):
         seen.clear()
         out = tmp_path / mode
         train(opts(data_root, out, steps=2, fa_loss=mode))
-        assert [flag for flag, _ in seen] == [l1, l1]
-        for _, t in seen:
-            expected = t.plain + t.denoising + t.focal + (t.l1 if l1 else 0.0)
+        assert [(a, b) for a, b, _ in seen] == [(l1, dice), (l1, dice)]
+        for _, _, t in seen:
+            expected = t.plain + t.denoising + t.focal + (t.l1 if l1 else 0.0) + (t.dice if dice else 0.0)
             assert float(t.total) == pytest.approx(float(expected), abs=1e-6) and float(t.l1) > 0
+            assert (t.dice is not None) == dice
         assert json.loads((out / "metrics.json").read_text())["train"]["fa_loss"] == mode
 
 
