@@ -86,10 +86,14 @@ def test_mask_resized_bilinear_and_rebinarised_at_half():
         mask_to_feature_size(torch.zeros(4, 4), (2, 2))
 
 
+def _streams(g: torch.Generator) -> list[list[torch.Tensor]]:
+    """Random two-level features for the plain and denoising students and the teacher on I_a and N."""
+    return [[torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)] for _ in range(4)]
+
+
 def test_stlm_loss_pairs_streams_with_the_right_teacher_and_sums_equally():
     g = torch.Generator().manual_seed(3)
-    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
-    plain, den, t_pseudo, t_clean = rnd(), rnd(), rnd(), rnd()
+    plain, den, t_pseudo, t_clean = _streams(g)
     prob = torch.rand(2, 1, 4, 4, generator=g)
     mask = torch.zeros(2, 64, 64)
     mask[:, :32, :32] = 1
@@ -107,8 +111,7 @@ def test_stlm_loss_pairs_streams_with_the_right_teacher_and_sums_equally():
 def test_focal_only_fa_loss_leaves_l1_out_of_the_total_but_reports_it():
     """fa_loss "focal": the total is L_p + L_de + L_focal; L1 is still computed (logged) but sends no gradient."""
     g = torch.Generator().manual_seed(5)
-    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
-    plain, den, t_pseudo, t_clean = rnd(), rnd(), rnd(), rnd()
+    plain, den, t_pseudo, t_clean = _streams(g)
     logits = torch.randn(2, 1, 4, 4, generator=g, requires_grad=True)
     mask = torch.zeros(2, 64, 64)
     mask[:, 16:48, 16:48] = 1
@@ -161,8 +164,7 @@ def test_dice_weighs_a_missed_region_by_its_share_not_its_area():
 def test_dice_fa_loss_adds_the_term_to_the_total_and_reports_it():
     """dice=True: total = L_p + L_de + L_focal + L_l1 + L_dice, ``dice`` reported; the default reports no dice."""
     g = torch.Generator().manual_seed(7)
-    rnd = lambda: [torch.randn(2, 8, 4, 4, generator=g) for _ in range(2)]  # noqa: E731
-    plain, den, t_pseudo, t_clean = rnd(), rnd(), rnd(), rnd()
+    plain, den, t_pseudo, t_clean = _streams(g)
     prob = torch.rand(2, 1, 4, 4, generator=g)
     mask = torch.zeros(2, 64, 64)
     mask[0, 16:48, 16:48] = 1  # sample 1 clean
