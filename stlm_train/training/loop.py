@@ -203,8 +203,8 @@ class Trainer(StepRunner):
         super().__init__(model, TrainGraph(model, fa_grad_scale(opts.fa_grad)), device, opts, info)
         self.teacher = teacher
         self.student_bn = opts.student_bn
-        self.fa_l1 = opts.fa_loss in ("focal+l1", "focal+l1+dice")
-        self.fa_dice = opts.fa_loss == "focal+l1+dice"
+        fa_terms = opts.fa_loss.split("+")  # one of FA_LOSSES: focal, then optional l1 and dice
+        self.fa_l1, self.fa_dice = "l1" in fa_terms, "dice" in fa_terms
         self.fa_target = opts.fa_target
         self.calibration, self.step_counter = calibration, step_counter
         self.opt_students, self.opt_fa = build_optimizers(model, opts)
