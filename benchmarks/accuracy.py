@@ -54,7 +54,7 @@ CHANGES: dict[str, dict[str, Any]] = {
 }
 V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
                       "augment_before_resize": False, "student_bn": "train", "threshold_target": None,
-                      "fa_grad": "students", "fa_target": "mask"}
+                      "fa_grad": "students", "fa_target": "mask", "fa_input": "product"}
 #: The localisation round: each change against the trainer before it (r2).
 CHANGES_R3: dict[str, dict[str, Any]] = {
     "frozen-bn": {"student_bn": "frozen"},
@@ -64,7 +64,7 @@ CHANGES_R3: dict[str, dict[str, Any]] = {
     "detached-fa": {"fa_grad": "detached"},
 }
 R2: dict[str, Any] = {"student_bn": "train", "teacher_recipe": "reference", "threshold_target": None,
-                      "fa_grad": "students"}
+                      "fa_grad": "students", "fa_input": "product"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "v0": dict(V0),
     **{f"v0+{name}": {**V0, **change} for name, change in CHANGES.items()},
@@ -74,6 +74,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"current-{name}": {k: R2[k] for k in change} for name, change in CHANGES_R3.items()
        if name not in ("recalibrated-bn", "detached-fa")},
     "current+detached-fa": dict(CHANGES_R3["detached-fa"]),
+    "current-tlm-prior": {"fa_input": "product"},  # the trainer of the localisation tables' rows before 2026-12-07
     "current": {},
 }
 #: Rows measured on another row's weights (same seed, resumed from its last.ckpt): their change acts only after
@@ -97,7 +98,8 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: only pixels where the pseudo mask and the teacher's change agree), ``amp`` / ``fp32`` (mixed precision forced
 #: on: bf16 autocast on CPU, fp16 on CUDA / off), ``teacher-<recipe>`` (the built-in teacher's recipe named, whatever
 #: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product),
-#: ``fa-loss-dice`` (a soft Dice term added to the FA head's focal + L1)
+#: ``fa-loss-dice`` (a soft Dice term added to the FA head's focal + L1), ``fa-input-tlm`` (the FA head also
+#: reads the TLM map's per-level log distances through a prior path and starts as the TLM map)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
     "grey-textures": {"texture_bank": "reference+grey"},
@@ -106,6 +108,7 @@ FIXED_PARTS: dict[str, dict[str, Any]] = {
     "teacher-local": {"teacher_recipe": "local"},
     "fa-target-changed": {"fa_target": "changed"},
     "fa-input-absdiff": {"fa_input": "absdiff"},
+    "fa-input-tlm": {"fa_input": "product+tlm"},
     "fa-loss-dice": {"fa_loss": "focal+l1+dice"},
     "amp": {"amp": True},
     "fp32": {"amp": False},
@@ -188,6 +191,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
         except TrainError as e:
             raise SystemExit(f"Error: --variants {variant}: {e}") from None
         amp = bool((base_row or {}).get("amp", False))  # rows from before the field: fp32 steps
+        fa_in = trained_fa_input(base_row) if base_row is not None else expected_fa_input(base)
     else:
         opts = TrainOptions(data=args.data, out=str(out), category=args.category, config=args.config,
                             img_size=args.img_size, steps=args.steps, time_budget=args.time_budget, seed=seed,
@@ -198,6 +202,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
             raise SystemExit(f"Error: --variants {variant}: {e}") from None
         res = train(opts, log=lambda s: None)
         amp = bool(opts.amp)  # the precision the steps ran in (the trainer's own reading of it)
+        fa_in = opts.fa_input
     metrics, eval_s, model_grid = res.metrics, None, None
     if grid != "model" and res.model_path is not None:  # on the images' own grid, timed (untiled rows keep both)
         from stlm_train.evaluate import evaluate_checkpoint
@@ -210,13 +215,36 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides, "amp": amp,
-           **({"derived_from": base} if base is not None else {})}
+           "fa_input": fa_in, **({"derived_from": base} if base is not None else {})}
     if eval_s is not None:
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     row.update(metric_columns(metrics))
     if model_grid is not None:
         row["model_grid"] = metric_columns(model_grid)
     return row
+
+
+def trained_fa_input(row: dict[str, Any]) -> str:
+    """The FA input a recorded row's model was trained with (rows from before the field: the official product,
+    the trainer's only default then, unless the row set it)."""
+    return row.get("fa_input", row.get("overrides", {}).get("fa_input", "product"))
+
+
+def expected_fa_input(variant: str) -> str:
+    """The FA input a variant trains with today (its override, else the trainer's default)."""
+    from stlm_train.config import TRAIN_FA_INPUT
+
+    return overrides_of(variant).get("fa_input", TRAIN_FA_INPUT)
+
+
+def split_stale(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows still describing their variant, rows trained before a default they rely on changed): a ``current``
+    row from before the FA prior became the default no longer stands for ``current``; it is kept in the file
+    under ``superseded`` and the variant runs again."""
+    keep, stale = [], []
+    for r in rows:
+        (stale if _known(r["variant"]) and trained_fa_input(r) != expected_fa_input(r["variant"]) else keep).append(r)
+    return keep, stale
 
 
 def post_training_changes(variant: str, base: str) -> dict[str, Any]:
@@ -263,18 +291,11 @@ def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     return out
 
 
-def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def _table(summary: list[dict[str, Any]]) -> list[str]:
     timed = any((s.get("eval_ms_per_image") or [None])[0] is not None for s in summary)
     head = ["variant", "seeds", "steps", *(f"{m.upper()} {k.replace('_', '-')}" for m, k in METRICS),
             *(["eval ms/img"] if timed else [])]
-    grid = meta.get("eval_grid", "model")
-    lines = [f"# Accuracy: {meta['data']} ({meta['budget']}, config {meta['config']} at {meta['img_size']} px)",
-             "", f"mean +- sd over seeds; fa-fnr / fa-fpr = defective test images missed / good test images "
-             "flagged at the stored threshold. "
-             + ("Pixel metrics on the test images' own grid (stlm-eval --grid original); eval ms/img: the "
-                "evaluation pass per image, PyTorch eager, tiles included. " if grid == "original" else "")
-             + f"Machine: {meta['machine']}. Command: `{meta['command']}`", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(v: list[Any], fmt: str = ".3f") -> str:
         return "–" if v[0] is None else f"{v[0]:{fmt}} +- {v[1]:{fmt}}"
@@ -283,6 +304,23 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         cells = [s["variant"], str(s["n"]), f"{s['steps']:.0f}", *(cell(s[f"{m}_{k}"]) for m, k in METRICS),
                  *([cell(s.get("eval_ms_per_image") or [None, None], ".0f")] if timed else [])]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(summary: list[dict[str, Any]], meta: dict[str, Any],
+             superseded: list[dict[str, Any]] | None = None) -> str:
+    """The results table; ``superseded``: the summary of :func:`split_stale`'s rows, in a table of their own."""
+    grid = meta.get("eval_grid", "model")
+    lines = [f"# Accuracy: {meta['data']} ({meta['budget']}, config {meta['config']} at {meta['img_size']} px)",
+             "", f"mean +- sd over seeds; fa-fnr / fa-fpr = defective test images missed / good test images "
+             "flagged at the stored threshold. "
+             + ("Pixel metrics on the test images' own grid (stlm-eval --grid original); eval ms/img: the "
+                "evaluation pass per image, PyTorch eager, tiles included. " if grid == "original" else "")
+             + f"Machine: {meta['machine']}. Command: `{meta['command']}`", "", *_table(summary)]
+    if superseded:
+        lines += ["", "## Superseded rows", "", "Trained before the trainer's default FA input became `product+tlm` "
+                  "(these models read `product`); kept for the record, no longer what their variant trains:", "",
+                  *_table(superseded)]
     return "\n".join(lines) + "\n"
 
 
@@ -341,17 +379,20 @@ def main(argv: list[str] | None = None) -> int:
                                                              if args.eval_grid != "model" else {}),
             "command": "python -m stlm_bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows: list[dict[str, Any]] = []
+    superseded: list[dict[str, Any]] = []
     if json_path.is_file() and not args.fresh:
         old = json.loads(json_path.read_text())
         if same_setup(old.get("meta", {}), meta):
-            rows = old.get("runs", [])
+            rows, stale = split_stale(old.get("runs", []))
+            superseded = [*old.get("superseded", []), *stale]
             if rows:  # the merged rows keep the commands and machines that produced them
                 for key in ("command", "machine"):
                     meta[key] = merged_history(old.get("meta", {}).get(key), meta[key])
     def publish() -> str:
         """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""
         summary = summarize(rows, list(VARIANTS))
-        return emit(markdown(summary, meta), {"meta": meta, "summary": summary, "runs": rows}, json_path=json_path,
+        doc = {"meta": meta, "summary": summary, "runs": rows, **({"superseded": superseded} if superseded else {})}
+        return emit(markdown(summary, meta, summarize(superseded, list(VARIANTS))), doc, json_path=json_path,
                     markdown_path=json_path.with_suffix(".md"), echo=None)
 
     with tempfile.TemporaryDirectory(prefix="stlm-accuracy-") as tmp:

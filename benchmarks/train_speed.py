@@ -36,7 +36,7 @@ from stlm_train.anomalies import PseudoAnomalySynthesizer, sample_rng
 from stlm_train.config import get_config
 from stlm_train.data import build_dataset, make_generated_dataset
 from stlm_train.losses import stlm_loss
-from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm, fa_input
+from stlm_train.modeling import STLM, build_builtin_teacher, calibrate_batchnorm
 from stlm_train.training import TrainOptions, Trainer, build_optimizers
 
 from .output import run_main
@@ -69,7 +69,7 @@ class OfficialLikeStep:
             t_clean = self._per_sample(t.decoder, t.encoder(x_clean))
         plain = self._per_sample(m.decoder, m.plain(x_pseudo))
         denoising = self._per_sample(m.decoder, m.denoising(x_pseudo))
-        prob = torch.sigmoid(m.fa_head.logits(fa_input(plain, denoising, m.cfg.fa_input)))
+        prob = torch.sigmoid(m.fa_logits(plain, denoising))
         terms = stlm_loss(plain, denoising, t_pseudo, t_clean, prob, mask)
         self.opt_students.zero_grad(set_to_none=True)
         self.opt_fa.zero_grad(set_to_none=True)

@@ -61,7 +61,7 @@ def official_graph(stlm: Any) -> Any:
     import torch
     from torch import nn
 
-    from stlm_train.modeling import fa_input, topk_score, upsample
+    from stlm_train.modeling import topk_score, upsample
 
     class OfficialGraph(nn.Module):
         def __init__(self) -> None:
@@ -73,7 +73,7 @@ def official_graph(stlm: Any) -> Any:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             fp = self.decoder(self.plain(x))
             fd = self.decoder(self.denoising(x))
-            amap = upsample(self.fa_head(fa_input(fp, fd, stlm.cfg.fa_input)), (self.size, self.size))
+            amap = upsample(torch.sigmoid(stlm.fa_logits(fp, fd)), (self.size, self.size))
             return amap, topk_score(amap, self.k)
 
     return OfficialGraph().eval()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from stlm_train import STLM
-from stlm_train.modeling import STFPM, fa_input, tlm_map, topk_score, upsample
+from stlm_train.modeling import STFPM, tlm_map, topk_score, upsample
 
 from .window_layout import WindowedTinyViT
 
@@ -96,7 +96,7 @@ class DeployModel(nn.Module):
         encoders = (self.plain, self.denoising) if self.window_layout else None
         plain, denoising = self.stlm.student_features(x, encoders)  # one batched decoder call for both streams
         size = (self.img_size, self.img_size)
-        anomaly_map = upsample(self.stlm.fa_head(fa_input(plain, denoising, self.stlm.cfg.fa_input)), size)  # (N, S, S)
+        anomaly_map = upsample(torch.sigmoid(self.stlm.fa_logits(plain, denoising)), size)  # (N, S, S)
         score = topk_score(anomaly_map, self.top_k)  # (N,)
         if not self.with_tlm:
             return anomaly_map, score

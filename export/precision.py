@@ -8,6 +8,7 @@ quantities fp16 handles badly:
 * Softmax and every Reduce* op (sums over channels/pixels overflow or lose bits);
 * ``l2n(x) = x / (sqrt(sum_c x^2) + 1e-12)`` and the cosine parts that follow it (1 - <a, b> of
   nearly parallel unit vectors is a difference of almost equal numbers; 1e-12 underflows in fp16);
+* the log of the cosine distances that the FA head's TLM prior reads (``fa_input="product+tlm"``);
 * Sigmoid, the final Resize, TopK and the top-k mean (the outputs and the score);
 * the fused preprocessing ``(x - mean) / std`` (uint8 -> float; fp16 would lose the 1/255 steps of
   bright pixels after the mean shift only slightly, but it is cheap and keeps inputs exact).
@@ -32,7 +33,7 @@ __all__ = ["FP32_OP_TYPES", "Fp16Result", "fp32_nodes", "convert_fp16", "name_no
 
 # Op types always kept fp32 (added to onnxconverter_common's DEFAULT_OP_BLOCK_LIST).
 FP32_OP_TYPES: tuple[str, ...] = (
-    "LayerNormalization", "Softmax", "Sigmoid", "TopK", "Resize", "Sqrt", "Pow",
+    "LayerNormalization", "Softmax", "Sigmoid", "TopK", "Resize", "Sqrt", "Pow", "Log",
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
     "ReduceLogSum", "ReduceLogSumExp",
 )

@@ -27,9 +27,9 @@ DEFAULT_FA_LOSS_NAME = "focal+l1"
 #: ``--fa-target`` choices and default (kept equal to ``FA_TARGETS`` / ``DEFAULT_FA_TARGET`` by a test).
 FA_TARGET_CHOICES = ("mask", "changed")
 DEFAULT_FA_TARGET_NAME = "mask"
-#: ``--fa-input`` choices and default (kept equal to ``stlm_train.config.FA_INPUTS`` / ``DEFAULT_FA_INPUT`` by a test).
-FA_INPUT_CHOICES = ("product", "absdiff")
-DEFAULT_FA_INPUT_NAME = "product"
+#: ``--fa-input`` choices and default (kept equal to ``stlm_train.config.FA_INPUTS`` / ``TRAIN_FA_INPUT`` by a test).
+FA_INPUT_CHOICES = ("product", "absdiff", "product+tlm")
+DEFAULT_FA_INPUT_NAME = "product+tlm"
 #: ``--texture-bank`` choices and default, spelled here for the same reason (kept equal to
 #: :data:`stlm_train.anomalies.TEXTURE_BANKS` / ``DEFAULT_TEXTURE_BANK`` by a test).
 TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self", "reference+grey")
@@ -103,7 +103,8 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               "the pseudo mask and the teacher's change agree).")
 @click.option("--fa-input", type=click.Choice(FA_INPUT_CHOICES), default=DEFAULT_FA_INPUT_NAME, show_default=True,
               help="What the FA head reads per level: 'product' of the students' normalised features (the official "
-              "code) or their 'absdiff' (zero where the students agree). Stored in the model; engines follow it.")
+              "code), their 'absdiff' (zero where the students agree), or 'product+tlm' (the product plus the TLM map "
+              "through a prior path: the head starts as the TLM map). Stored in the model; engines follow it.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")

@@ -16,8 +16,12 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 #: What the FA head reads per level k (``stlm_train.modeling.stlm.fa_input``): ``product`` is the official
 #: ``-l2n(Sp_k) * l2n(Sd_k)`` (where the students agree it is the squared feature: content); ``absdiff`` is
 #: ``|l2n(Sp_k) - l2n(Sd_k)|`` (zero where they agree: only their disagreement reaches the head).
-FA_INPUTS = ("product", "absdiff")
-DEFAULT_FA_INPUT = "product"
+#: ``product+tlm`` feeds the product and, through a prior path added to the head's logits, the per-level
+#: log cosine distances whose sum is log TLM (``stlm_train.modeling.fa_head.FAHead``).
+FA_INPUTS = ("product", "absdiff", "product+tlm")
+DEFAULT_FA_INPUT = "product"  # the model description's default: official checkpoints and runs before the field
+#: What ``stlm-train`` trains by default (README "Localisation": the FA map starts as the TLM map).
+TRAIN_FA_INPUT = "product+tlm"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,13 @@ def load_official_stlm(path_or_sd: str | os.PathLike | Mapping[str, Any], img_si
 
 
 def official_state_dict(model: STLM) -> dict[str, dict[str, torch.Tensor]]:
-    """Our STLM -> the official nested layout (only the parts that reach the map)."""
+    """Our STLM -> the official nested layout (only the parts that reach the map).
+
+    Only a model with the official FA input (``product``) has one: the official code would read an
+    ``absdiff`` model's weights as a product head, and has no keys for the TLM prior path."""
+    if model.cfg.fa_input != "product":
+        raise ValueError(f"official_state_dict: the model's FA head reads fa_input={model.cfg.fa_input!r}; the "
+                         "official layout holds only the official 'product' head")
     flat = OFFICIAL_STLM_KEYMAP.invert(model.state_dict())
     out: dict[str, dict[str, torch.Tensor]] = {"twostream": {}, "segmentation_net": {}}
     for k, v in flat.items():

@@ -45,9 +45,15 @@ class ASPP(nn.Module):
 
 
 class FAHead(nn.Module):
-    """(B, in_channels, h, w) student products -> (B, 1, h, w) anomaly probability."""
+    """(B, in_channels, h, w) student products -> (B, 1, h, w) anomaly probability.
 
-    def __init__(self, in_channels: int, cfg: FAHeadConfig) -> None:
+    ``prior_channels`` > 0 adds a prior path (``fa_input="product+tlm"``): a 1x1 conv over per-level log
+    cosine distances (the TLM map's factors, :func:`stlm_train.modeling.stlm.fa_prior`) added to the logits,
+    initialised to their sum (log TLM) with the head's last conv at zero, so training starts from the TLM
+    map and the head learns a correction. 0 (default) is the official head and its state dict.
+    """
+
+    def __init__(self, in_channels: int, cfg: FAHeadConfig, prior_channels: int = 0) -> None:
         super().__init__()
         c = cfg.channels
         self.res = nn.Sequential(*[BasicBlock(in_channels if i == 0 else c, c) for i in range(cfg.num_blocks)])
@@ -61,9 +67,22 @@ class FAHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(c, 1, 1),
         )
+        self.prior: nn.Conv2d | None = None
+        if prior_channels > 0:
+            self.prior = nn.Conv2d(prior_channels, 1, 1)
+            nn.init.ones_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.res(x))
+    def logits(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, in_channels, h, w); prior: (B, prior_channels, h, w), required iff the head has a prior path."""
+        out = self.head(self.res(x))
+        if self.prior is None:
+            return out
+        if prior is None:
+            raise ValueError("FAHead: this head has a prior path and needs the prior input")
+        return out + self.prior(prior)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
+    def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x, prior))

@@ -31,12 +31,31 @@ def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def fa_input(plain: Features, denoising: Features, mode: str = "product") -> torch.Tensor:
     """FA head input -> (B, 2C, h, w): ``product`` cat_k(-l2n(Sp_k) * l2n(Sd_k)) (official), ``absdiff``
-    cat_k(|l2n(Sp_k) - l2n(Sd_k)|) (:data:`stlm_train.config.FA_INPUTS`)."""
+    cat_k(|l2n(Sp_k) - l2n(Sd_k)|) (:data:`stlm_train.config.FA_INPUTS`; ``product+tlm``: the product, the
+    TLM prior goes to the head's prior path, :func:`fa_prior`)."""
+    if mode not in FA_INPUTS:
+        raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {mode!r}")
+    mode = mode.split("+")[0]
     if mode == "product":
         return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)
     if mode == "absdiff":
         return torch.cat([torch.abs(l2n(p) - l2n(d)) for p, d in zip(plain, denoising)], dim=1)
     raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {mode!r}")
+
+
+#: Added to each cosine distance before its log in :func:`fa_prior` (keeps log finite where the students agree).
+PRIOR_EPS = 1e-4
+
+
+def has_prior(mode: str) -> bool:
+    """Whether an ``fa_input`` mode feeds the FA head the TLM prior."""
+    return mode.endswith("+tlm")
+
+
+def fa_prior(plain: Features, denoising: Features) -> torch.Tensor:
+    """(B, L, h, w): log(1 - <l2n(Sp_k), l2n(Sd_k)> + eps) per level k; their sum is log of the TLM map."""
+    return torch.cat([torch.log(cosine_distance_map(p, d).clamp_min(0) + PRIOR_EPS)
+                      for p, d in zip(plain, denoising)], dim=1)
 
 
 def tlm_map(plain: Features, denoising: Features) -> torch.Tensor:
@@ -68,7 +87,8 @@ class STLM(nn.Module):
         self.plain = TinyViT(cfg.student, cfg.img_size, out_chans=cfg.decoder.dim)  # Sp (official encoderT)
         self.denoising = TinyViT(cfg.student, cfg.img_size, out_chans=cfg.decoder.dim)  # Sd (official encoderS)
         self.decoder = FeatureDecoder(cfg.decoder)
-        self.fa_head = FAHead(2 * cfg.decoder.dim, cfg.fa_head)
+        levels = 2  # the decoder's two feature maps
+        self.fa_head = FAHead(levels * cfg.decoder.dim, cfg.fa_head, levels if has_prior(cfg.fa_input) else 0)
         self.normalize = Normalize(cfg.pixel_mean, cfg.pixel_std)
 
     def student_features(self, x: torch.Tensor,
@@ -83,11 +103,16 @@ class STLM(nn.Module):
         f1, f2 = self.decoder(emb)
         return (f1[:b], f2[:b]), (f1[b:], f2[b:])
 
+    def fa_logits(self, plain: Features, denoising: Features) -> torch.Tensor:
+        """The FA head's logits (B, 1, h, w) on the students' features (with the TLM prior when configured)."""
+        prior = fa_prior(plain, denoising) if self.fa_head.prior is not None else None
+        return self.fa_head.logits(fa_input(plain, denoising, self.cfg.fa_input), prior)
+
     def forward(self, x: torch.Tensor) -> InferenceOutput:
         """x: normalised (B, 3, S, S) -> maps at S x S and scores."""
         plain, denoising = self.student_features(x)
         size = (x.shape[2], x.shape[3])
-        anomaly_map = upsample(self.fa_head(fa_input(plain, denoising, self.cfg.fa_input)), size)
+        anomaly_map = upsample(torch.sigmoid(self.fa_logits(plain, denoising)), size)
         return InferenceOutput(anomaly_map, topk_score(anomaly_map, self.cfg.top_k),
                                upsample(tlm_map(plain, denoising), size))
 

@@ -4,9 +4,11 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
 1. teacher features T(I_a) and T(N) from ONE batched teacher call under ``no_grad`` (N and I_a stacked
    on the batch axis; samples with no pasted anomaly, where I_a == N, are sent once);
 2. both students on I_a through ``STLM.student_features`` (one batched decoder call for both streams);
-3. FA head on ``fa_input``; with ``fa_grad="students"`` (default, the official code) its loss also trains
-   the students, with ``fa_grad="detached"`` only the FA head, with a number in (0, 1) the students get
-   that fraction of its gradient. Screened at 400 steps (sample 3 seeds, generated set 2):
+3. FA head on ``fa_input`` (default ``product+tlm``: the official product plus the TLM prior path,
+   :class:`stlm_train.modeling.fa_head.FAHead`); with ``fa_grad="students"`` (default, the official code)
+   its loss also trains the students, with ``fa_grad="detached"`` only the FA head, with a number in
+   (0, 1) the students get that fraction of its gradient (through the product and the prior path alike).
+   Screened at 400 steps (sample 3 seeds, generated set 2):
    detached lifts the FA map on the bundled real sample (pixel AUROC 0.62 -> 0.73, AUPRO 0.42 -> 0.52)
    but breaks its image score on the generated set (image AUROC 0.33 and 0.17 on two seeds), and a factor
    of 0.3 does the same (sample: pixel 0.73, image 0.93; generated: image 0.19 and 0.31) and, on tire
@@ -16,7 +18,7 @@ and STLM's step (paper section 3, official ``trainSTLM.py``; STFPM's: :mod:`.stf
    plus a soft Dice term on the FA output when ``fa_loss="focal+l1+dice"``;
    with ``fa_target="changed"`` the FA terms count only the pixels where the pseudo mask and the teacher's
    change agree (screened in README "Localisation": FA AUPRO up on tire, the TLM map down: an option);
-   Adam on students + shared decoder, SGD on the FA head (residual blocks lr 0.1, head lr 0.01).
+   Adam on students + shared decoder, SGD on the FA head (residual blocks lr 0.1, head and prior lr 0.01).
 
 The students' BatchNorm (``student_bn``): the official code trains them in train mode, so every step
 normalises with the statistics of two pseudo-anomalous images and the running statistics that
@@ -42,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..losses import LossTerms, stlm_loss
-from ..modeling.stlm import STLM, Features, fa_input
+from ..modeling.stlm import STLM, Features, fa_input, fa_prior
 from ..modeling.teacher import calibrate_batchnorm
 from .distributed import DistInfo, all_ranks_all
 from .options import TrainError, TrainOptions, fa_grad_scale
@@ -71,11 +73,16 @@ class TrainGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[Features, Features, torch.Tensor]:  # x: (B, 3, S, S)
         plain, denoising = self.model.student_features(x)
-        products = fa_input(plain, denoising, self.model.cfg.fa_input)
-        if self.fa_grad_scale != 1.0:  # p + a (p - p) in value, a dp in gradient
-            fixed = products.detach()
-            products = fixed + self.fa_grad_scale * (products - fixed) if self.fa_grad_scale else fixed
-        return plain, denoising, self.model.fa_head.logits(products)  # logits (B, 1, h, w)
+        products = self._scaled(fa_input(plain, denoising, self.model.cfg.fa_input))
+        prior = self._scaled(fa_prior(plain, denoising)) if self.model.fa_head.prior is not None else None
+        return plain, denoising, self.model.fa_head.logits(products, prior)  # logits (B, 1, h, w)
+
+    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+        """t + a (t - t) in value, a dt in gradient (a = fa_grad_scale)."""
+        if self.fa_grad_scale == 1.0:
+            return t
+        fixed = t.detach()
+        return fixed + self.fa_grad_scale * (t - fixed) if self.fa_grad_scale else fixed
 
 
 @torch.no_grad()
@@ -123,7 +130,9 @@ def build_optimizers(model: STLM, opts: TrainOptions) -> tuple[torch.optim.Adam,
     opt_students = torch.optim.Adam(student_params, lr=opts.lr_students, betas=(0.5, 0.999))
     opt_fa = torch.optim.SGD(
         [{"params": model.fa_head.res.parameters(), "lr": opts.lr_fa_res},
-         {"params": model.fa_head.head.parameters(), "lr": opts.lr_fa_head}],
+         {"params": [*model.fa_head.head.parameters(), *(model.fa_head.prior.parameters()
+                                                          if model.fa_head.prior is not None else ())],
+          "lr": opts.lr_fa_head}],
         lr=opts.lr_fa_head, momentum=0.9, weight_decay=1e-4)
     return opt_students, opt_fa
 

@@ -10,7 +10,7 @@ from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET, ThresholdError, par
 from stlm_deploy.tiling import DEFAULT_TILE_OVERLAP, Tiling, check_tiling
 
 from ..anomalies import AUGMENTATIONS, DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
-from ..config import CONFIGS, DEFAULT_FA_INPUT, FA_INPUTS, validate_img_size
+from ..config import CONFIGS, DEFAULT_FA_INPUT, FA_INPUTS, TRAIN_FA_INPUT, validate_img_size
 from ..data.datasets import FORMATS
 from ..evaluate import BUILTIN_DATA
 from ..modeling.teacher import DEFAULT_TEACHER_RECIPE, TEACHER_RECIPES, TEACHER_SEED_OFFSET
@@ -108,7 +108,7 @@ class TrainOptions:
     fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
     fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal | focal+l1+dice
     fa_target: str = DEFAULT_FA_TARGET  # mask (official) | changed
-    fa_input: str = DEFAULT_FA_INPUT  # what the FA head reads (STLM only): product (official) | absdiff
+    fa_input: str = TRAIN_FA_INPUT  # what the FA head reads (STLM only): product+tlm | product (official) | absdiff
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -211,7 +211,9 @@ class TrainOptions:
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         fa_grad_scale(self.fa_grad)
-        if self.fa_input != DEFAULT_FA_INPUT and CONFIGS[self.config].family != "stlm":
+        # STFPM has no FA head: the trainer's default and the official product (what runs recorded before the
+        # field resume with) mean nothing there; another choice is a mistake
+        if self.fa_input not in (TRAIN_FA_INPUT, DEFAULT_FA_INPUT) and CONFIGS[self.config].family != "stlm":
             raise TrainError(f"--fa-input {self.fa_input}: STLM only (--config {self.config} has no FA head)")
         if self.threshold_target is not None:
             try:

@@ -133,3 +133,31 @@ def test_post_training_rows_are_measured_on_their_base_run_s_weights(tmp_path):
     args = accuracy.argparse.Namespace(data="generated", eval_grid="model")
     with pytest.raises(SystemExit, match=r"weights of r2 seed 3, but .*r2-s3/last.ckpt is not there"):
         accuracy.run_one("r2+fpr-threshold", 3, args, tmp_path / "empty")
+
+
+def test_rows_trained_before_a_default_changed_are_superseded_not_reused(tmp_path, capsys):
+    """A ``current`` row recorded before the FA prior became the trainer's default (no ``fa_input`` field: the
+    official product) is moved to ``superseded`` and trained again; a row that pinned its input is reused."""
+    from stlm_train.config import TRAIN_FA_INPUT
+
+    argv = ["--data", "generated", "--config", "small", "--img-size", "128", "--steps", "1", "--seeds", "0",
+            "--variants", "current,current-tlm-prior", "--name", "t", "--out-dir", str(tmp_path)]
+    assert accuracy.main(argv) == 0
+    path = tmp_path / "t.json"
+    d = json.loads(path.read_text())
+    assert {r["variant"]: r["fa_input"] for r in d["runs"]} == {"current": TRAIN_FA_INPUT,
+                                                                "current-tlm-prior": "product"}
+    for r in d["runs"]:  # as rows written before the field existed
+        del r["fa_input"]
+    path.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert accuracy.main(argv) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines() if " seed 0: FA" in line] == ["current"]  # trained again
+    d = json.loads(path.read_text())
+    assert [(r["variant"], r.get("fa_input")) for r in d["superseded"]] == [("current", None)]
+    md = (tmp_path / "t.md").read_text()
+    assert md.index("| current | 1 |") < md.index("## Superseded rows") < md.rindex("| current | 1 |")
+    assert sorted((r["variant"], r.get("fa_input")) for r in d["runs"]) == [("current", TRAIN_FA_INPUT),
+                                                                            ("current-tlm-prior", None)]
+    assert accuracy.expected_fa_input("r2") == "product" and accuracy.expected_fa_input("v0") == "product"

@@ -147,14 +147,21 @@ def test_deploy_model_shares_weights_and_matches_predict(small_stlm, small_image
     assert torch.equal(amap, ref.anomaly_map) and torch.equal(score, ref.score) and torch.equal(tlm, ref.tlm_map)
 
 
-def test_fa_input_absdiff_model_exports_with_parity(small_stlm, small_images):
-    """A model trained with ``fa_input="absdiff"`` exports its own FA input: ORT == PyTorch <= 1e-4."""
+@pytest.mark.parametrize("mode", ["absdiff", "product+tlm"])
+def test_fa_input_model_exports_with_parity(small_stlm, small_images, mode):
+    """A model trained with another ``fa_input`` (``absdiff``, or the TLM prior path) exports its own FA
+    head: ORT == PyTorch <= 1e-4, and it is not the official product graph."""
     from dataclasses import replace
 
     from stlm_train import STLM
 
-    m = STLM(replace(small_stlm.cfg, fa_input="absdiff"))
-    m.load_state_dict(small_stlm.state_dict())
+    m = STLM(replace(small_stlm.cfg, fa_input=mode))
+    missing = m.load_state_dict(small_stlm.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == (["fa_head.prior.bias", "fa_head.prior.weight"] if mode == "product+tlm" else [])
+    if m.fa_head.prior is not None:  # a trained-looking prior: per-level weights and a bias
+        with torch.no_grad():
+            m.fa_head.prior.weight.copy_(torch.tensor([0.7, 1.3]).view(1, 2, 1, 1))
+            m.fa_head.prior.bias.fill_(2.0)
     m.eval()
     exp = export_onnx(m, simplify=True)
     imgs = small_images.images[:2]

@@ -1,6 +1,7 @@
 """Key-compatible loading of official STLM / SAM / MobileSAM layouts and one-line checkpoint errors."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,12 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, wr
     # the control: a loader that trusts the file does run the payload
     pickle.loads(evil.read_bytes()) if writer == "pickle" else torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("fa_input", ["absdiff", "product+tlm"])
+def test_only_the_official_fa_head_has_an_official_layout(fa_input):
+    """An absdiff or TLM-prior model would be misread by the official code: converting it is refused."""
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=f"fa_input='{re.escape(fa_input)}'"):
+        official_state_dict(STLM(replace(get_config("small"), fa_input=fa_input)))

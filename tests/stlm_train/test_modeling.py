@@ -141,3 +141,33 @@ def test_fa_input_absdiff_reads_only_the_students_disagreement():
     official = torch.nn.functional.interpolate(m.fa_head(fa_input(plain, denoising, "product")), size=(128, 128),
                                                mode="bilinear", align_corners=False)[:, 0]
     assert (m(x).anomaly_map - official).abs().max().item() > 1e-4  # the head does read the other input
+
+
+def test_fa_input_tlm_prior_starts_as_the_tlm_map():
+    """``product+tlm``: the FA head gets a prior path over the per-level log cosine distances, initialised so
+    the untrained FA map is sigmoid(log TLM) (the TLM map's ranking); the official head has no such weights,
+    and a head with the path refuses to run without its prior."""
+    from dataclasses import replace
+
+    from stlm_train.modeling import fa_input
+    from stlm_train.modeling.stlm import PRIOR_EPS, cosine_distance_map, fa_prior
+
+    cfg = get_config("small")
+    assert not [k for k in STLM(cfg).state_dict() if "prior" in k]
+    torch.manual_seed(0)
+    m = STLM(replace(cfg, fa_input="product+tlm")).eval()
+    assert sorted(k for k in m.state_dict() if "prior" in k) == ["fa_head.prior.bias", "fa_head.prior.weight"]
+    imgs = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = m.normalize(imgs)
+    plain, denoising = m.student_features(x)
+    prior = fa_prior(plain, denoising)
+    assert prior.shape == (2, 2, *plain[0].shape[2:])
+    want = sum(torch.log(cosine_distance_map(p, d) + PRIOR_EPS) for p, d in zip(plain, denoising))
+    torch.testing.assert_close(prior.sum(dim=1, keepdim=True), want)
+    out = m(x)
+    expect = torch.nn.functional.interpolate(torch.sigmoid(want), size=(128, 128), mode="bilinear",
+                                             align_corners=False)[:, 0]
+    torch.testing.assert_close(out.anomaly_map, expect, atol=1e-6, rtol=1e-5)
+    assert torch.equal(fa_input(plain, denoising, "product+tlm"), fa_input(plain, denoising, "product"))
+    with pytest.raises(ValueError, match="prior path and needs the prior input"):
+        m.fa_head(fa_input(plain, denoising, "product"))

@@ -86,11 +86,15 @@ def test_fa_target_flag_matches_the_trainer_options():
 
 
 def test_fa_input_flag_matches_the_model_config():
-    """--fa-input is spelled in the CLI as well: its choices and default are the model config's."""
+    """--fa-input is spelled in the CLI as well: its choices are the model config's, its default the trainer's
+    (the model config's own default stays the official product, what older checkpoints were)."""
     from stlm_train import cli as train_cli
-    from stlm_train.config import DEFAULT_FA_INPUT, FA_INPUTS
+    from stlm_train.config import DEFAULT_FA_INPUT, FA_INPUTS, TRAIN_FA_INPUT
+    from stlm_train.training import TrainOptions
 
-    assert train_cli.FA_INPUT_CHOICES == FA_INPUTS and train_cli.DEFAULT_FA_INPUT_NAME == DEFAULT_FA_INPUT
+    assert train_cli.FA_INPUT_CHOICES == FA_INPUTS and train_cli.DEFAULT_FA_INPUT_NAME == TRAIN_FA_INPUT
+    assert TrainOptions(data="builtin", out="unused").fa_input == TRAIN_FA_INPUT
+    assert DEFAULT_FA_INPUT == "product"
 
 
 def test_texture_bank_flag_matches_the_synthesizer_banks():

@@ -315,10 +315,13 @@ def test_ctrl_c_mid_step_saves_nothing_and_keeps_the_last_consistent_state(data_
     assert res.steps == 5 and (out / "model.ckpt").exists()
 
 
+@pytest.mark.parametrize("fa_input", ["product", "product+tlm"])
 @pytest.mark.parametrize("mode", ["detached", "0.25", "students"])
-def test_fa_loss_reaches_the_students_only_when_not_detached(mode):
+def test_fa_loss_reaches_the_students_only_when_not_detached(mode, fa_input):
     """fa_grad="detached": the FA head's loss trains the FA head alone; "students" (official): the students too;
-    a number: that fraction of the students' gradient, the same forward values."""
+    a number: that fraction of the students' gradient, the same forward values (with the TLM prior path too)."""
+    from dataclasses import replace
+
     from stlm_train import STLM
     from stlm_train.config import get_config
     from stlm_train.training import TrainGraph
@@ -326,7 +329,9 @@ def test_fa_loss_reaches_the_students_only_when_not_detached(mode):
 
     def grads(scale: float) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         torch.manual_seed(0)
-        model = STLM(get_config("small").with_img_size(64)).train()
+        model = STLM(replace(get_config("small").with_img_size(64), fa_input=fa_input)).train()
+        if model.fa_head.prior is not None:  # its head starts at zero output: give every layer a gradient
+            torch.nn.init.normal_(model.fa_head.head[-1].weight, std=0.1)
         _, _, logits = TrainGraph(model, scale)(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
         logits.sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fa_head.head.parameters())
@@ -387,14 +392,37 @@ def test_fa_target_option_reaches_the_step_and_the_run_record(data_root, tmp_pat
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["fa_target"] == "changed"
 
 
-def test_fa_input_option_reaches_the_model_the_checkpoint_and_the_run_record(data_root, tmp_path):
-    """fa_input="absdiff" is part of the model: the trained model, its checkpoint (and so every engine
-    exported from it) and metrics.json carry it; STFPM has no FA head and refuses it."""
+@pytest.mark.parametrize("mode", ["absdiff", "product+tlm"])
+def test_fa_input_option_reaches_the_model_the_checkpoint_and_the_run_record(data_root, tmp_path, mode):
+    """fa_input is part of the model: the trained model, its checkpoint (with the prior path's weights, and so
+    every engine exported from it) and metrics.json carry it; STFPM has no FA head and refuses it."""
     from stlm_train import load_model
 
-    res = train(opts(data_root, tmp_path / "o", steps=2, fa_input="absdiff"))
-    assert res.model.cfg.fa_input == "absdiff"
-    assert load_model(tmp_path / "o" / "model.ckpt").cfg.fa_input == "absdiff"
-    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["fa_input"] == "absdiff"
+    res = train(opts(data_root, tmp_path / "o", steps=2, fa_input=mode))
+    assert res.model.cfg.fa_input == mode
+    loaded = load_model(tmp_path / "o" / "model.ckpt")
+    assert loaded.cfg.fa_input == mode
+    assert (loaded.fa_head.prior is not None) == (mode == "product+tlm")
+    if loaded.fa_head.prior is not None:  # trained, saved and read back: not the initial (1, 1) / 0
+        torch.testing.assert_close(loaded.fa_head.prior.weight, res.model.fa_head.prior.weight)
+        assert not torch.equal(loaded.fa_head.prior.weight, torch.ones_like(loaded.fa_head.prior.weight))
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["train"]["fa_input"] == mode
     with pytest.raises(TrainError, match="--fa-input absdiff: STLM only"):
         TrainOptions(data="builtin", out=str(tmp_path / "s"), config="stfpm", fa_input="absdiff").validate()
+    for ignored in ("product+tlm", "product"):  # the default, and what runs from before the field resume with
+        TrainOptions(data="builtin", out=str(tmp_path / "s"), config="stfpm", fa_input=ignored).validate()
+
+
+@pytest.mark.parametrize("fa_input", ["product", "product+tlm"])
+def test_every_model_parameter_is_in_exactly_one_optimizer(fa_input):
+    """A parameter no optimiser holds never trains (the FA head's prior path once did not)."""
+    from dataclasses import replace
+
+    from stlm_train import STLM
+    from stlm_train.config import get_config
+    from stlm_train.training.loop import build_optimizers
+
+    model = STLM(replace(get_config("small").with_img_size(64), fa_input=fa_input))
+    held = [id(p) for opt in build_optimizers(model, TrainOptions(data="builtin", out="unused"))
+            for group in opt.param_groups for p in group["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())
