@@ -61,8 +61,7 @@ def official_graph(stlm: Any) -> Any:
     import torch
     from torch import nn
 
-    from stlm_train.modeling import fa_input, topk_score, upsample
-    from stlm_train.modeling.stlm import fa_prior
+    from stlm_train.modeling import topk_score, upsample
 
     class OfficialGraph(nn.Module):
         def __init__(self) -> None:
@@ -74,8 +73,8 @@ def official_graph(stlm: Any) -> Any:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             fp = self.decoder(self.plain(x))
             fd = self.decoder(self.denoising(x))
-            prior = fa_prior(fp, fd) if self.fa_head.prior is not None else None  # through self.fa_head: stage names
-            amap = upsample(self.fa_head(fa_input(fp, fd, stlm.cfg.fa_input), prior), (self.size, self.size))
+            # through its own fa_head (not stlm.fa_logits), so the ONNX nodes keep the /fa_head/ stage names
+            amap = upsample(self.fa_head(*stlm.fa_head_inputs(fp, fd)), (self.size, self.size))
             return amap, topk_score(amap, self.k)
 
     return OfficialGraph().eval()

@@ -35,12 +35,9 @@ def fa_input(plain: Features, denoising: Features, mode: str = "product") -> tor
     TLM prior goes to the head's prior path, :func:`fa_prior`)."""
     if mode not in FA_INPUTS:
         raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {mode!r}")
-    mode = mode.split("+")[0]
-    if mode == "product":
-        return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)
     if mode == "absdiff":
         return torch.cat([torch.abs(l2n(p) - l2n(d)) for p, d in zip(plain, denoising)], dim=1)
-    raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {mode!r}")
+    return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)  # product, product+tlm
 
 
 #: Added to each cosine distance before its log in :func:`fa_prior` (keeps log finite where the students agree).
@@ -103,10 +100,14 @@ class STLM(nn.Module):
         f1, f2 = self.decoder(emb)
         return (f1[:b], f2[:b]), (f1[b:], f2[b:])
 
-    def fa_logits(self, plain: Features, denoising: Features) -> torch.Tensor:
-        """The FA head's logits (B, 1, h, w) on the students' features (with the TLM prior when configured)."""
+    def fa_head_inputs(self, plain: Features, denoising: Features) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the FA head reads: the configured per-level input, and the TLM prior when the head has that path."""
         prior = fa_prior(plain, denoising) if self.fa_head.prior is not None else None
-        return self.fa_head.logits(fa_input(plain, denoising, self.cfg.fa_input), prior)
+        return fa_input(plain, denoising, self.cfg.fa_input), prior
+
+    def fa_logits(self, plain: Features, denoising: Features) -> torch.Tensor:
+        """The FA head's logits (B, 1, h, w) on the students' features."""
+        return self.fa_head.logits(*self.fa_head_inputs(plain, denoising))
 
     def forward(self, x: torch.Tensor) -> InferenceOutput:
         """x: normalised (B, 3, S, S) -> maps at S x S and scores."""

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..losses import LossTerms, stlm_loss
-from ..modeling.stlm import STLM, Features, fa_input, fa_prior
+from ..modeling.stlm import STLM, Features
 from ..modeling.teacher import calibrate_batchnorm
 from .distributed import DistInfo, all_ranks_all
 from .options import TrainError, TrainOptions, fa_grad_scale
@@ -73,9 +73,9 @@ class TrainGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[Features, Features, torch.Tensor]:  # x: (B, 3, S, S)
         plain, denoising = self.model.student_features(x)
-        products = self._scaled(fa_input(plain, denoising, self.model.cfg.fa_input))
-        prior = self._scaled(fa_prior(plain, denoising)) if self.model.fa_head.prior is not None else None
-        return plain, denoising, self.model.fa_head.logits(products, prior)  # logits (B, 1, h, w)
+        products, prior = self.model.fa_head_inputs(plain, denoising)
+        prior = self._scaled(prior) if prior is not None else None
+        return plain, denoising, self.model.fa_head.logits(self._scaled(products), prior)  # logits (B, 1, h, w)
 
     def _scaled(self, t: torch.Tensor) -> torch.Tensor:
         """t + a (t - t) in value, a dt in gradient (a = fa_grad_scale)."""

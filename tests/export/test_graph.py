@@ -155,14 +155,14 @@ def test_fa_input_model_exports_with_parity(small_stlm, small_images, mode):
 
     from stlm_train import STLM
 
-    m = STLM(replace(small_stlm.cfg, fa_input=mode))
-    missing = m.load_state_dict(small_stlm.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == (["fa_head.prior.bias", "fa_head.prior.weight"] if mode == "product+tlm" else [])
-    if m.fa_head.prior is not None:  # a trained-looking prior: per-level weights and a bias
-        with torch.no_grad():
-            m.fa_head.prior.weight.copy_(torch.tensor([0.7, 1.3]).view(1, 2, 1, 1))
-            m.fa_head.prior.bias.fill_(2.0)
-    m.eval()
+    from tests.stlm_train.helpers import with_tlm_prior
+
+    if mode == "product+tlm":
+        m = with_tlm_prior(small_stlm)
+    else:
+        m = STLM(replace(small_stlm.cfg, fa_input=mode))
+        m.load_state_dict(small_stlm.state_dict())
+        m.eval()
     exp = export_onnx(m, simplify=True)
     imgs = small_images.images[:2]
     got = ort_outputs(exp.model, imgs, "dynamic")

@@ -122,21 +122,13 @@ def test_name_nodes_makes_names_unique():
 def test_fp16_graph_of_an_fa_prior_model_keeps_its_log_fp32_and_parity(small_stlm, small_images):
     """A model trained with the TLM prior (the trainer's default) converts under the same policy: its Log stays
     fp32 and the fp16 map is within the policy's 5e-3 of PyTorch."""
-    from dataclasses import replace
-
     import numpy as np
-    import torch
 
     from stlm_export.gate import ort_outputs, reference_outputs
     from stlm_export.onnx_export import export_onnx
-    from stlm_train import STLM
+    from tests.stlm_train.helpers import with_tlm_prior
 
-    m = STLM(replace(small_stlm.cfg, fa_input="product+tlm"))
-    m.load_state_dict(small_stlm.state_dict(), strict=False)
-    with torch.no_grad():
-        m.fa_head.prior.weight.copy_(torch.tensor([0.7, 1.3]).view(1, 2, 1, 1))
-        m.fa_head.prior.bias.fill_(2.0)
-    m.eval()
+    m = with_tlm_prior(small_stlm)
     res = convert_fp16(export_onnx(m, simplify=True).model)
     assert res.histogram().get("Log", 0) == 2  # one per level
     imgs = small_images.images[:2]

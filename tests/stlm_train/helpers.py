@@ -30,6 +30,22 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @torch.no_grad()
+def with_tlm_prior(model: nn.Module) -> nn.Module:
+    """``model``'s weights in an eval-mode ``fa_input="product+tlm"`` twin, its prior path set to trained-looking
+    per-level weights and a bias (not the (1, 1) / 0 start)."""
+    from dataclasses import replace
+
+    from stlm_train import STLM
+
+    m = STLM(replace(model.cfg, fa_input="product+tlm"))
+    missing = m.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["fa_head.prior.bias", "fa_head.prior.weight"]
+    with torch.no_grad():
+        m.fa_head.prior.weight.copy_(torch.tensor([0.7, 1.3]).view(1, 2, 1, 1))
+        m.fa_head.prior.bias.fill_(2.0)
+    return m.eval()
+
+
 def naive_reference(model, images_uint8: torch.Tensor, k: int = 100):
     """The official evaluation written out longhand: per-sample, per-stream decoder calls, sort-based top-k."""
     mean = torch.tensor(model.cfg.pixel_mean).view(1, 3, 1, 1)
