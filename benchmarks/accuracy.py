@@ -75,12 +75,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
        if name not in ("recalibrated-bn", "detached-fa")},
     "current+detached-fa": dict(CHANGES_R3["detached-fa"]),
     "current-tlm-prior": {"fa_input": "product"},  # the trainer of the localisation tables' rows before 2026-12-07
+    "current-prior-output": {"fa_output": "head"},  # the FA map with the head's learned correction (to 2026-12-07)
     "current": {},
 }
 #: Rows measured on another row's weights (same seed, resumed from its last.ckpt): their change acts only after
 #: the last step (:mod:`stlm_train.training.refinish`), so the pair differs in nothing else, not even the steps.
 DERIVED_FROM: dict[str, str] = {"r2+recalibrated-bn": "r2", "r2+fpr-threshold": "r2",
-                                "current-fpr-threshold": "current"}
+                                "current-fpr-threshold": "current", "current-prior-output": "current"}
 GROUPS = {"ablation": ["v0", *(f"v0+{n}" for n in CHANGES), "current"],
           "localisation": ["r2", *(f"r2+{n}" for n in CHANGES_R3), "current"],
           "ablation-full": list(VARIANTS),
@@ -109,6 +110,7 @@ FIXED_PARTS: dict[str, dict[str, Any]] = {
     "fa-target-changed": {"fa_target": "changed"},
     "fa-input-absdiff": {"fa_input": "absdiff"},
     "fa-input-tlm": {"fa_input": "product+tlm"},
+    "fa-input-tlm-only": {"fa_input": "tlm"},
     "fa-loss-dice": {"fa_loss": "focal+l1+dice"},
     "amp": {"amp": True},
     "fp32": {"amp": False},
@@ -180,7 +182,15 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
     out = work / f"{variant}-s{seed}"
     t0 = time.perf_counter()
     base = DERIVED_FROM.get(variant)
-    if base is not None:
+    kept = base is None and (out / "last.ckpt").is_file()
+    if kept:  # a kept run of this row (its result superseded by a post-training default): finish it again
+        fin = out.with_name(out.name + "-refinished")
+        try:
+            res = refinish(out, fin, kept_run_changes(out, variant, seed, args), evaluate=evaluate)
+        except TrainError as e:
+            raise SystemExit(f"Error: --keep-runs {out}: {e}") from None
+        amp, fa_in = bool(load_run_state_options(out).get("amp", False)), trained_fa_input_of_run(out)
+    elif base is not None:
         src = work / f"{base}-s{seed}"
         if not (src / "last.ckpt").is_file():
             raise SystemExit(f"Error: --variants {variant}: measured on the weights of {base} seed {seed}, but "
@@ -215,13 +225,51 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
         raise SystemExit(f"Error: --data {args.data}: no test split to evaluate")
     row = {"variant": variant, "seed": seed, "steps": res.steps, "train_seconds": round(res.seconds, 1),
            "wall_seconds": round(time.perf_counter() - t0, 1), "overrides": overrides, "amp": amp,
-           "fa_input": fa_in, **({"derived_from": base} if base is not None else {})}
+           "fa_input": fa_in, "fa_output": getattr(res.model.cfg, "fa_output", None),
+           **({"derived_from": base} if base is not None else {}),
+           **({"refinished_from": str(out)} if kept else {})}
     if eval_s is not None:
         row["eval_ms_per_image"] = round(1000 * eval_s / max(1, metrics["n_images"]), 1)
     row.update(metric_columns(metrics))
     if model_grid is not None:
         row["model_grid"] = metric_columns(model_grid)
     return row
+
+
+def load_run_state_options(run: Path) -> dict[str, Any]:
+    from stlm_train.training.state import load_run_state
+
+    return dict(load_run_state(run)["options"])
+
+
+def trained_fa_input_of_run(run: Path) -> str:
+    return str(load_run_state_options(run).get("fa_input", "product"))
+
+
+def kept_run_changes(run: Path, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The post-training options that finish the kept ``run`` as ``variant`` today (its steps are reused: a row
+    whose result a post-training default made stale needs no new training); an error when the run trained
+    otherwise than the variant would (another option, data or budget)."""
+    from stlm_train.training import POST_TRAINING_OPTIONS, TrainError, TrainOptions
+    from stlm_train.training.options import IDENTITY_FIELDS, merge_resume_options
+    from stlm_train.training.state import load_run_state
+
+    state = load_run_state(run)
+    overrides = {k: (seed if v == "SEED" else v) for k, v in overrides_of(variant).items()}
+    want = TrainOptions(data=args.data, out=str(run), category=args.category, config=args.config,
+                        img_size=args.img_size, seed=seed, **overrides)
+    had = merge_resume_options(TrainOptions(data="", out=str(run)), state["options"], set())
+    same_data = Path(str(had.data)).resolve() == Path(str(want.data)).resolve()
+    differ = [k for k in IDENTITY_FIELDS if k not in POST_TRAINING_OPTIONS and k != "data"
+              and getattr(had, k) != getattr(want, k)] + ([] if same_data else ["data"])
+    if args.steps is not None and int(state["step"]) != args.steps:
+        differ.append(f"steps ({state['step']})")
+    if args.time_budget is not None and abs(float(state["seconds"]) - 60 * args.time_budget) > 60:
+        differ.append(f"time budget ({float(state['seconds']):.0f} s)")
+    if differ:
+        raise TrainError(f"it trained with other {', '.join(differ)} than {variant} seed {seed}; move it away to "
+                         "train the row again")
+    return {k: getattr(want, k) for k in POST_TRAINING_OPTIONS if getattr(had, k) != getattr(want, k)}
 
 
 def trained_fa_input(row: dict[str, Any]) -> str:
@@ -237,14 +285,38 @@ def expected_fa_input(variant: str) -> str:
     return overrides_of(variant).get("fa_input", TRAIN_FA_INPUT)
 
 
-def split_stale(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def finished_fa_output(row: dict[str, Any]) -> str:
+    """The FA output a recorded row's model was finished with (STLM rows from before the field: the head)."""
+    return row.get("fa_output", "head")
+
+
+def expected_fa_output(variant: str) -> str:
+    """The FA output a variant's model gets today (its override, else the trainer's choice for its FA input)."""
+    from stlm_train.training import TrainOptions
+
+    o = overrides_of(variant)
+    return TrainOptions(data="", out="", fa_input=o.get("fa_input", expected_fa_input(variant)),
+                        fa_output=o.get("fa_output")).resolved_fa_output()
+
+
+def split_stale(rows: list[dict[str, Any]], fa_head: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows still describing their variant, rows trained before a default they rely on changed): a ``current``
-    row from before the FA prior became the default no longer stands for ``current``; it is kept in the file
-    under ``superseded`` and the variant runs again."""
+    row from before the FA prior, or its prior-alone output, became the default no longer stands for
+    ``current``; it is kept in the file under ``superseded`` and the variant runs again (a kept run of it is
+    re-finished, :func:`kept_run_changes`). ``fa_head``: the rows' config has an FA head (STFPM has none)."""
     keep, stale = [], []
     for r in rows:
-        (stale if _known(r["variant"]) and trained_fa_input(r) != expected_fa_input(r["variant"]) else keep).append(r)
+        old = _known(r["variant"]) and (trained_fa_input(r) != expected_fa_input(r["variant"]) or (
+            fa_head and finished_fa_output(r) != expected_fa_output(r["variant"])))
+        (stale if old else keep).append(r)
     return keep, stale
+
+
+def labelled_stale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Superseded rows with the FA input and output their models had in the variant name (rows superseded for
+    different reasons are summarised apart)."""
+    return [{**r, "variant": f"{r['variant']} ({trained_fa_input(r)}, {finished_fa_output(r)} output)"}
+            for r in rows]
 
 
 def post_training_changes(variant: str, base: str) -> dict[str, Any]:
@@ -318,9 +390,10 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any],
                 "evaluation pass per image, PyTorch eager, tiles included. " if grid == "original" else "")
              + f"Machine: {meta['machine']}. Command: `{meta['command']}`", "", *_table(summary)]
     if superseded:
-        lines += ["", "## Superseded rows", "", "Trained before the trainer's default FA input became `product+tlm` "
-                  "(these models read `product`); kept for the record, no longer what their variant trains:", "",
-                  *_table(superseded)]
+        lines += ["", "## Superseded rows", "", "Trained or finished before a trainer default they relied on changed "
+                  "(the FA input, `product+tlm` since 2026-12-07, or the FA output, the prior path alone since "
+                  "2026-12-07); each row names the input and output its models had. Kept for the record, no "
+                  "longer what their variant gives:", "", *_table(superseded)]
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     if json_path.is_file() and not args.fresh:
         old = json.loads(json_path.read_text())
         if same_setup(old.get("meta", {}), meta):
-            rows, stale = split_stale(old.get("runs", []))
+            from stlm_train.config import CONFIGS
+
+            rows, stale = split_stale(old.get("runs", []), CONFIGS[args.config].family == "stlm")
             superseded = [*old.get("superseded", []), *stale]
             if rows:  # the merged rows keep the commands and machines that produced them
                 for key in ("command", "machine"):
@@ -392,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         """Results so far -> JSON + Markdown (after every run, so an interrupted sweep keeps its rows)."""
         summary = summarize(rows, list(VARIANTS))
         doc = {"meta": meta, "summary": summary, "runs": rows, **({"superseded": superseded} if superseded else {})}
-        return emit(markdown(summary, meta, summarize(superseded, list(VARIANTS))), doc, json_path=json_path,
+        return emit(markdown(summary, meta, summarize(labelled_stale(superseded), list(VARIANTS))), doc,
+                    json_path=json_path,
                     markdown_path=json_path.with_suffix(".md"), echo=None)
 
     with tempfile.TemporaryDirectory(prefix="stlm-accuracy-") as tmp:

@@ -62,6 +62,7 @@ def official_graph(stlm: Any) -> Any:
     from torch import nn
 
     from stlm_train.modeling import topk_score, upsample
+    from stlm_train.modeling.stlm import fa_prior
 
     class OfficialGraph(nn.Module):
         def __init__(self) -> None:
@@ -73,8 +74,13 @@ def official_graph(stlm: Any) -> Any:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             fp = self.decoder(self.plain(x))
             fd = self.decoder(self.denoising(x))
-            # through its own fa_head (not stlm.fa_logits), so the ONNX nodes keep the /fa_head/ stage names
-            amap = upsample(self.fa_head(*stlm.fa_head_inputs(fp, fd)), (self.size, self.size))
+            # through its own fa_head (not stlm.fa_logits), so the ONNX nodes keep the /fa_head/ stage names; the
+            # same FA output as the model's (its prior path alone with fa_output "prior")
+            if stlm.cfg.fa_output == "prior":
+                prob = torch.sigmoid(self.fa_head.prior(fa_prior(fp, fd)))
+            else:
+                prob = self.fa_head(*stlm.fa_head_inputs(fp, fd))
+            amap = upsample(prob, (self.size, self.size))
             return amap, topk_score(amap, self.k)
 
     return OfficialGraph().eval()

@@ -8,7 +8,7 @@ quantities fp16 handles badly:
 * Softmax and every Reduce* op (sums over channels/pixels overflow or lose bits);
 * ``l2n(x) = x / (sqrt(sum_c x^2) + 1e-12)`` and the cosine parts that follow it (1 - <a, b> of
   nearly parallel unit vectors is a difference of almost equal numbers; 1e-12 underflows in fp16);
-* the log of the cosine distances that the FA head's TLM prior reads (``fa_input="product+tlm"``);
+* the log of the cosine distances that the FA head's TLM prior reads (``fa_input`` ``product+tlm`` or ``tlm``);
 * Sigmoid, the final Resize, TopK and the top-k mean (the outputs and the score);
 * the fused preprocessing ``(x - mean) / std`` (uint8 -> float; fp16 would lose the 1/255 steps of
   bright pixels after the mean shift only slightly, but it is cheap and keeps inputs exact).

@@ -28,8 +28,10 @@ DEFAULT_FA_LOSS_NAME = "focal+l1"
 FA_TARGET_CHOICES = ("mask", "changed")
 DEFAULT_FA_TARGET_NAME = "mask"
 #: ``--fa-input`` choices and default (kept equal to ``stlm_train.config.FA_INPUTS`` / ``TRAIN_FA_INPUT`` by a test).
-FA_INPUT_CHOICES = ("product", "absdiff", "product+tlm")
+FA_INPUT_CHOICES = ("product", "absdiff", "product+tlm", "tlm")
 DEFAULT_FA_INPUT_NAME = "product+tlm"
+#: ``--fa-output`` choices (``stlm_train.config.FA_OUTPUTS``); no default: the trainer picks (prior with the path).
+FA_OUTPUT_CHOICES = ("head", "prior")
 #: ``--texture-bank`` choices and default, spelled here for the same reason (kept equal to
 #: :data:`stlm_train.anomalies.TEXTURE_BANKS` / ``DEFAULT_TEXTURE_BANK`` by a test).
 TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self", "reference+grey")
@@ -103,8 +105,12 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               "the pseudo mask and the teacher's change agree).")
 @click.option("--fa-input", type=click.Choice(FA_INPUT_CHOICES), default=DEFAULT_FA_INPUT_NAME, show_default=True,
               help="What the FA head reads per level: 'product' of the students' normalised features (the official "
-              "code), their 'absdiff' (zero where the students agree), or 'product+tlm' (the product plus the TLM map "
-              "through a prior path: the head starts as the TLM map). Stored in the model; engines follow it.")
+              "code), their 'absdiff' (zero where the students agree), 'product+tlm' (the product plus the TLM map "
+              "through a prior path: the head starts as the TLM map) or 'tlm' (the TLM map's per-level log distances "
+              "alone, head and prior path). Stored in the model; engines follow it.")
+@click.option("--fa-output", type=click.Choice(FA_OUTPUT_CHOICES), default=None,
+              help="The FA map at inference: the 'head' (official) or its trained TLM 'prior' path alone (the head "
+              "still trains the students and the prior). Default: prior when --fa-input has the path, else head.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
@@ -113,7 +119,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
               steps, time_budget,
               teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp,
               num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, fa_target, fa_input,
-              do_eval, quiet) -> int:
+              fa_output, do_eval, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -128,7 +134,8 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         teacher=teacher, anomaly_source=anomaly_source, texture_bank=texture_bank,
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
-        threshold_target=threshold_target, fa_loss=fa_loss, fa_target=fa_target, fa_input=fa_input, evaluate=do_eval,
+        threshold_target=threshold_target, fa_loss=fa_loss, fa_target=fa_target, fa_input=fa_input, fa_output=fa_output,
+        evaluate=do_eval,
         progress=not quiet)
     try:
         opts.validate()

@@ -17,11 +17,22 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 #: ``-l2n(Sp_k) * l2n(Sd_k)`` (where the students agree it is the squared feature: content); ``absdiff`` is
 #: ``|l2n(Sp_k) - l2n(Sd_k)|`` (zero where they agree: only their disagreement reaches the head).
 #: ``product+tlm`` feeds the product and, through a prior path added to the head's logits, the per-level
-#: log cosine distances whose sum is log TLM (``stlm_train.modeling.fa_head.FAHead``).
-FA_INPUTS = ("product", "absdiff", "product+tlm")
+#: log cosine distances whose sum is log TLM (``stlm_train.modeling.fa_head.FAHead``); ``tlm`` feeds those
+#: distances alone, to the head and to its prior path (the head sees where the students disagree, never what
+#: the image shows, so it cannot learn to spot the pseudo anomalies' textures).
+FA_INPUTS = ("product", "absdiff", "product+tlm", "tlm")
 DEFAULT_FA_INPUT = "product"  # the model description's default: official checkpoints and runs before the field
 #: What ``stlm-train`` trains by default (README "Localisation": the FA map starts as the TLM map).
 TRAIN_FA_INPUT = "product+tlm"
+#: The FA inputs whose head has the TLM prior path.
+PRIOR_FA_INPUTS = ("product+tlm", "tlm")
+#: What the FA map is at inference (``stlm_train.modeling.stlm.STLM.fa_logits``): ``head``, the head's logits
+#: (the official output; with the prior path added when the head has one), or ``prior``, the trained prior path
+#: alone. With ``prior`` the whole head still trains (its loss shapes the students and the prior's per-level
+#: weights), but its correction, learned on pseudo anomalies only, is not applied: on real defects it lowered
+#: the map on every seed (README "Localisation"). The trainer picks ``prior`` for a head that has the path.
+FA_OUTPUTS = ("head", "prior")
+DEFAULT_FA_OUTPUT = "head"  # official checkpoints and runs before the field
 
 
 @dataclass(frozen=True)
@@ -115,11 +126,17 @@ class STLMConfig(_ImageModelConfig):
     # field existed were trained on "bilinear" and are read as such.
     resize: str = DEFAULT_RESIZE
     fa_input: str = DEFAULT_FA_INPUT  # FA_INPUTS; official checkpoints and older runs: product
+    fa_output: str = DEFAULT_FA_OUTPUT  # FA_OUTPUTS; official checkpoints and older runs: head
 
     def __post_init__(self) -> None:
         self._check_image()
         if self.fa_input not in FA_INPUTS:
             raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {self.fa_input!r}")
+        if self.fa_output not in FA_OUTPUTS:
+            raise ValueError(f"fa_output must be one of {', '.join(FA_OUTPUTS)}, got {self.fa_output!r}")
+        if self.fa_output == "prior" and self.fa_input not in PRIOR_FA_INPUTS:
+            raise ValueError(f"fa_output 'prior' needs an FA head with the prior path (fa_input "
+                             f"{' or '.join(PRIOR_FA_INPUTS)}), got fa_input {self.fa_input!r}")
 
     @property
     def feature_size(self) -> int:

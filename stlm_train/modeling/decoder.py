@@ -25,7 +25,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward(self, h: int, w: int) -> torch.Tensor:  # -> (C, h, w)
         g = self.positional_encoding_gaussian_matrix
-        grid = torch.ones((h, w), device=g.device, dtype=torch.float32)
+        grid = torch.ones((h, w), device=g.device, dtype=g.dtype)
         y = (grid.cumsum(dim=0) - 0.5) / h
         x = (grid.cumsum(dim=1) - 0.5) / w
         coords = 2 * torch.stack([x, y], dim=-1) - 1

@@ -47,7 +47,7 @@ class ASPP(nn.Module):
 class FAHead(nn.Module):
     """(B, in_channels, h, w) student products -> (B, 1, h, w) anomaly probability.
 
-    ``prior_channels`` > 0 adds a prior path (``fa_input="product+tlm"``): a 1x1 conv over per-level log
+    ``prior_channels`` > 0 adds a prior path (``fa_input`` ``product+tlm`` or ``tlm``): a 1x1 conv over per-level log
     cosine distances (the TLM map's factors, :func:`stlm_train.modeling.stlm.fa_prior`) added to the logits,
     initialised to their sum (log TLM) with the head's last conv at zero, so training starts from the TLM
     map and the head learns a correction. 0 (default) is the official head and its state dict.

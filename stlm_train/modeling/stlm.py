@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import FA_INPUTS, STLMConfig
+from ..config import FA_INPUTS, PRIOR_FA_INPUTS, STLMConfig
 from .common import Normalize
 from .decoder import FeatureDecoder
 from .fa_head import FAHead
@@ -32,11 +32,13 @@ def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def fa_input(plain: Features, denoising: Features, mode: str = "product") -> torch.Tensor:
     """FA head input -> (B, 2C, h, w): ``product`` cat_k(-l2n(Sp_k) * l2n(Sd_k)) (official), ``absdiff``
     cat_k(|l2n(Sp_k) - l2n(Sd_k)|) (:data:`stlm_train.config.FA_INPUTS`; ``product+tlm``: the product, the
-    TLM prior goes to the head's prior path, :func:`fa_prior`)."""
+    TLM prior goes to the head's prior path, :func:`fa_prior`); ``tlm``: (B, 2, h, w), the prior itself."""
     if mode not in FA_INPUTS:
         raise ValueError(f"fa_input must be one of {', '.join(FA_INPUTS)}, got {mode!r}")
     if mode == "absdiff":
         return torch.cat([torch.abs(l2n(p) - l2n(d)) for p, d in zip(plain, denoising)], dim=1)
+    if mode == "tlm":
+        return fa_prior(plain, denoising)
     return torch.cat([-l2n(p) * l2n(d) for p, d in zip(plain, denoising)], dim=1)  # product, product+tlm
 
 
@@ -46,7 +48,7 @@ PRIOR_EPS = 1e-4
 
 def has_prior(mode: str) -> bool:
     """Whether an ``fa_input`` mode feeds the FA head the TLM prior."""
-    return mode.endswith("+tlm")
+    return mode in PRIOR_FA_INPUTS
 
 
 def fa_prior(plain: Features, denoising: Features) -> torch.Tensor:
@@ -85,7 +87,8 @@ class STLM(nn.Module):
         self.denoising = TinyViT(cfg.student, cfg.img_size, out_chans=cfg.decoder.dim)  # Sd (official encoderS)
         self.decoder = FeatureDecoder(cfg.decoder)
         levels = 2  # the decoder's two feature maps
-        self.fa_head = FAHead(levels * cfg.decoder.dim, cfg.fa_head, levels if has_prior(cfg.fa_input) else 0)
+        in_channels = levels if cfg.fa_input == "tlm" else levels * cfg.decoder.dim
+        self.fa_head = FAHead(in_channels, cfg.fa_head, levels if has_prior(cfg.fa_input) else 0)
         self.normalize = Normalize(cfg.pixel_mean, cfg.pixel_std)
 
     def student_features(self, x: torch.Tensor,
@@ -103,10 +106,16 @@ class STLM(nn.Module):
     def fa_head_inputs(self, plain: Features, denoising: Features) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the FA head reads: the configured per-level input, and the TLM prior when the head has that path."""
         prior = fa_prior(plain, denoising) if self.fa_head.prior is not None else None
+        if self.cfg.fa_input == "tlm":
+            return prior, prior  # the head reads the disagreement alone, not the features' content
         return fa_input(plain, denoising, self.cfg.fa_input), prior
 
     def fa_logits(self, plain: Features, denoising: Features) -> torch.Tensor:
-        """The FA head's logits (B, 1, h, w) on the students' features."""
+        """The FA map's logits (B, 1, h, w) on the students' features: the head's (``fa_output`` head), or its
+        trained prior path alone (``prior``: the head's other layers are not computed)."""
+        if self.cfg.fa_output == "prior":
+            assert self.fa_head.prior is not None  # STLMConfig allows "prior" only with the path
+            return self.fa_head.prior(fa_prior(plain, denoising))
         return self.fa_head.logits(*self.fa_head_inputs(plain, denoising))
 
     def forward(self, x: torch.Tensor) -> InferenceOutput:

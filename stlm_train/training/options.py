@@ -10,7 +10,8 @@ from stlm_deploy.thresholds import DEFAULT_THRESHOLD_TARGET, ThresholdError, par
 from stlm_deploy.tiling import DEFAULT_TILE_OVERLAP, Tiling, check_tiling
 
 from ..anomalies import AUGMENTATIONS, DEFAULT_TEXTURE_BANK, TEXTURE_BANKS
-from ..config import CONFIGS, DEFAULT_FA_INPUT, FA_INPUTS, TRAIN_FA_INPUT, validate_img_size
+from ..config import (CONFIGS, DEFAULT_FA_INPUT, DEFAULT_FA_OUTPUT, FA_INPUTS, FA_OUTPUTS, PRIOR_FA_INPUTS,
+                      TRAIN_FA_INPUT, validate_img_size)
 from ..data.datasets import FORMATS
 from ..evaluate import BUILTIN_DATA
 from ..modeling.teacher import DEFAULT_TEACHER_RECIPE, TEACHER_RECIPES, TEACHER_SEED_OFFSET
@@ -21,7 +22,7 @@ IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
                    "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss", "fa_target",
-                   "fa_input")
+                   "fa_input", "fa_output")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
@@ -108,7 +109,10 @@ class TrainOptions:
     fa_grad: str = DEFAULT_FA_GRAD  # detached | students (official) | a gradient factor in (0, 1)
     fa_loss: str = DEFAULT_FA_LOSS  # focal+l1 (official) | focal | focal+l1+dice
     fa_target: str = DEFAULT_FA_TARGET  # mask (official) | changed
-    fa_input: str = TRAIN_FA_INPUT  # what the FA head reads (STLM only): product+tlm | product (official) | absdiff
+    fa_input: str = TRAIN_FA_INPUT  # what the FA head reads (STLM only): product+tlm | product (official) | absdiff | tlm
+    # The FA map at inference (STLM only, stlm_train.config.FA_OUTPUTS): head | prior; None: prior when the head
+    # has the prior path, else head (resolved_fa_output). Acts after the last step (refinish can change it).
+    fa_output: str | None = None
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -122,6 +126,12 @@ class TrainOptions:
         if self.work_size is not None:
             out.update({k: getattr(self, k) for k in TILING_FIELDS})
         return out
+
+    def resolved_fa_output(self) -> str:
+        """``fa_output``, or when None the trainer's choice: the prior path alone where the head has one."""
+        if self.fa_output is not None:
+            return self.fa_output
+        return "prior" if self.fa_input in PRIOR_FA_INPUTS else DEFAULT_FA_OUTPUT
 
     def resolved_img_size(self) -> int:
         """The model input (tile) size: ``img_size``, else the config's own."""
@@ -215,6 +225,14 @@ class TrainOptions:
         # field resume with) mean nothing there; another choice is a mistake
         if self.fa_input not in (TRAIN_FA_INPUT, DEFAULT_FA_INPUT) and CONFIGS[self.config].family != "stlm":
             raise TrainError(f"--fa-input {self.fa_input}: STLM only (--config {self.config} has no FA head)")
+        if self.fa_output is not None and self.fa_output not in FA_OUTPUTS:
+            raise TrainError(f"fa_output must be one of {', '.join(FA_OUTPUTS)}, got {self.fa_output!r}")
+        if self.fa_output == "prior":
+            if CONFIGS[self.config].family != "stlm":
+                raise TrainError(f"--fa-output prior: STLM only (--config {self.config} has no FA head)")
+            if self.fa_input not in PRIOR_FA_INPUTS:
+                raise TrainError(f"--fa-output prior needs --fa-input {' or '.join(PRIOR_FA_INPUTS)} (the head's "
+                                 f"prior path), got --fa-input {self.fa_input}")
         if self.threshold_target is not None:
             try:
                 parse_target(self.threshold_target)
@@ -239,7 +257,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
     legacy = {"teacher_seed": stored.get("seed", opts.seed), "teacher_recipe": "v1", "texture_bank": "v1",
               "resize": "bilinear", "augment_before_resize": False,
               "student_bn": "train", "threshold_target": None, "fa_grad": "students", "fa_loss": "focal+l1",
-              "fa_target": "mask", "fa_input": "product",
+              "fa_target": "mask", "fa_input": "product", "fa_output": DEFAULT_FA_OUTPUT,
               **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

@@ -20,7 +20,7 @@ from .state import load_run_state
 
 #: option -> the values a finished run can be re-finished with (``frozen`` BatchNorm changes the steps)
 POST_TRAINING_OPTIONS: dict[str, tuple[Any, ...] | None] = {"student_bn": ("train", "recalibrate"),
-                                                            "threshold_target": None}
+                                                            "threshold_target": None, "fa_output": None}
 
 
 def refinish(run_dir: str | os.PathLike, out: str | os.PathLike, changes: dict[str, Any], evaluate: bool = True,

@@ -88,7 +88,7 @@ def train_resumed(opts: TrainOptions, state: dict[str, Any] | None, log: Log | N
     opts.validate()
     cfg = replace(get_config(opts.config, opts.img_size), resize=opts.resize)
     if isinstance(cfg, STLMConfig):
-        cfg = replace(cfg, fa_input=opts.fa_input)
+        cfg = replace(cfg, fa_input=opts.fa_input, fa_output=opts.resolved_fa_output())
     info = setup_distributed(resolve_device(opts.device).type)  # a bad --device fails before joining a group
     try:
         return _Run(opts, cfg, state, info, log).execute()
@@ -383,7 +383,7 @@ class _Run:
             "texture_bank": opts.texture_bank, "resize": cfg.resize,
             "augment_before_resize": opts.augment_before_resize, "student_bn": opts.student_bn,
             "fa_grad": opts.fa_grad, "fa_loss": opts.fa_loss, "fa_target": opts.fa_target,
-            **({"fa_input": cfg.fa_input} if isinstance(cfg, STLMConfig) else {}),
+            **({"fa_input": cfg.fa_input, "fa_output": cfg.fa_output} if isinstance(cfg, STLMConfig) else {}),
             "batch_size": opts.batch_size,
             **({"work_size": self.tiling.work_size, "tile_overlap": self.tiling.overlap} if self.tiling else {}),
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),

@@ -157,7 +157,53 @@ def test_rows_trained_before_a_default_changed_are_superseded_not_reused(tmp_pat
     d = json.loads(path.read_text())
     assert [(r["variant"], r.get("fa_input")) for r in d["superseded"]] == [("current", None)]
     md = (tmp_path / "t.md").read_text()
-    assert md.index("| current | 1 |") < md.index("## Superseded rows") < md.rindex("| current | 1 |")
+    assert md.index("| current | 1 |") < md.index("## Superseded rows") < md.index(
+        "| current (product, prior output) | 1 |")
     assert sorted((r["variant"], r.get("fa_input")) for r in d["runs"]) == [("current", TRAIN_FA_INPUT),
                                                                             ("current-tlm-prior", None)]
     assert accuracy.expected_fa_input("r2") == "product" and accuracy.expected_fa_input("v0") == "product"
+
+
+def test_a_row_finished_before_the_prior_output_default_is_refinished_from_its_kept_run(tmp_path, capsys):
+    """A ``current`` row whose model output the head (before ``fa_output`` "prior" became the trainer's choice)
+    is superseded, and its kept run is finished again with today's output instead of trained again; the paired
+    ``current-prior-output`` row re-finishes the same weights with the head's output; a kept run that trained
+    otherwise is refused."""
+    import torch
+
+    from stlm_train.training import TrainError
+
+    keep = tmp_path / "runs"
+    argv = ["--data", "generated", "--config", "small", "--img-size", "128", "--steps", "1", "--seeds", "0",
+            "--variants", "current", "--name", "o", "--out-dir", str(tmp_path), "--keep-runs", str(keep)]
+    assert accuracy.main(argv) == 0
+    path = tmp_path / "o.json"
+    d = json.loads(path.read_text())
+    assert d["runs"][0]["fa_output"] == "prior" and "refinished_from" not in d["runs"][0]
+    del d["runs"][0]["fa_output"]  # as a row, and its run, from before the field: the head's output
+    path.write_text(json.dumps(d))
+    last = keep / "current-s0" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    del state["options"]["fa_output"]
+    torch.save(state, last)
+    capsys.readouterr()
+    assert accuracy.main(argv) == 0
+    assert " seed 0: FA" in capsys.readouterr().out
+    d = json.loads(path.read_text())
+    row = d["runs"][0]
+    assert row["fa_output"] == "prior" and row["refinished_from"] == str(keep / "current-s0") and row["steps"] == 1
+    assert [r.get("fa_output") for r in d["superseded"]] == [None]
+    assert (keep / "current-s0-refinished" / "model.ckpt").is_file()
+    paired = [*argv[:11], "current-prior-output", *argv[12:]]
+    assert accuracy.main(paired) == 0
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["runs"]}
+    assert rows["current-prior-output"]["fa_output"] == "head"
+    assert rows["current-prior-output"]["derived_from"] == "current"
+    args = accuracy.argparse.Namespace(data="generated", category=None, config="small", img_size=128, steps=2,
+                                       time_budget=None)
+    with pytest.raises(TrainError, match=r"other steps \(1\) than current seed 0"):
+        accuracy.kept_run_changes(keep / "current-s0", "current", 0, args)
+    args.steps = 1
+    with pytest.raises(TrainError, match="other fa_input"):
+        accuracy.kept_run_changes(keep / "current-s0", "current-tlm-prior", 0, args)
+    assert accuracy.kept_run_changes(keep / "current-s0", "current", 0, args) == {"fa_output": None}

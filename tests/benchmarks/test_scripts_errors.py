@@ -13,6 +13,7 @@ from stlm_bench.output import run_main
 @pytest.mark.parametrize("script,args,needle", [
     ("large_image", ["--engine", "/no/such/engine"], "/no/such/engine"),
     ("accuracy", ["--data", "/no/such/data", "--steps", "1"], "/no/such/data"),
+    ("fa_correction", ["--runs", "/no/such/model.ckpt"], "/no/such/model.ckpt"),
 ])
 def test_scripts_bad_input_is_one_line(script, args, needle):
     r = subprocess.run([sys.executable, "-m", f"stlm_bench.{script}", *args], capture_output=True, text=True,

@@ -147,7 +147,7 @@ def test_deploy_model_shares_weights_and_matches_predict(small_stlm, small_image
     assert torch.equal(amap, ref.anomaly_map) and torch.equal(score, ref.score) and torch.equal(tlm, ref.tlm_map)
 
 
-@pytest.mark.parametrize("mode", ["absdiff", "product+tlm"])
+@pytest.mark.parametrize("mode", ["absdiff", "product+tlm", "tlm", "product+tlm:prior"])
 def test_fa_input_model_exports_with_parity(small_stlm, small_images, mode):
     """A model trained with another ``fa_input`` (``absdiff``, or the TLM prior path) exports its own FA
     head: ORT == PyTorch <= 1e-4, and it is not the official product graph."""
@@ -157,8 +157,10 @@ def test_fa_input_model_exports_with_parity(small_stlm, small_images, mode):
 
     from tests.stlm_train.helpers import with_tlm_prior
 
-    if mode == "product+tlm":
-        m = with_tlm_prior(small_stlm)
+    if mode != "absdiff":
+        m = with_tlm_prior(small_stlm, mode.split(":")[0])
+        if mode.endswith(":prior"):  # the FA map is the prior path alone: the graph has no other FA head layer
+            m.cfg = replace(m.cfg, fa_output="prior")
     else:
         m = STLM(replace(small_stlm.cfg, fa_input=mode))
         m.load_state_dict(small_stlm.state_dict())
@@ -170,3 +172,6 @@ def test_fa_input_model_exports_with_parity(small_stlm, small_images, mode):
     official = reference_outputs(small_stlm, imgs, with_tlm=False)
     assert np.abs(got["anomaly_map"] - ref["anomaly_map"]).max() <= 1e-4
     assert np.abs(ref["anomaly_map"] - official["anomaly_map"]).max() > 1e-3  # not the product graph
+    scopes = {n.name.split("/")[1] for n in exp.model.graph.node if n.name.count("/") > 1}  # FA head: res, head, prior
+    assert ("prior" in scopes) == (mode != "absdiff")
+    assert ({"res", "head"} & scopes == set()) if mode.endswith(":prior") else {"res", "head"} <= scopes

@@ -119,7 +119,8 @@ def test_name_nodes_makes_names_unique():
     assert float_nodes(m) == set(names)
 
 
-def test_fp16_graph_of_an_fa_prior_model_keeps_its_log_fp32_and_parity(small_stlm, small_images):
+@pytest.mark.parametrize("mode", ["product+tlm", "tlm"])
+def test_fp16_graph_of_an_fa_prior_model_keeps_its_log_fp32_and_parity(small_stlm, small_images, mode):
     """A model trained with the TLM prior (the trainer's default) converts under the same policy: its Log stays
     fp32 and the fp16 map is within the policy's 5e-3 of PyTorch."""
     import numpy as np
@@ -128,7 +129,7 @@ def test_fp16_graph_of_an_fa_prior_model_keeps_its_log_fp32_and_parity(small_stl
     from stlm_export.onnx_export import export_onnx
     from tests.stlm_train.helpers import with_tlm_prior
 
-    m = with_tlm_prior(small_stlm)
+    m = with_tlm_prior(small_stlm, mode)
     res = convert_fp16(export_onnx(m, simplify=True).model)
     assert res.histogram().get("Log", 0) == 2  # one per level
     imgs = small_images.images[:2]

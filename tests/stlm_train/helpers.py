@@ -30,19 +30,28 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @torch.no_grad()
-def with_tlm_prior(model: nn.Module) -> nn.Module:
-    """``model``'s weights in an eval-mode ``fa_input="product+tlm"`` twin, its prior path set to trained-looking
-    per-level weights and a bias (not the (1, 1) / 0 start)."""
+def with_tlm_prior(model: nn.Module, mode: str = "product+tlm") -> nn.Module:
+    """``model``'s weights in an eval-mode twin with the TLM prior path (``fa_input`` ``mode``: "product+tlm",
+    or "tlm", whose head reads the prior alone and so gets seeded first-layer weights of its own), the prior set
+    to trained-looking per-level weights and a bias (not the (1, 1) / 0 start)."""
     from dataclasses import replace
 
     from stlm_train import STLM
 
-    m = STLM(replace(model.cfg, fa_input="product+tlm"))
-    missing = m.load_state_dict(model.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["fa_head.prior.bias", "fa_head.prior.weight"]
-    with torch.no_grad():
-        m.fa_head.prior.weight.copy_(torch.tensor([0.7, 1.3]).view(1, 2, 1, 1))
-        m.fa_head.prior.bias.fill_(2.0)
+    m = STLM(replace(model.cfg, fa_input=mode))
+    own = m.state_dict()
+    fits = {k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape}
+    missing = m.load_state_dict(fits, strict=False).missing_keys
+    unfit = sorted(k for k in missing if ".prior." not in k)
+    assert sorted(set(missing) - set(unfit)) == ["fa_head.prior.bias", "fa_head.prior.weight"]
+    assert unfit == ([] if mode == "product+tlm" else
+                     ["fa_head.res.0.conv1.weight", "fa_head.res.0.downsample.0.weight"])
+    g = torch.Generator().manual_seed(3)
+    for name, p in m.named_parameters():
+        if name in unfit:
+            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    m.fa_head.prior.weight.copy_(torch.tensor([0.7, 1.3]).view(1, 2, 1, 1))
+    m.fa_head.prior.bias.fill_(2.0)
     return m.eval()
 
 

@@ -248,7 +248,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, wr
     assert marker.exists()
 
 
-@pytest.mark.parametrize("fa_input", ["absdiff", "product+tlm"])
+@pytest.mark.parametrize("fa_input", ["absdiff", "product+tlm", "tlm"])
 def test_only_the_official_fa_head_has_an_official_layout(fa_input):
     """An absdiff or TLM-prior model would be misread by the official code: converting it is refused."""
     from dataclasses import replace

@@ -171,3 +171,61 @@ def test_fa_input_tlm_prior_starts_as_the_tlm_map():
     assert torch.equal(fa_input(plain, denoising, "product+tlm"), fa_input(plain, denoising, "product"))
     with pytest.raises(ValueError, match="prior path and needs the prior input"):
         m.fa_head(fa_input(plain, denoising, "product"))
+
+
+def test_fa_input_tlm_head_reads_the_students_disagreement_only():
+    """``tlm``: the FA head's input is the per-level log distances alone (2 channels, not the 2C product), it
+    starts as the TLM map like ``product+tlm``, and images whose students disagree alike get the same map
+    whatever their features' content."""
+    from dataclasses import replace
+
+    from stlm_train.modeling.stlm import fa_prior
+
+    cfg = get_config("small")
+    torch.manual_seed(0)
+    m = STLM(replace(cfg, fa_input="tlm")).eval()
+    assert m.fa_head.res[0].conv1.weight.shape[1] == 2
+    imgs = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = m.normalize(imgs)
+    plain, denoising = m.student_features(x)
+    head_in, prior = m.fa_head_inputs(plain, denoising)
+    torch.testing.assert_close(head_in, fa_prior(plain, denoising))
+    assert head_in is prior  # computed once
+    expect = torch.nn.functional.interpolate(torch.sigmoid(prior.sum(dim=1, keepdim=True)), size=(128, 128),
+                                             mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(m(x).anomaly_map, expect, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # a trained-looking correction: the map now depends on the head, still only on prior
+        m.fa_head.head[-1].weight.normal_(0, 0.1)
+        out = m.fa_logits(plain, denoising)
+        assert (out - prior.sum(dim=1, keepdim=True)).abs().max() > 1e-3
+        torch.testing.assert_close(m.fa_head.logits(prior, prior), out)
+
+
+def test_fa_output_prior_is_the_trained_prior_path_alone():
+    """``fa_output="prior"``: the FA map is sigmoid(prior conv over the log distances); the head's other layers
+    no longer change it (and are not computed); only a head with the prior path can output it."""
+    from dataclasses import replace
+
+    from stlm_train.modeling.stlm import fa_prior
+    from tests.stlm_train.helpers import randomize
+
+    cfg = get_config("small")
+    torch.manual_seed(0)
+    head_model = randomize(STLM(replace(cfg, fa_input="product+tlm")), 2).eval()
+    prior_model = STLM(replace(cfg, fa_input="product+tlm", fa_output="prior")).eval()
+    prior_model.load_state_dict(head_model.state_dict())
+    imgs = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = prior_model.normalize(imgs)
+    plain, denoising = prior_model.student_features(x)
+    want = prior_model.fa_head.prior(fa_prior(plain, denoising))
+    torch.testing.assert_close(prior_model.fa_logits(plain, denoising), want)
+    assert (head_model.fa_logits(plain, denoising) - want).abs().max() > 1e-3  # the head's correction differs
+    calls = []
+    prior_model.fa_head.res.register_forward_hook(lambda *a: calls.append(1))
+    out = prior_model(x)
+    assert not calls
+    torch.testing.assert_close(out.tlm_map, head_model(x).tlm_map)
+    with pytest.raises(ValueError, match="fa_output 'prior' needs an FA head with the prior path"):
+        replace(cfg, fa_output="prior")
+    with pytest.raises(ValueError, match="fa_output must be one of head, prior"):
+        replace(cfg, fa_output="x")

@@ -89,10 +89,11 @@ def test_fa_input_flag_matches_the_model_config():
     """--fa-input is spelled in the CLI as well: its choices are the model config's, its default the trainer's
     (the model config's own default stays the official product, what older checkpoints were)."""
     from stlm_train import cli as train_cli
-    from stlm_train.config import DEFAULT_FA_INPUT, FA_INPUTS, TRAIN_FA_INPUT
+    from stlm_train.config import DEFAULT_FA_INPUT, FA_INPUTS, FA_OUTPUTS, TRAIN_FA_INPUT
     from stlm_train.training import TrainOptions
 
     assert train_cli.FA_INPUT_CHOICES == FA_INPUTS and train_cli.DEFAULT_FA_INPUT_NAME == TRAIN_FA_INPUT
+    assert train_cli.FA_OUTPUT_CHOICES == FA_OUTPUTS
     assert TrainOptions(data="builtin", out="unused").fa_input == TRAIN_FA_INPUT
     assert DEFAULT_FA_INPUT == "product"
 
@@ -143,6 +144,8 @@ def garbage(tmp_path_factory) -> Path:
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-loss", "bce"], "'--fa-loss'"),
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-target", "teacher"], "'--fa-target'"),
     (["--data", "builtin", "--out", "{tmp}/o", "--fa-input", "sum"], "'--fa-input'"),
+    (["--data", "builtin", "--out", "{tmp}/o", "--fa-input", "product", "--fa-output", "prior"],
+     "--fa-output prior needs --fa-input product+tlm or tlm"),
     (["--data", "builtin", "--out", "{tmp}/o", "--texture-bank", "dtd"], "'--texture-bank'"),
 ])
 def test_train_errors_are_one_line(args, needle, tmp_path, garbage, capsys):
