@@ -100,7 +100,8 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: on: bf16 autocast on CPU, fp16 on CUDA / off), ``teacher-<recipe>`` (the built-in teacher's recipe named, whatever
 #: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product),
 #: ``fa-loss-dice`` (a soft Dice term added to the FA head's focal + L1), ``fa-input-tlm`` (the FA head also
-#: reads the TLM map's per-level log distances through a prior path and starts as the TLM map)
+#: reads the TLM map's per-level log distances through a prior path and starts as the TLM map),
+#: ``fa-input-tlm-only`` (the FA head reads those log distances alone, not the product)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
     "grey-textures": {"texture_bank": "reference+grey"},
@@ -237,12 +238,14 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
 
 
 def load_run_state_options(run: Path) -> dict[str, Any]:
+    """The options a kept run recorded in its last.ckpt."""
     from stlm_train.training.state import load_run_state
 
     return dict(load_run_state(run)["options"])
 
 
 def trained_fa_input_of_run(run: Path) -> str:
+    """The FA input a kept run trained with (runs from before the field: the official product)."""
     return str(load_run_state_options(run).get("fa_input", "product"))
 
 
