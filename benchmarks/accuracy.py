@@ -187,10 +187,13 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
     if kept:  # a kept run of this row (its result superseded by a post-training default): finish it again
         fin = out.with_name(out.name + "-refinished")
         try:
-            res = refinish(out, fin, kept_run_changes(out, variant, seed, args), evaluate=evaluate)
+            changes, had = kept_run_changes(out, variant, seed, args)
+            res = refinish(out, fin, changes, evaluate=evaluate)
         except TrainError as e:
             raise SystemExit(f"Error: --keep-runs {out}: {e}") from None
-        amp, fa_in = bool(load_run_state_options(out).get("amp", False)), trained_fa_input_of_run(out)
+        record = out / "metrics.json"  # the precision its steps ran in, as the run recorded it
+        amp = bool(json.loads(record.read_text())["train"].get("amp", False)) if record.is_file() else False
+        fa_in = had.fa_input
     elif base is not None:
         src = work / f"{base}-s{seed}"
         if not (src / "last.ckpt").is_file():
@@ -237,22 +240,10 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path,
     return row
 
 
-def load_run_state_options(run: Path) -> dict[str, Any]:
-    """The options a kept run recorded in its last.ckpt."""
-    from stlm_train.training.state import load_run_state
-
-    return dict(load_run_state(run)["options"])
-
-
-def trained_fa_input_of_run(run: Path) -> str:
-    """The FA input a kept run trained with (runs from before the field: the official product)."""
-    return str(load_run_state_options(run).get("fa_input", "product"))
-
-
-def kept_run_changes(run: Path, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The post-training options that finish the kept ``run`` as ``variant`` today (its steps are reused: a row
-    whose result a post-training default made stale needs no new training); an error when the run trained
-    otherwise than the variant would (another option, data or budget)."""
+def kept_run_changes(run: Path, variant: str, seed: int, args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """(the post-training options that finish the kept ``run`` as ``variant`` today, the options it trained with);
+    its steps are reused: a row whose result a post-training default made stale needs no new training. An error
+    when the run trained otherwise than the variant would (another option, data or budget)."""
     from stlm_train.training import POST_TRAINING_OPTIONS, TrainError, TrainOptions
     from stlm_train.training.options import IDENTITY_FIELDS, merge_resume_options
     from stlm_train.training.state import load_run_state
@@ -272,7 +263,7 @@ def kept_run_changes(run: Path, variant: str, seed: int, args: argparse.Namespac
     if differ:
         raise TrainError(f"it trained with other {', '.join(differ)} than {variant} seed {seed}; move it away to "
                          "train the row again")
-    return {k: getattr(want, k) for k in POST_TRAINING_OPTIONS if getattr(had, k) != getattr(want, k)}
+    return {k: getattr(want, k) for k in POST_TRAINING_OPTIONS if getattr(had, k) != getattr(want, k)}, had
 
 
 def trained_fa_input(row: dict[str, Any]) -> str:

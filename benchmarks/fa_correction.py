@@ -22,8 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .accuracy import bundled_sample_or_exit
 from .measure import machine_line
 from .output import emit_beside, run_main
@@ -32,14 +30,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0)
 
 
-def _metrics(maps: np.ndarray, labels: np.ndarray, masks: np.ndarray, k: int) -> dict[str, float]:
-    from stlm_train.metrics import aupro, image_auroc, pixel_auroc
+def _metrics(pred: Any) -> dict[str, dict[str, float]]:
+    """FA and TLM image / pixel AUROC and AUPRO of one prediction pass (the evaluator's own metrics)."""
+    from stlm_train.evaluate import metrics_from_predictions
 
-    maps = maps.astype(np.float32)
-    flat = maps.reshape(len(maps), -1)
-    scores = np.sort(flat, axis=1)[:, -min(k, flat.shape[1]):].mean(axis=1)  # the model's top-k image score
-    return {"image_auroc": float(image_auroc(scores, labels)), "pixel_auroc": float(pixel_auroc(maps, masks)),
-            "aupro": float(aupro(maps, masks))}
+    out = metrics_from_predictions(pred)
+    return {name: {"image_auroc": out[name]["i_auroc"], "pixel_auroc": out[name]["p_auroc"],
+                   "aupro": out[name]["aupro"]} for name in ("fa", "tlm")}
 
 
 def sweep(ckpt: Path, data: str, category: str | None, alphas: tuple[float, ...]) -> dict[str, Any]:
@@ -66,13 +63,13 @@ def sweep(ckpt: Path, data: str, category: str | None, alphas: tuple[float, ...]
                 with torch.no_grad():
                     last.weight.copy_(weight * a)
                     last.bias.copy_(bias * a)
-                pred = predict_dataset(model, dataset)
-                rows[f"{a:g}"] = _metrics(pred.fa_maps, pred.labels, pred.masks, model.cfg.top_k)
+                measured = _metrics(predict_dataset(model, dataset))
+                rows[f"{a:g}"] = measured["fa"]
         finally:
             with torch.no_grad():
                 last.weight.copy_(weight)
                 last.bias.copy_(bias)
-        tlm = _metrics(pred.tlm_maps, pred.labels, pred.masks, model.cfg.top_k)
+        tlm = measured["tlm"]  # the students' map: the same at every alpha
     return {"ckpt": str(ckpt), "fa_input": model.cfg.fa_input, "fa_output": fa_output, "fa": rows, "tlm": tlm,
             "prior_weight": [round(float(w), 4) for w in head.prior.weight.detach().flatten()],
             "prior_bias": round(float(head.prior.bias.detach().item()), 4)}

@@ -206,4 +206,5 @@ def test_a_row_finished_before_the_prior_output_default_is_refinished_from_its_k
     args.steps = 1
     with pytest.raises(TrainError, match="other fa_input"):
         accuracy.kept_run_changes(keep / "current-s0", "current-tlm-prior", 0, args)
-    assert accuracy.kept_run_changes(keep / "current-s0", "current", 0, args) == {"fa_output": None}
+    changes, had = accuracy.kept_run_changes(keep / "current-s0", "current", 0, args)
+    assert changes == {"fa_output": None} and had.fa_input == "product+tlm" and had.fa_output == "head"

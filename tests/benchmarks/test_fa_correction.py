@@ -9,7 +9,7 @@ import sys
 def test_alpha_one_is_the_trained_model(small_stlm, sample_dir, tmp_path):
     from stlm_bench.fa_correction import _metrics, sweep
     from stlm_train import save_checkpoint
-    from stlm_train.evaluate import load_for_eval, model_split, predict_dataset
+    from stlm_train.evaluate import load_for_eval, metrics_from_predictions, model_split, predict_dataset
     from tests.stlm_train.helpers import with_tlm_prior
 
     ckpt = tmp_path / "prior" / "model.ckpt"
@@ -17,8 +17,10 @@ def test_alpha_one_is_the_trained_model(small_stlm, sample_dir, tmp_path):
     out = sweep(ckpt, str(sample_dir), None, (0.0, 1.0))
     model, _ = load_for_eval(ckpt)
     pred = predict_dataset(model, model_split(model, sample_dir, "mvtec", None, "test"))
-    assert out["fa"]["1"] == _metrics(pred.fa_maps, pred.labels, pred.masks, model.cfg.top_k)
-    assert out["tlm"] == _metrics(pred.tlm_maps, pred.labels, pred.masks, model.cfg.top_k)
+    assert out["fa"]["1"] == _metrics(pred)["fa"] and out["tlm"] == _metrics(pred)["tlm"]
+    evaluator = metrics_from_predictions(pred)
+    assert out["fa"]["1"]["pixel_auroc"] == evaluator["fa"]["p_auroc"]
+    assert out["tlm"]["aupro"] == evaluator["tlm"]["aupro"]
     assert out["fa"]["0"] != out["fa"]["1"]  # the correction of this model does change the map
     assert out["prior_weight"] == [0.7, 1.3] and out["prior_bias"] == 2.0
 
