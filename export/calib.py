@@ -1,10 +1,11 @@
 """Calibration / parity images: a user folder, the bundled real MVTec sample, or generated fields.
 
 The parity gate needs images whose maps look like real ones (textures, edges, smooth regions), so
-the order of preference is: ``--calib-data ROOT`` (every image below it, recursively), the bundled
-real sample ``../shared/data/mvtec_bottle_xs`` next to the repository (``$STLM_SAMPLE_DATA``
-overrides; its ``test/`` images: good and defective), and only then deterministic generated images
-(smooth random colour fields with a few blobs, named ``generated:smooth-fields(seed=0)``).
+the order of preference is: ``--calib-data ROOT`` (every image below it, recursively, but
+none in a ``ground_truth/`` or ``masks/`` folder), the bundled real sample ``../shared/data/mvtec_bottle_xs``
+next to the repository (``$STLM_SAMPLE_DATA`` overrides; its ``test/`` images: good and defective), and only
+then deterministic generated images (smooth random colour fields with a few blobs, named
+``generated:smooth-fields(seed=0)``).
 
 Images are resized by the runtime's own function and the engine's resize policy
 (``stlm_deploy.preprocess.resize_image``), so the graph sees what it sees in deployment. For a tiled
@@ -28,10 +29,11 @@ from stlm_deploy.images import read_image_rgb
 from stlm_deploy.preprocess import DEFAULT_RESIZE, resize_image, work_image
 from stlm_deploy.tiling import TiledResult, Tiling, gate_maps, stitch_tiles
 
-__all__ = ["CalibSet", "TileLayout", "find_images", "load_images", "model_views", "sample_data_root",
+__all__ = ["CalibSet", "MASK_FOLDERS", "TileLayout", "find_images", "load_images", "model_views", "sample_data_root",
            "generated_images", "calibration_images", "DEFAULT_MAX_IMAGES"]
 
 DEFAULT_MAX_IMAGES = 8
+MASK_FOLDERS = frozenset({"ground_truth", "masks"})  # label folders of a data set: never model inputs
 
 
 @dataclass(frozen=True)
@@ -190,15 +192,18 @@ def _calib_set(paths: list[Path], img_size: int, policy: str, tiled: TileLayout 
 def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
                        max_images: int = DEFAULT_MAX_IMAGES, policy: str = DEFAULT_RESIZE,
                        tiled: TileLayout | None = None) -> CalibSet:
-    """The parity/calibration batch: ``calib_data``, else the bundled sample, else generated images (tiled:
-    generated at the work size)."""
+    """The parity/calibration batch: ``calib_data`` (its mask folders skipped, so a data-set root works), else the
+    bundled sample, else generated images (tiled: generated at the work size)."""
     if max_images < 1:
         raise ValueError(f"--parity-images: must be >= 1, got {max_images}")
     if calib_data is not None:
         root = image_folder("--calib-data", calib_data)
-        paths = find_images(root)
+        found = find_images(root)
+        paths = [p for p in found if not MASK_FOLDERS & {q.lower() for q in p.relative_to(root).parts[:-1]}]
         if not paths:
-            raise ValueError(f"--calib-data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found below it")
+            what = "only mask images (ground_truth/, masks/)" if found else "no images"
+            raise ValueError(f"--calib-data {root}: {what} found below it ({', '.join(IMAGE_EXTENSIONS)}); "
+                             "point it at a folder of input images")
         chosen = _spread(paths, max_images)
         return _calib_set(chosen, img_size, policy, tiled, f"calib-data:{root}")
     sample = sample_data_root()

@@ -32,8 +32,8 @@ import numpy as np
 
 from stlm_deploy.tiling import gate_maps
 
-from ..calib import (CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images, image_folder,
-                     load_views, model_views, sample_data_root)
+from ..calib import (MASK_FOLDERS, CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images,
+                     image_folder, load_views, model_views, sample_data_root)
 from ..task_gate import Evidence
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ __all__ = ["ValSet", "gate_data", "gate_validation", "int8_calibration", "int8_v
 DEFAULT_CALIB_IMAGES = 32
 #: Gate images judged at most (spread evenly): above the 50 the 98 % agreement limit needs to be resolvable.
 DEFAULT_VAL_IMAGES = 64
-_TEST_PARTS = {"test", "ground_truth", "masks"}
+_TEST_PARTS = {"test", *MASK_FOLDERS}
 
 
 @dataclass

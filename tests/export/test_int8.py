@@ -88,6 +88,22 @@ def test_int8_only_rule():
 
 
 # -------------------------------------------------------------------------------------------- data
+def test_parity_images_of_a_data_set_root_are_inputs_not_masks(sample_dir, tmp_path):
+    """--calib-data on an MVTec root used to spread the parity batch over ground_truth/ masks too."""
+    from stlm_export.calib import calibration_images
+
+    par = calibration_images(sample_dir, 64, 64)
+    assert (sample_dir / "ground_truth").is_dir() and par.paths
+    assert not [p for p in par.paths if "/ground_truth/" in p]
+    masks = tmp_path / "ground_truth" / "crack"
+    masks.mkdir(parents=True)
+    for f in (sample_dir / "ground_truth").rglob("*.png"):
+        (masks / f.name).write_bytes(f.read_bytes())
+        break
+    with pytest.raises(ValueError, match=r"--calib-data .*only mask images"):
+        calibration_images(tmp_path, 64)
+
+
 def test_calibration_never_sees_test_images(sample_dir, tmp_path):
     cal = int8_calibration(sample_dir, None, 64, "area", 4)  # a data-set root: train/good only
     assert cal.paths and all("/train/good/" in p for p in cal.paths)
