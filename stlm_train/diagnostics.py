@@ -13,6 +13,15 @@ Three measurements, each a number with a documented pass level, kept as fast tes
 - **teacher locality** (:func:`teacher_locality`): a pasted defect should change the teacher's
   features more inside the defect than outside it, at every distilled level; if the teacher moves
   everywhere the students learn to disagree everywhere (good image AUROC, maps that do not localise).
+
+Two more describe where the map is hot, with no pass level (they explain a table, they do not gate):
+
+- **peak in defect** (:func:`peak_in_defect`): the share of defective test images whose map maximum lies in
+  the ground-truth mask. The image score is the mean of the hottest pixels, so when the peak is elsewhere the
+  score measures something other than the defect, whatever the pixel AUROC says.
+- **detail correlation** (:func:`detail_correlation`): how closely the map of a good image follows its fine
+  detail (Spearman rank correlation with ``|image - blur(image)|`` on a coarse grid). High values mean the
+  students disagree on edges and texture as such: false alarms wherever a part has detail.
 """
 from __future__ import annotations
 
@@ -57,6 +66,42 @@ def _cells_over_rest(profile: np.ndarray, cells: np.ndarray) -> float:
 
 #: the maps the positional diagnostics read: the deployed FA map and the students' TLM map
 MAP_OUTPUTS = ("anomaly_map", "tlm_map")
+
+
+def peak_in_defect(maps: np.ndarray, masks: np.ndarray) -> float:
+    """Share of (N, H, W) maps whose maximum falls inside their (N, H, W) mask (images with an empty mask are
+    skipped; NaN when none has one)."""
+    maps, masks = np.asarray(maps), np.asarray(masks)
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must have the same shape")
+    flat = masks.reshape(len(masks), -1) > 0
+    keep = flat.any(axis=1)
+    if not keep.any():
+        return float("nan")
+    peaks = maps.reshape(len(maps), -1)[keep].argmax(axis=1)
+    return float(flat[keep][np.arange(len(peaks)), peaks].mean())
+
+
+def fine_detail(image: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    """|grey - Gaussian blur(grey)| of a uint8 RGB (H, W, 3) image: its edges and fine texture, (H, W) float32."""
+    import cv2
+
+    grey = np.asarray(image, dtype=np.float32).mean(axis=-1)
+    return np.abs(grey - cv2.GaussianBlur(grey, (0, 0), sigma))
+
+
+def detail_correlation(maps: np.ndarray, images: np.ndarray, grid: int = 32) -> float:
+    """Mean over images of the Spearman correlation between each map and the image's :func:`fine_detail`, both
+    area-pooled to grid x grid (the map's own resolution is coarse; pooling compares like with like)."""
+    import cv2
+    from scipy.stats import spearmanr
+
+    maps, images = np.asarray(maps, dtype=np.float32), np.asarray(images)
+    if len(maps) != len(images) or len(maps) == 0:
+        raise ValueError(f"need as many maps as images (at least one), got {len(maps)} and {len(images)}")
+    pool = lambda a: cv2.resize(a, (grid, grid), interpolation=cv2.INTER_AREA).ravel()  # noqa: E731
+    rhos = [spearmanr(pool(m), pool(fine_detail(im))).statistic for m, im in zip(maps, images)]
+    return float(np.nanmean(rhos))
 
 
 @torch.no_grad()
@@ -159,7 +204,8 @@ def locality_pairs(images: Sequence[np.ndarray], img_size: int, seed: int = 0, n
 
 def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, format: str = "mvtec",
                         n_images: int = 24) -> dict[str, object]:
-    """All three diagnostics for a trained STLM checkpoint on ``data`` (good test and training images)."""
+    """Every diagnostic for a trained STLM checkpoint on ``data`` (good test and training images; the defective test
+    images for :func:`peak_in_defect`)."""
     from .checkpoint import read_checkpoint
     from .data import build_dataset
     from .modeling.teacher import build_builtin_teacher, calibrate_batchnorm
@@ -177,8 +223,10 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
     try:
         te = build_dataset(data, format, category, "test", size, resize)
         good = [te[i].image for i, r in enumerate(te.records) if r.label == 0]
+        bad_idx = [i for i, r in enumerate(te.records) if r.label == 1][:n_images]
+        bad, bad_masks = [te[i].image for i in bad_idx], [te[i].mask for i in bad_idx]
     except Exception:  # no test split: the training images only
-        good = []
+        good, bad, bad_masks = [], [], []
     for name, imgs in (("test_good", np.stack(good) if good else None), ("train", train_images)):
         if imgs is None:
             continue
@@ -190,6 +238,12 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
             out[f"{prefix}edge_ratio_{name}"] = edge_ratio(prof)
             out[f"{prefix}border_ratio_{name}"] = border_ratio(prof)
             out[f"{prefix}profile_{name}"] = np.round(prof, 2).tolist()
+            out[f"{prefix}detail_correlation_{name}"] = detail_correlation(maps[output], imgs)
+    if bad:
+        maps = model_maps(model, np.stack(bad))
+        for output, prefix in zip(MAP_OUTPUTS, ("", "tlm_")):
+            if output in maps:
+                out[f"{prefix}peak_in_defect"] = peak_in_defect(maps[output], np.stack(bad_masks))
     out["batchnorm_consistency"] = batchnorm_consistency(model, train_images[:8])
     t = train.get("teacher") or {}
     if t.get("kind") == "builtin":
@@ -220,6 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in ("edge_ratio_test_good", "edge_ratio_train", "border_ratio_test_good", "border_ratio_train"):
             if prefix + k in res:
                 print(f"{prefix}{k}: {res[prefix + k]:.2f} (flat: <= {MAX_EDGE_RATIO})")
+    for prefix in ("", "tlm_"):
+        for k in ("detail_correlation_test_good", "detail_correlation_train"):
+            if prefix + k in res:
+                print(f"{prefix}{k}: {res[prefix + k]:.2f} (the map following edges and texture of good images)")
+        if prefix + "peak_in_defect" in res:
+            print(f"{prefix}peak_in_defect: {res[prefix + 'peak_in_defect']:.2f} (defective test images whose map "
+                  "maximum is in the defect)")
     print(f"batchnorm_consistency: {res['batchnorm_consistency']:.4f} (max |running - clean-batch statistics "
           f"features| / max |feature|; <= {MAX_BN_INCONSISTENCY})")
     if "teacher_locality" in res:
@@ -236,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["MAP_OUTPUTS", "MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency", "border_ratio",
-           "diagnose_checkpoint", "edge_ratio", "grid_profile", "locality_pairs", "mean_maps", "model_maps",
-           "teacher_locality"]
+__all__ = ["MAP_OUTPUTS", "MAX_BN_INCONSISTENCY", "MAX_EDGE_RATIO", "MIN_TEACHER_LOCALITY", "batchnorm_consistency",
+           "border_ratio", "detail_correlation", "diagnose_checkpoint", "edge_ratio", "fine_detail", "grid_profile",
+           "locality_pairs", "mean_maps", "model_maps", "peak_in_defect", "teacher_locality"]
 
 
 if __name__ == "__main__":

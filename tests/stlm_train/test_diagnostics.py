@@ -9,6 +9,7 @@ either setting, so the flatness test guards the measure and the default, not the
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 from stlm_train import get_config
 from stlm_train.data import build_dataset, make_generated_dataset
 from stlm_train.diagnostics import (MAX_BN_INCONSISTENCY, MAX_EDGE_RATIO, MIN_TEACHER_LOCALITY, batchnorm_consistency,
-                                    border_ratio, edge_ratio, grid_profile, locality_pairs, mean_maps, teacher_locality)
+                                    border_ratio, detail_correlation, edge_ratio, fine_detail, grid_profile,
+                                    locality_pairs, mean_maps, peak_in_defect, teacher_locality)
 from stlm_train.modeling import build_builtin_teacher, calibrate_batchnorm
 from stlm_train.modeling.common import Normalize
 from stlm_train.training import TrainOptions, train
@@ -63,6 +65,35 @@ def test_border_ratio_sees_a_frame_that_edge_ratio_misses():
     maps[:, :8] = maps[:, :, :8] = 4.0  # hot top row and left column only
     prof = grid_profile(maps)
     assert edge_ratio(prof) < 1.0 < MAX_EDGE_RATIO < border_ratio(prof)
+
+
+def test_peak_in_defect_counts_maps_whose_maximum_is_in_the_mask():
+    masks = np.zeros((3, 16, 16), np.uint8)
+    masks[:, 2:5, 2:5] = 1
+    maps = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32) * 0.5
+    maps[0, 3, 3] = maps[1, 3, 4] = 1.0  # two peaks inside
+    maps[2, 12, 12] = 1.0  # one elsewhere (a hot background)
+    assert peak_in_defect(maps, masks) == pytest.approx(2 / 3)
+    masks[2] = 0  # an image without a defect mask is not counted
+    assert peak_in_defect(maps, masks) == pytest.approx(1.0)
+    assert np.isnan(peak_in_defect(maps, np.zeros_like(masks)))
+    with pytest.raises(ValueError, match="same shape"):
+        peak_in_defect(maps, masks[:, :8])
+
+
+def test_detail_correlation_tells_a_map_that_follows_edges_from_one_that_does_not():
+    rng = np.random.default_rng(0)
+    images = np.full((4, 64, 64, 3), 128, np.uint8)
+    for im in images:  # a few sharp-edged squares on flat grey
+        for y, x in rng.integers(4, 52, size=(3, 2)):
+            im[y:y + 8, x:x + 8] = rng.integers(0, 256)
+    follows = np.stack([fine_detail(im) for im in images])
+    flat_then_hot = np.zeros((4, 64, 64), np.float32)
+    flat_then_hot[:, 48:, 48:] = 1 + rng.random((4, 16, 16))  # a fixed corner, whatever the image
+    assert detail_correlation(follows, images) > 0.9
+    assert abs(detail_correlation(flat_then_hot, images)) < 0.3
+    with pytest.raises(ValueError, match="as many maps as images"):
+        detail_correlation(follows[:2], images)
 
 
 # -------------------------------------------------------------------------------- students' BatchNorm
@@ -177,3 +208,18 @@ def test_mean_maps_reads_the_tlm_map_too(data_root, tmp_path):
     assert not np.allclose(out.tlm_map.numpy(), out.anomaly_map.numpy())
     with pytest.raises(ValueError, match="output must be one of anomaly_map, tlm_map"):
         mean_maps(model, images, output="map")
+
+
+def test_the_command_reports_every_diagnostic_of_a_checkpoint(data_root, tmp_path, capsys):
+    from stlm_train.diagnostics import main
+
+    res = _train(data_root, tmp_path / "run", "recalibrate", steps=2)
+    assert main(["--ckpt", str(res.model_path), "--data", str(data_root), "--json", str(tmp_path / "d.json")]) == 0
+    out = json.loads((tmp_path / "d.json").read_text())
+    for prefix in ("", "tlm_"):
+        assert 0.0 <= out[prefix + "peak_in_defect"] <= 1.0  # 3 defective test images, each with a mask
+        assert -1.0 <= out[prefix + "detail_correlation_test_good"] <= 1.0
+        assert prefix + "edge_ratio_train" in out
+    assert len(out["teacher_locality"]) == 2
+    printed = capsys.readouterr().out
+    assert "peak_in_defect:" in printed and "detail_correlation_test_good:" in printed
