@@ -113,13 +113,17 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               "still trains the students and the prior). Default: prior when --fa-input has the path, else head.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
+@click.option("--refinish", "refinish_from", default=None, metavar="RUN_DIR",
+              help="Train nothing: finish RUN_DIR's trained weights again into --out with the options that act "
+              "after the last step (--fa-output, --threshold-target), thresholds and evaluation included; e.g. the "
+              "FA map's other output, to compare both on your own images without retraining.")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
 @click.pass_context
 def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size, work_size, tile_overlap, epochs,
               steps, time_budget,
               teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp,
               num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, fa_target, fa_input,
-              fa_output, do_eval, quiet) -> int:
+              fa_output, do_eval, refinish_from, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -128,6 +132,9 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     explicit = {"format" if n == "format_" else n for n in explicit}
+    if refinish_from is not None:
+        return _refinish(refinish_from, out, explicit, {"fa_output": fa_output, "threshold_target": threshold_target},
+                         do_eval, quiet)
     opts = TrainOptions(
         data=data or "", out=out, format=format_, category=category, config=config, img_size=img_size,
         work_size=work_size, tile_overlap=tile_overlap, epochs=epochs, steps=steps, time_budget=time_budget,
@@ -142,6 +149,31 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
     except TrainError as e:  # bad flags: a usage error (exit 2), like click's own checks
         raise click.UsageError(str(e)) from None
     result = train(opts, explicit=explicit)
+    if result.model_path is not None and not quiet:
+        click.echo(f"wrote {result.model_path} and {result.metrics_path}")
+    return 0
+
+
+#: what ``stlm-train --refinish`` accepts besides the options it changes
+_REFINISH_FLAGS = {"refinish_from", "out", "do_eval", "quiet"}
+
+
+def _refinish(run_dir: str, out: str, explicit: set[str], values: dict[str, object], evaluate: bool,
+              quiet: bool) -> int:
+    """``stlm-train --refinish RUN_DIR --out DIR --fa-output ...``: :func:`stlm_train.training.refinish`."""
+    from .training import POST_TRAINING_OPTIONS, TrainError, refinish
+
+    other = sorted(explicit - _REFINISH_FLAGS - set(POST_TRAINING_OPTIONS))
+    if other:
+        raise click.UsageError(f"--refinish trains nothing: --{other[0].replace('_', '-')} cannot be given with it "
+                               "(only --out, --fa-output, --threshold-target, --eval/--no-eval, --quiet)")
+    changes = {k: v for k, v in values.items() if k in explicit}
+    if not changes:
+        raise click.UsageError("--refinish needs what to change: --fa-output and/or --threshold-target")
+    try:
+        result = refinish(run_dir, out, changes, evaluate=evaluate, log=(lambda s: None) if quiet else None)
+    except TrainError as e:
+        raise click.UsageError(str(e)) from None
     if result.model_path is not None and not quiet:
         click.echo(f"wrote {result.model_path} and {result.metrics_path}")
     return 0

@@ -117,6 +117,29 @@ def test_help_and_module_dispatch(capsys):
     assert p.returncode == 0 and "--json" in p.stdout
 
 
+def test_refinish_gives_the_fa_map_s_other_output_without_training(tmp_path, capsys):
+    """stlm-train --refinish: the same weights finished with the head's output instead of the prior path (tire wants
+    the head, the bottle sample the prior: a user compares both on their own images without a second training)."""
+    run, head = tmp_path / "run", tmp_path / "head"
+    assert train_main(["--data", "builtin", "--config", "small", "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    assert train_main(["--refinish", str(run), "--out", str(head), "--fa-output", "head", "--quiet"]) == 0
+    a = torch.load(run / "model.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(head / "model.ckpt", map_location="cpu", weights_only=True)
+    assert a["config"]["fa_output"] == "prior" and b["config"]["fa_output"] == "head"
+    assert a["train"]["steps"] == b["train"]["steps"] == 2
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # no step trained
+    ma, mb = (json.loads((d / "metrics.json").read_text())["eval"] for d in (run, head))
+    assert ma["tlm"]["p_auroc"] == pytest.approx(mb["tlm"]["p_auroc"], abs=1e-9)  # same students
+    assert ma["fa"]["p_auroc"] != mb["fa"]["p_auroc"]  # another FA map
+    capsys.readouterr()
+    for argv, needle in ((["--fa-output", "head"], "is the run itself"), ([], "needs what to change"),
+                         (["--fa-output", "head", "--steps", "5"], "--steps cannot be given with it")):
+        out = run if needle == "is the run itself" else tmp_path / "x"
+        assert train_main(["--refinish", str(run), "--out", str(out), *argv]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("Error: ") and needle in err[0], err
+
+
 @pytest.fixture(scope="module")
 def garbage(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("bad") / "teacher.pth"
