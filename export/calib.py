@@ -131,6 +131,11 @@ def find_images(root: str | os.PathLike) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def in_folder(path: Path, root: Path, names: Iterable[str]) -> bool:
+    """Whether a folder between ``root`` and the file ``path`` has one of ``names`` (case-insensitive)."""
+    return not {q.lower() for q in path.relative_to(root).parts[:-1]}.isdisjoint(names)
+
+
 def _spread(paths: list[Path], n: int) -> list[Path]:
     """n paths evenly spread over the sorted list (so good and defective folders are both used)."""
     if len(paths) <= n:
@@ -199,7 +204,7 @@ def calibration_images(calib_data: str | os.PathLike | None, img_size: int,
     if calib_data is not None:
         root = image_folder("--calib-data", calib_data)
         found = find_images(root)
-        paths = [p for p in found if not MASK_FOLDERS & {q.lower() for q in p.relative_to(root).parts[:-1]}]
+        paths = [p for p in found if not in_folder(p, root, MASK_FOLDERS)]
         if not paths:
             what = "only mask images (ground_truth/, masks/)" if found else "no images"
             raise ValueError(f"--calib-data {root}: {what} found below it ({', '.join(IMAGE_EXTENSIONS)}); "

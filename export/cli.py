@@ -47,9 +47,9 @@ def _echo(msg: str) -> None:
               help="Also write INT8 artifacts (ORT Q/DQ model.int8.onnx, OpenVINO NNCF IR, TensorRT where it runs), "
                    "each published only if it passes the INT8 accuracy gate.")
 @click.option("--calib-data", type=click.Path(path_type=str), default=None,
-              help="Folder of images (searched recursively, mask folders skipped) for the parity gate; with --int8 its good training images "
-                   "(DIR/train/good when present; never test images) calibrate the quantisation "
-                   "(default: the training split recorded in the checkpoint).")
+              help="Folder of images (searched recursively, mask folders skipped) for the parity gate; with --int8 "
+                   "its good training images (DIR/train/good when present; never test images) calibrate the "
+                   "quantisation (default: the training split recorded in the checkpoint).")
 @click.option("--val-data", type=click.Path(path_type=str), default=None,
               help="Labelled MVTec-style folder (test/, ground_truth/) the task gates judge on (bf16/fp16 inference, "
                    "INT8); default: the test split of the data set the checkpoint records, else its held-out good "

@@ -223,8 +223,8 @@ def diagnose_checkpoint(ckpt: str, data: str, category: str | None = None, forma
     try:
         te = build_dataset(data, format, category, "test", size, resize)
         good = [te[i].image for i, r in enumerate(te.records) if r.label == 0]
-        bad_idx = [i for i, r in enumerate(te.records) if r.label == 1][:n_images]
-        bad, bad_masks = [te[i].image for i in bad_idx], [te[i].mask for i in bad_idx]
+        bad_samples = [te[i] for i, r in enumerate(te.records) if r.label == 1][:n_images]  # each file read once
+        bad, bad_masks = [b.image for b in bad_samples], [b.mask for b in bad_samples]
     except Exception:  # no test split: the training images only
         good, bad, bad_masks = [], [], []
     for name, imgs in (("test_good", np.stack(good) if good else None), ("train", train_images)):

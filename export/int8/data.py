@@ -33,7 +33,7 @@ import numpy as np
 from stlm_deploy.tiling import gate_maps
 
 from ..calib import (MASK_FOLDERS, CalibSet, TileLayout, _calib_set, _spread, calibration_images, find_images,
-                     image_folder, load_views, model_views, sample_data_root)
+                     image_folder, in_folder, load_views, model_views, sample_data_root)
 from ..task_gate import Evidence
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def int8_calibration(calib_data: str | os.PathLike | None, recorded: "TrainSplit
         root = image_folder("--calib-data", calib_data)
         base = root / "train" / "good" if (root / "train" / "good").is_dir() else root
         paths = find_images(base)
-        bad = [p for p in paths if _TEST_PARTS & {q.lower() for q in (base.name, *p.relative_to(base).parts[:-1])}]
+        bad = [p for p in paths if base.name.lower() in _TEST_PARTS or in_folder(p, base, _TEST_PARTS)]
         if bad:
             raise ValueError(f"--calib-data {root}: contains test/mask images (e.g. {bad[0]}); calibration uses "
                              "good training images only: point it at train/good")
