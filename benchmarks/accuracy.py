@@ -101,7 +101,8 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: the default), ``fa-input-absdiff`` (the FA head reads |l2n(Sp) - l2n(Sd)| instead of the official product),
 #: ``fa-loss-dice`` (a soft Dice term added to the FA head's focal + L1), ``fa-input-tlm`` (the FA head also
 #: reads the TLM map's per-level log distances through a prior path and starts as the TLM map),
-#: ``fa-input-tlm-only`` (the FA head reads those log distances alone, not the product)
+#: ``fa-input-tlm-only`` (the FA head reads those log distances alone, not the product),
+#: ``teacher-init`` / ``random-init`` (students and decoder start as copies of the TinyViT teacher / seeded random)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
     "grey-textures": {"texture_bank": "reference+grey"},
@@ -115,6 +116,8 @@ FIXED_PARTS: dict[str, dict[str, Any]] = {
     "fa-loss-dice": {"fa_loss": "focal+l1+dice"},
     "amp": {"amp": True},
     "fp32": {"amp": False},
+    "teacher-init": {"student_init": "teacher"},
+    "random-init": {"student_init": "random"},
 }
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))

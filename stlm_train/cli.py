@@ -37,6 +37,11 @@ FA_OUTPUT_CHOICES = ("head", "prior")
 TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self", "reference+grey")
 DEFAULT_TEXTURE_BANK_NAME = "reference+grey"
 
+
+#: ``--student-init`` choices and default (kept equal to ``STUDENT_INITS`` / ``DEFAULT_STUDENT_INIT`` by a test).
+STUDENT_INIT_CHOICES = ("random", "teacher")
+DEFAULT_STUDENT_INIT_NAME = "random"
+
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
 
 _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; without any, "
@@ -111,6 +116,9 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--fa-output", type=click.Choice(FA_OUTPUT_CHOICES), default=None,
               help="The FA map at inference: the 'head' (official) or its trained TLM 'prior' path alone (the head "
               "still trains the students and the prior). Default: prior when --fa-input has the path, else head.")
+@click.option("--student-init", type=click.Choice(STUDENT_INIT_CHOICES), default=DEFAULT_STUDENT_INIT_NAME,
+              show_default=True, help="Where the students and the shared decoder start: 'random' (seeded) or "
+              "'teacher' (copies of a TinyViT teacher's encoder and decoder: the built-in one or MobileSAM).")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--refinish", "refinish_from", default=None, metavar="RUN_DIR",
@@ -123,7 +131,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
               steps, time_budget,
               teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp,
               num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, fa_target, fa_input,
-              fa_output, do_eval, refinish_from, quiet) -> int:
+              fa_output, student_init, do_eval, refinish_from, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -142,7 +150,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
         threshold_target=threshold_target, fa_loss=fa_loss, fa_target=fa_target, fa_input=fa_input, fa_output=fa_output,
-        evaluate=do_eval,
+        student_init=student_init, evaluate=do_eval,
         progress=not quiet)
     try:
         opts.validate()

@@ -26,7 +26,7 @@ from .sampling import resolve_augmentation
 from .stfpm_step import SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY, STFPMTrainer
 from .stfpm_step import loss_keys as stfpm_loss_keys
 from .state import LOSS_KEYS
-from .teachers import build_teacher
+from .teachers import build_teacher, init_students_from_teacher
 
 
 class RunContext(Protocol):
@@ -64,6 +64,9 @@ class STLMFamily:
         run.model = model.to(run.device)
         teacher, desc = early or build_teacher(opts, run.cfg, run.calibration_batches, run.device,
                                                run.state.get("teacher") if run.state else None, run.say)
+        if opts.student_init == "teacher" and run.state is None:  # resumed: the weights come with the state
+            init_students_from_teacher(run.model, teacher)
+            run.say(f"students: initialised from the {desc['kind']} teacher's encoder and decoder")
         if opts.student_bn == "frozen" and run.state is None:  # resumed: the statistics come with the weights
             n = calibrate_students(run.model, run.calibration_batches)
             run.say(f"students: BatchNorm statistics calibrated on {n} clean training images and frozen")

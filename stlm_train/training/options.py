@@ -22,7 +22,7 @@ IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
                    "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss", "fa_target",
-                   "fa_input", "fa_output")
+                   "fa_input", "fa_output", "student_init")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
@@ -44,6 +44,11 @@ DEFAULT_FA_LOSS = "focal+l1"
 #: pseudo mask and the teacher's change agree, :func:`stlm_train.losses.fa_weights`).
 FA_TARGETS = ("mask", "changed")
 DEFAULT_FA_TARGET = "mask"
+#: Where the students and the shared decoder start (STLM): ``random`` (the seeded official init) or ``teacher`` (a
+#: copy of a TinyViT teacher's encoder and decoder: the built-in one, or MobileSAM; the paper's analogue is its
+#: MobileSAM init of students that distil SAM, so training starts from students that already reproduce the teacher).
+STUDENT_INITS = ("random", "teacher")
+DEFAULT_STUDENT_INIT = "random"
 
 
 def fa_grad_scale(mode: str) -> float:
@@ -99,6 +104,7 @@ class TrainOptions:
     lr_students: float = 5e-4
     lr_fa_res: float = 0.1
     lr_fa_head: float = 0.01
+    student_init: str = DEFAULT_STUDENT_INIT  # STUDENT_INITS: random (seeded) | teacher (STLM, TinyViT teachers)
     # Recipe knobs (defaults are the measured best; the others reproduce earlier versions for ablations)
     teacher_seed: int | None = None  # None: seed + TEACHER_SEED_OFFSET (never the students' stream)
     teacher_recipe: str = DEFAULT_TEACHER_RECIPE
@@ -203,6 +209,10 @@ class TrainOptions:
             raise TrainError(f"--holdout must be in (0, 1), got {self.holdout}")
         if self.anomaly_source is not None and not Path(self.anomaly_source).is_dir():
             raise TrainError(f"--anomaly-source: '{self.anomaly_source}' is not a folder")
+        if self.student_init == "teacher" and (self.init_mobile_sam is not None
+                                               or CONFIGS[self.config].family != "stlm"):
+            raise TrainError("--student-init teacher: STLM only, and not with --init-mobile-sam (the students start "
+                             "from one of them)")
         if self.init_mobile_sam is not None and not Path(self.init_mobile_sam).is_file():
             raise TrainError(f"--init-mobile-sam: {self.init_mobile_sam}: no such file")
         if not self.builtin_teacher and not Path(self.teacher).is_file():
@@ -217,7 +227,8 @@ class TrainOptions:
                                      ("student_bn", self.student_bn, STUDENT_BN_MODES),
                                      ("fa_loss", self.fa_loss, FA_LOSSES),
                                      ("fa_target", self.fa_target, FA_TARGETS),
-                                     ("fa_input", self.fa_input, FA_INPUTS)):
+                                     ("fa_input", self.fa_input, FA_INPUTS),
+                                     ("student_init", self.student_init, STUDENT_INITS)):
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         fa_grad_scale(self.fa_grad)
@@ -258,6 +269,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
               "resize": "bilinear", "augment_before_resize": False,
               "student_bn": "train", "threshold_target": None, "fa_grad": "students", "fa_loss": "focal+l1",
               "fa_target": "mask", "fa_input": "product", "fa_output": DEFAULT_FA_OUTPUT,
+              "student_init": "random",
               **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

@@ -384,7 +384,7 @@ class _Run:
             "augment_before_resize": opts.augment_before_resize, "student_bn": opts.student_bn,
             "fa_grad": opts.fa_grad, "fa_loss": opts.fa_loss, "fa_target": opts.fa_target,
             **({"fa_input": cfg.fa_input, "fa_output": cfg.fa_output} if isinstance(cfg, STLMConfig) else {}),
-            "batch_size": opts.batch_size,
+            "batch_size": opts.batch_size, "student_init": opts.student_init,
             **({"work_size": self.tiling.work_size, "tile_overlap": self.tiling.overlap} if self.tiling else {}),
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
             "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),

@@ -12,7 +12,9 @@ import torch
 
 from ..checkpoint import load_teacher
 from ..config import STLMConfig
+from ..modeling.stlm import STLM
 from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
+from ..modeling.tiny_vit import TinyViT
 from .options import TrainError, TrainOptions
 
 Log = Callable[[str], None]
@@ -53,3 +55,25 @@ def build_teacher(opts: TrainOptions, cfg: STLMConfig, calib: Callable[[], Itera
         raise TrainError(f"teacher features have {dim} channels but config '{cfg.name}' students have "
                          f"{cfg.decoder.dim}; use --config paper with a SAM/MobileSAM teacher")
     return teacher.eval().requires_grad_(False), desc
+
+
+@torch.no_grad()
+def init_students_from_teacher(model: STLM, teacher: Teacher) -> STLM:
+    """Both students := the teacher's encoder, the shared decoder := its decoder (``--student-init teacher``).
+
+    Only a TinyViT teacher of the students' own shape (the built-in one, MobileSAM) has weights to copy; a SAM
+    ViT teacher is refused with one line. Buffers (BatchNorm statistics) are copied too."""
+    enc = teacher.encoder
+    if not isinstance(enc, TinyViT):
+        raise TrainError(f"--student-init teacher: the {teacher.kind} teacher's encoder is {type(enc).__name__}, not "
+                         "the students' TinyViT (use --teacher builtin or a mobile_sam.pt)")
+    for name, dst, src in (("plain", model.plain, enc), ("denoising", model.denoising, enc),
+                           ("decoder", model.decoder, teacher.decoder)):
+        theirs, ours = src.state_dict(), dst.state_dict()
+        bad = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+        if bad or len(theirs) != len(ours):
+            raise TrainError(f"--student-init teacher: the teacher's {name} weights do not fit the students' "
+                             f"(first mismatch: {(bad or sorted(set(theirs) - set(ours)))[0]}); the teacher must "
+                             "have the students' config")
+        dst.load_state_dict(theirs)
+    return model

@@ -110,3 +110,33 @@ def test_calibrate_batchnorm_runs_only_batchnorm_in_train_mode():
     calibrate_batchnorm(teacher, [_images(2, cfg.img_size, 0)])
     hook.remove()
     assert modes == [False] and not teacher.training
+
+
+def test_student_init_teacher_copies_the_tinyvit_teacher_and_refuses_a_vit():
+    """--student-init teacher: both students and the decoder compute the teacher's features at the start (up to
+    float order: the decoder runs on both streams stacked); a SAM ViT teacher has nothing to copy: one line."""
+    import pytest
+
+    from stlm_train.config import ViTConfig
+    from stlm_train.modeling import STLM
+    from stlm_train.modeling.teacher import build_vit_teacher
+    from stlm_train.training import TrainError
+    from stlm_train.training.teachers import init_students_from_teacher
+
+    cfg = get_config("small")
+    torch.manual_seed(0)
+    model, teacher = STLM(cfg).eval(), build_builtin_teacher(cfg, 1000).eval()
+    x = _images(2, cfg.img_size, 1)
+    with torch.no_grad():
+        before = model.student_features(x)[0][1]
+        init_students_from_teacher(model, teacher)
+        (p1, p2), (d1, d2) = model.student_features(x)
+        t1, t2 = teacher(x)
+    assert float((before - t2).abs().max()) > 0.1  # random students differ from the teacher
+    for ours, theirs in ((p1, t1), (p2, t2), (d1, t1), (d2, t2)):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    assert all(p.requires_grad for p in model.plain.parameters())  # still trainable; the teacher stays frozen
+    vit = build_vit_teacher(ViTConfig(embed_dim=32, depth=1, num_heads=2, global_attn_indexes=(0,)), cfg.img_size,
+                            cfg.decoder)
+    with pytest.raises(TrainError, match="--student-init teacher: the sam teacher's encoder is ImageEncoderViT"):
+        init_students_from_teacher(model, vit)

@@ -77,6 +77,14 @@ def test_fa_loss_flag_matches_the_trainer_options():
     assert train_cli.FA_LOSS_CHOICES == FA_LOSSES and train_cli.DEFAULT_FA_LOSS_NAME == DEFAULT_FA_LOSS
 
 
+def test_student_init_flag_matches_the_trainer_options():
+    from stlm_train import cli as train_cli
+    from stlm_train.training.options import DEFAULT_STUDENT_INIT, STUDENT_INITS
+
+    assert train_cli.STUDENT_INIT_CHOICES == STUDENT_INITS
+    assert train_cli.DEFAULT_STUDENT_INIT_NAME == DEFAULT_STUDENT_INIT
+
+
 def test_fa_target_flag_matches_the_trainer_options():
     """--fa-target is spelled in the CLI as well: its choices and default are the trainer's."""
     from stlm_train import cli as train_cli

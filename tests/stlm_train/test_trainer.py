@@ -233,6 +233,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     assert merged.fa_loss == "focal+l1"  # and the FA head learned from focal + L1 (paper eq. 8)
     assert merged.fa_target == "mask"  # on every pixel of the pseudo mask
     assert merged.fa_input == "product"  # of the students' product, as in the official code
+    assert merged.student_init == "random"  # seeded students
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
@@ -251,12 +252,21 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     ("resize", "nearest", "resize must be one of area, bilinear"),
     ("holdout", 1.0, "--holdout must be in (0, 1)"),
     ("batch_size", 0, "--batch-size must be at least 1"),
+    ("student_init", "mobile_sam", "student_init must be one of random, teacher"),
 ])
 def test_options_are_validated_in_one_place(tmp_path, field, value, needle):
     opts = TrainOptions(data="builtin", out=str(tmp_path), **{field: value})
     with pytest.raises(TrainError) as e:
         opts.validate()
     assert needle in str(e.value)
+
+
+def test_student_init_teacher_is_stlm_only_and_excludes_the_mobile_sam_init(tmp_path):
+    sam = tmp_path / "mobile_sam.pt"
+    sam.write_bytes(b"x")
+    for kw in ({"config": "stfpm"}, {"init_mobile_sam": str(sam)}):
+        with pytest.raises(TrainError, match="--student-init teacher: STLM only, and not with --init-mobile-sam"):
+            TrainOptions(data="builtin", out=str(tmp_path / "r"), student_init="teacher", **kw).validate()
 
 
 def test_a_folder_that_holds_a_run_is_refused_without_resume_or_overwrite(data_root, tmp_path):
