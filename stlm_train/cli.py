@@ -36,8 +36,6 @@ FA_OUTPUT_CHOICES = ("head", "prior")
 #: :data:`stlm_train.anomalies.TEXTURE_BANKS` / ``DEFAULT_TEXTURE_BANK`` by a test).
 TEXTURE_BANK_CHOICES = ("reference", "v1", "reference+self", "reference+grey")
 DEFAULT_TEXTURE_BANK_NAME = "reference+grey"
-
-
 #: ``--student-init`` choices and default (kept equal to ``STUDENT_INITS`` / ``DEFAULT_STUDENT_INIT`` by a test).
 STUDENT_INIT_CHOICES = ("random", "teacher")
 DEFAULT_STUDENT_INIT_NAME = "random"

@@ -104,7 +104,6 @@ class TrainOptions:
     lr_students: float = 5e-4
     lr_fa_res: float = 0.1
     lr_fa_head: float = 0.01
-    student_init: str = DEFAULT_STUDENT_INIT  # STUDENT_INITS: random (seeded) | teacher (STLM, TinyViT teachers)
     # Recipe knobs (defaults are the measured best; the others reproduce earlier versions for ablations)
     teacher_seed: int | None = None  # None: seed + TEACHER_SEED_OFFSET (never the students' stream)
     teacher_recipe: str = DEFAULT_TEACHER_RECIPE
@@ -119,6 +118,7 @@ class TrainOptions:
     # The FA map at inference (STLM only, stlm_train.config.FA_OUTPUTS): head | prior; None: prior when the head
     # has the prior path, else head (resolved_fa_output). Acts after the last step (refinish can change it).
     fa_output: str | None = None
+    student_init: str = DEFAULT_STUDENT_INIT  # STUDENT_INITS: random (seeded) | teacher (STLM, TinyViT teachers)
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
