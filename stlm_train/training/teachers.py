@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_teacher
+from ..checkpoint import CheckpointError, load_converted, load_teacher
 from ..config import STLMConfig
 from ..modeling.stlm import STLM
 from ..modeling.teacher import Teacher, build_builtin_teacher, calibrate_batchnorm
@@ -69,11 +69,8 @@ def init_students_from_teacher(model: STLM, teacher: Teacher) -> STLM:
                          "the students' TinyViT (use --teacher builtin or a mobile_sam.pt)")
     for name, dst, src in (("plain", model.plain, enc), ("denoising", model.denoising, enc),
                            ("decoder", model.decoder, teacher.decoder)):
-        theirs, ours = src.state_dict(), dst.state_dict()
-        bad = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
-        if bad or len(theirs) != len(ours):
-            raise TrainError(f"--student-init teacher: the teacher's {name} weights do not fit the students' "
-                             f"(first mismatch: {(bad or sorted(set(theirs) - set(ours)))[0]}); the teacher must "
-                             "have the students' config")
-        dst.load_state_dict(theirs)
+        try:  # strict: every key and shape, one line naming the first misfits
+            load_converted(dst, src.state_dict(), None, f"--student-init teacher: the teacher's {name} weights")
+        except CheckpointError as e:
+            raise TrainError(f"{e} (the teacher must have the students' config)") from None
     return model
