@@ -54,7 +54,7 @@ CHANGES: dict[str, dict[str, Any]] = {
 }
 V0: dict[str, Any] = {"teacher_seed": "SEED", "teacher_recipe": "v1", "resize": "bilinear", "texture_bank": "v1",
                       "augment_before_resize": False, "student_bn": "train", "threshold_target": None,
-                      "fa_grad": "students", "fa_target": "mask", "fa_input": "product"}
+                      "fa_grad": "students", "fa_target": "mask", "fa_input": "product", "train_images": "all"}
 #: The localisation round: each change against the trainer before it (r2).
 CHANGES_R3: dict[str, dict[str, Any]] = {
     "frozen-bn": {"student_bn": "frozen"},
@@ -64,7 +64,7 @@ CHANGES_R3: dict[str, dict[str, Any]] = {
     "detached-fa": {"fa_grad": "detached"},
 }
 R2: dict[str, Any] = {"student_bn": "train", "teacher_recipe": "reference", "threshold_target": None,
-                      "fa_grad": "students", "fa_input": "product"}
+                      "fa_grad": "students", "fa_input": "product", "train_images": "all"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "v0": dict(V0),
     **{f"v0+{name}": {**V0, **change} for name, change in CHANGES.items()},
@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "current+detached-fa": dict(CHANGES_R3["detached-fa"]),
     "current-tlm-prior": {"fa_input": "product"},  # the trainer of the localisation tables' rows before 2026-12-07
     "current-prior-output": {"fa_output": "head"},  # the FA map with the head's learned correction (to 2026-12-07)
+    "current-all-images": {"train_images": "all"},  # every training image, however few steps (to 2026-12-07)
     "current": {},
 }
 #: Rows measured on another row's weights (same seed, resumed from its last.ckpt): their change acts only after
@@ -257,8 +258,10 @@ def kept_run_changes(run: Path, variant: str, seed: int, args: argparse.Namespac
                         img_size=args.img_size, seed=seed, **overrides)
     had = merge_resume_options(TrainOptions(data="", out=str(run)), state["options"], set())
     same_data = Path(str(had.data)).resolve() == Path(str(want.data)).resolve()
-    differ = [k for k in IDENTITY_FIELDS if k not in POST_TRAINING_OPTIONS and k != "data"
+    differ = [k for k in IDENTITY_FIELDS if k not in POST_TRAINING_OPTIONS and k not in ("data", "train_images")
               and getattr(had, k) != getattr(want, k)] + ([] if same_data else ["data"])
+    if not _same_training_images(run, had.train_images, want.train_images):
+        differ.append("train_images")
     if args.steps is not None and int(state["step"]) != args.steps:
         differ.append(f"steps ({state['step']})")
     if args.time_budget is not None and abs(float(state["seconds"]) - 60 * args.time_budget) > 60:
@@ -267,6 +270,21 @@ def kept_run_changes(run: Path, variant: str, seed: int, args: argparse.Namespac
         raise TrainError(f"it trained with other {', '.join(differ)} than {variant} seed {seed}; move it away to "
                          "train the row again")
     return {k: getattr(want, k) for k in POST_TRAINING_OPTIONS if getattr(had, k) != getattr(want, k)}, had
+
+
+def _same_training_images(run: Path, had: str, want: str) -> bool:
+    """Whether a kept run's stored ``train_images`` (a resolved count, or ``all``) is what ``want`` trains on:
+    ``auto`` matches a count it resolved, and ``all`` where the run had no more images than ``auto`` keeps."""
+    from stlm_train.checkpoint import read_file
+    from stlm_train.training.sampling import AUTO_TRAIN_MIN_IMAGES
+
+    if want != "auto" or had == "auto":
+        return had == want
+    if had != "all":
+        return True
+    model = run / "model.ckpt"
+    n = read_file(model).get("train", {}).get("n_train_images") if model.is_file() else None
+    return n is not None and int(n) <= AUTO_TRAIN_MIN_IMAGES
 
 
 def trained_fa_input(row: dict[str, Any]) -> str:

@@ -39,6 +39,8 @@ DEFAULT_TEXTURE_BANK_NAME = "reference+grey"
 #: ``--student-init`` choices and default (kept equal to ``STUDENT_INITS`` / ``DEFAULT_STUDENT_INIT`` by a test).
 STUDENT_INIT_CHOICES = ("random", "teacher")
 DEFAULT_STUDENT_INIT_NAME = "random"
+#: ``--train-images`` default (kept equal to ``DEFAULT_TRAIN_IMAGES`` by a test).
+DEFAULT_TRAIN_IMAGES_NAME = "auto"
 
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
 
@@ -117,6 +119,10 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
 @click.option("--student-init", type=click.Choice(STUDENT_INIT_CHOICES), default=DEFAULT_STUDENT_INIT_NAME,
               show_default=True, help="Where the students and the shared decoder start: 'random' (seeded) or "
               "'teacher' (copies of a TinyViT teacher's encoder and decoder: the built-in one or MobileSAM).")
+@click.option("--train-images", default=DEFAULT_TRAIN_IMAGES_NAME, show_default=True, metavar="N|all|auto",
+              help="How many distinct train/good images the students learn from (evenly spread): a count, 'all', or "
+              "'auto': as many as the planned steps visit about 100 times each (at least 16; every image with "
+              "--epochs), since a short CPU run fits a few images well rather than many poorly (docs/localisation.md).")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--refinish", "refinish_from", default=None, metavar="RUN_DIR",
@@ -129,7 +135,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
               steps, time_budget,
               teacher, anomaly_source, texture_bank, augmentation, device, seed, batch_size, resume, overwrite, amp,
               num_workers, init_mobile_sam, save_every, holdout, threshold_target, fa_loss, fa_target, fa_input,
-              fa_output, student_init, do_eval, refinish_from, quiet) -> int:
+              fa_output, student_init, train_images, do_eval, refinish_from, quiet) -> int:
     """Train an STLM model (students + shared decoder + FA head) or, with --config stfpm, an STFPM model
     (ResNet-18 student against a frozen ResNet-18 teacher) on the good images of a data set."""
     require_extra("stlm-train", "train")
@@ -148,7 +154,7 @@ def train_cmd(ctx: click.Context, data, format_, category, out, config, img_size
         augmentation=augmentation, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers, amp=amp,
         init_mobile_sam=init_mobile_sam, save_every=save_every, resume=resume, overwrite=overwrite, holdout=holdout,
         threshold_target=threshold_target, fa_loss=fa_loss, fa_target=fa_target, fa_input=fa_input, fa_output=fa_output,
-        student_init=student_init, evaluate=do_eval,
+        student_init=student_init, train_images=train_images, evaluate=do_eval,
         progress=not quiet)
     try:
         opts.validate()

@@ -22,7 +22,7 @@ IDENTITY_FIELDS = ("data", "format", "category", "config", "img_size", "seed", "
                    "anomaly_source", "augmentation", "init_mobile_sam", "holdout", "calib_images", "image_quantile",
                    "pixel_quantile", "teacher_seed", "teacher_recipe", "texture_bank", "resize",
                    "augment_before_resize", "student_bn", "threshold_target", "fa_grad", "fa_loss", "fa_target",
-                   "fa_input", "fa_output", "student_init")
+                   "fa_input", "fa_output", "student_init", "train_images")
 #: Identity options of tiled runs only (an untiled run's state and checkpoint do not mention them), with the
 #: values a run saved without them had: untiled.
 TILING_FIELDS = {"work_size": None, "tile_overlap": DEFAULT_TILE_OVERLAP}
@@ -49,6 +49,25 @@ DEFAULT_FA_TARGET = "mask"
 #: MobileSAM init of students that distil SAM, so training starts from students that already reproduce the teacher).
 STUDENT_INITS = ("random", "teacher")
 DEFAULT_STUDENT_INIT = "random"
+#: How many distinct train/good images the students learn from (STLM): ``all``, a count, or ``auto``: as many as
+#: the run's planned steps visit about ``sampling.AUTO_TRAIN_EPOCHS`` times each (a step-bounded CPU run fits a few
+#: images well rather than many poorly; :func:`.sampling.auto_train_images`). A resumed run keeps the resolved count.
+TRAIN_IMAGES_MODES = ("all", "auto")
+DEFAULT_TRAIN_IMAGES = "auto"
+
+
+def parse_train_images(value: str) -> int | str:
+    """``train_images`` as ``all`` / ``auto`` or a positive count; anything else is a one-line TrainError."""
+    text = str(value).strip().lower()
+    if text in TRAIN_IMAGES_MODES:
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise TrainError(f"--train-images must be {' or '.join(TRAIN_IMAGES_MODES)} or a positive count, got {value!r}")
+    return count
 
 
 def fa_grad_scale(mode: str) -> float:
@@ -119,6 +138,7 @@ class TrainOptions:
     # has the prior path, else head (resolved_fa_output). Acts after the last step (refinish can change it).
     fa_output: str | None = None
     student_init: str = DEFAULT_STUDENT_INIT  # STUDENT_INITS: random (seeded) | teacher (STLM, TinyViT teachers)
+    train_images: str = DEFAULT_TRAIN_IMAGES  # TRAIN_IMAGES_MODES or a count (parse_train_images)
     # The stored image threshold's trade-off (stlm_deploy.thresholds): fpr<=A on held-out good images, or
     # f1 / fnr<=B with the held-out images' pseudo-anomalous versions as the defective class.
     threshold_target: str | None = DEFAULT_THRESHOLD_TARGET
@@ -232,6 +252,7 @@ class TrainOptions:
             if value not in choices:
                 raise TrainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         fa_grad_scale(self.fa_grad)
+        parse_train_images(self.train_images)
         # STFPM has no FA head: the trainer's default and the official product (what runs recorded before the
         # field resume with) mean nothing there; another choice is a mistake
         if self.fa_input not in (TRAIN_FA_INPUT, DEFAULT_FA_INPUT) and CONFIGS[self.config].family != "stlm":
@@ -269,7 +290,7 @@ def merge_resume_options(opts: TrainOptions, stored: dict[str, Any], explicit: s
               "resize": "bilinear", "augment_before_resize": False,
               "student_bn": "train", "threshold_target": None, "fa_grad": "students", "fa_loss": "focal+l1",
               "fa_target": "mask", "fa_input": "product", "fa_output": DEFAULT_FA_OUTPUT,
-              "student_init": "random",
+              "student_init": "random", "train_images": "all",
               **TILING_FIELDS}
     return replace(opts, **{k: stored[k] if k in stored else legacy[k] for k in (*IDENTITY_FIELDS, *TILING_FIELDS)
                             if k in stored or k in legacy})

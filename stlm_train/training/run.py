@@ -22,6 +22,7 @@ calibration score range and the evaluation are computed on stitched maps, as eve
 """
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,9 +50,9 @@ from ..modeling.stlm import STLM
 from .distributed import DistInfo, all_ranks_max, barrier, resolve_device, setup_distributed, teardown
 from .family import family_of
 from .loop import NonFiniteLoss
-from .options import TrainError, TrainOptions, merge_resume_options
-from .sampling import EpochBatchSampler, holdout_split
-from .state import load_run_state, save_run_state, set_rng_state, summarize_history
+from .options import TrainError, TrainOptions, merge_resume_options, parse_train_images
+from .sampling import AUTO_TRAIN_EPOCHS, EpochBatchSampler, auto_train_images, holdout_split, spread_subset
+from .state import load_run_state, rng_state, save_run_state, set_rng_state, summarize_history
 
 Log = Callable[[str], None]
 #: the "epoch" key of the pseudo-anomalies drawn for the calibration score range (never a training epoch)
@@ -246,6 +247,7 @@ class _Run:
             set_rng_state(st["rng"])
             say(f"resume: step {self.step}, {self.seconds / 60:.1f} min trained so far")
 
+        self.select_training_images()
         self.sampler = EpochBatchSampler(len(self.train_idx), opts.batch_size, opts.seed, info.rank,
                                          info.world_size, self.step)
         self.spe = self.sampler.steps_per_epoch
@@ -253,6 +255,60 @@ class _Run:
         self.target_steps = int(value) * self.spe if kind == "epochs" else int(value) if kind == "steps" else None
         self.budget_s = value * 60.0 if kind == "time_budget" else None
         self.stop_text = f"{self.target_steps} steps" if self.target_steps is not None else f"{value:g} min"
+
+    def select_training_images(self) -> None:
+        """The distinct images the students learn from (``train_images``): resolved once, before the first step,
+        and stored with the run as a count (or ``all``), so a resumed or re-finished run keeps the same images."""
+        opts, available = self.opts, len(self.train_idx)
+        choice = parse_train_images(opts.train_images)
+        reason = f"--train-images {choice}"
+        if choice == "all" or (choice == "auto" and self.family.name != "stlm"):  # "auto" is measured on STLM only
+            k = available
+        elif choice == "auto":
+            planned = self.planned_samples()
+            k = auto_train_images(available, planned)
+            if planned is not None:
+                reason = (f"auto: about {planned:.0f} planned samples / {AUTO_TRAIN_EPOCHS} visits each, "
+                          "--train-images all to use every image")
+        else:
+            k = min(int(choice), available)
+        if k < available:
+            self.train_idx = spread_subset(self.train_idx, k)
+            self.triples = PseudoAnomalyDataset(self.triples.base, self.triples.synthesizer, seed=opts.seed,
+                                                indices=self.train_idx)
+            self.say(f"training images: {k} of {available}, spread evenly ({reason})")
+        self.opts = replace(opts, train_images=str(k) if k < available else "all")
+
+    def planned_samples(self) -> float | None:
+        """Images the run will step through (steps x batch x processes); a time budget: from a few timed probe
+        steps; an epoch count: None (the user asked for passes over every image)."""
+        kind, value = self.opts.stop_rule()
+        per_step = self.opts.batch_size * self.info.world_size
+        if kind == "epochs":
+            return None
+        if kind == "steps":
+            return value * per_step
+        return value * 60.0 / self.probe_seconds_per_step() * per_step
+
+    def probe_seconds_per_step(self, steps: int = 3) -> float:
+        """Seconds per training step, timed on ``steps`` real steps whose effect is undone afterwards (weights,
+        BatchNorm statistics, optimiser and random state restored); the first step (warm-up) is not counted."""
+        from torch.utils.data import default_collate
+
+        model_state, optim_state = copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.trainer.state_dict())
+        rng = rng_state()
+        batch = default_collate([self.triples[(0, j % len(self.triples))] for j in range(self.opts.batch_size)])
+        times = []
+        try:
+            for _ in range(max(2, steps)):
+                t0 = time.perf_counter()
+                self.trainer.step(batch["clean"], batch["pseudo"], batch["mask"])
+                times.append(time.perf_counter() - t0)
+        finally:
+            self.model.load_state_dict(model_state)
+            self.trainer.load_state_dict(optim_state)
+            set_rng_state(rng)
+        return all_ranks_max(float(np.mean(times[1:])), self.info, self.device)
 
     def _views(self, indices: Sequence[int], batch: int) -> Iterator[torch.Tensor]:
         """What the model sees of ``train_ds[indices]``, normalised, ``batch`` at a time: the img_size images, or
@@ -388,6 +444,7 @@ class _Run:
             **({"work_size": self.tiling.work_size, "tile_overlap": self.tiling.overlap} if self.tiling else {}),
             "world_size": self.info.world_size, "amp": bool(opts.amp), "device": str(self.device),
             "init_mobile_sam": opts.init_mobile_sam, "n_train_images": len(self.train_idx),
+            "train_images": opts.train_images,
             "n_held_out": len(self.held_idx),
             "optimizers": self.family.optimizers(opts),
             "selection": self.selection,

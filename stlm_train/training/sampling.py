@@ -1,8 +1,9 @@
 """Which images each step sees: the held-out split, the endless seeded batch order, augmentation mode."""
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch.utils.data import DistributedSampler, Sampler
 
@@ -23,6 +24,34 @@ def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     held = sorted({int((i + 0.5) * n / k) for i in range(k)})
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], held
+
+
+#: ``train_images`` "auto": the planned samples (steps x batch) should visit each training image about this often.
+#: Full tire category, 256 px, 1119 steps of batch 2, seed 0: FA pixel AUROC 0.63 on all 191 training images
+#: (12 epochs), 0.83 on 38 (59 epochs), 0.88 on 19 (118 epochs), 0.90 on 4; the head's output 0.90, 0.93, 0.95, 0.94.
+AUTO_TRAIN_EPOCHS = 100
+#: ... but never fewer distinct images than this (a few images cover less of the normal variation).
+AUTO_TRAIN_MIN_IMAGES = 16
+
+
+def auto_train_images(available: int, planned_samples: float | None) -> int:
+    """How many of ``available`` training images ``planned_samples`` (steps x batch x processes; None: unknown,
+    e.g. an epoch-bounded run) visit about :data:`AUTO_TRAIN_EPOCHS` times each, within
+    [:data:`AUTO_TRAIN_MIN_IMAGES`, ``available``]."""
+    if planned_samples is None:
+        return available
+    wanted = math.ceil(max(0.0, planned_samples) / AUTO_TRAIN_EPOCHS)
+    return max(1, min(available, max(AUTO_TRAIN_MIN_IMAGES, wanted)))
+
+
+def spread_subset(indices: Sequence[int], k: int) -> list[int]:
+    """``k`` of ``indices`` spread evenly over their order (all of them when ``k >= len(indices)``)."""
+    n = len(indices)
+    if k >= n:
+        return list(indices)
+    if k < 1:
+        raise TrainError(f"a training subset needs at least 1 image, got {k}")
+    return [indices[int((i + 0.5) * n / k)] for i in range(k)]
 
 
 class EpochBatchSampler(Sampler):

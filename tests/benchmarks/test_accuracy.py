@@ -208,3 +208,18 @@ def test_a_row_finished_before_the_prior_output_default_is_refinished_from_its_k
         accuracy.kept_run_changes(keep / "current-s0", "current-tlm-prior", 0, args)
     changes, had = accuracy.kept_run_changes(keep / "current-s0", "current", 0, args)
     assert changes == {"fa_output": None} and had.fa_input == "product+tlm" and had.fa_output == "head"
+
+
+def test_a_kept_run_on_every_image_is_not_an_auto_row_where_auto_keeps_fewer(tmp_path):
+    """A run trained on all 191 images (before ``train_images`` "auto") must train again as ``current``; one whose
+    images were few enough for "auto" to keep all of them, or whose count "auto" resolved, is the same row."""
+    import torch
+
+    many, few = tmp_path / "many", tmp_path / "few"
+    for run, n in ((many, 191), (few, 13)):
+        run.mkdir()
+        torch.save({"train": {"n_train_images": n}}, run / "model.ckpt")
+    assert not accuracy._same_training_images(many, "all", "auto")
+    assert accuracy._same_training_images(few, "all", "auto")
+    assert accuracy._same_training_images(many, "23", "auto")
+    assert accuracy._same_training_images(many, "all", "all") and not accuracy._same_training_images(few, "23", "all")

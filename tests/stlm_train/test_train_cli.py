@@ -85,6 +85,13 @@ def test_student_init_flag_matches_the_trainer_options():
     assert train_cli.DEFAULT_STUDENT_INIT_NAME == DEFAULT_STUDENT_INIT
 
 
+def test_train_images_flag_default_is_the_trainer_s():
+    from stlm_train import cli as train_cli
+    from stlm_train.training.options import DEFAULT_TRAIN_IMAGES
+
+    assert train_cli.DEFAULT_TRAIN_IMAGES_NAME == DEFAULT_TRAIN_IMAGES
+
+
 def test_fa_target_flag_matches_the_trainer_options():
     """--fa-target is spelled in the CLI as well: its choices and default are the trainer's."""
     from stlm_train import cli as train_cli

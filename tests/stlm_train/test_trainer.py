@@ -56,6 +56,19 @@ def test_holdout_split_is_deterministic_disjoint_and_keeps_at_least_one():
         holdout_split(10, 0.0)
 
 
+def test_auto_train_images_and_the_spread_subset():
+    from stlm_train.training.sampling import AUTO_TRAIN_MIN_IMAGES, auto_train_images, spread_subset
+
+    assert auto_train_images(191, 1119 * 2) == 23  # 2238 samples / 100 visits each
+    assert auto_train_images(191, 100 * 2) == AUTO_TRAIN_MIN_IMAGES  # never fewer than the floor...
+    assert auto_train_images(8, 100 * 2) == 8  # ...nor more than there are
+    assert auto_train_images(191, 10**6) == 191 and auto_train_images(191, None) == 191  # None: epochs asked for
+    assert spread_subset([10, 11, 12, 13, 14, 15], 3) == [11, 13, 15]  # the middle of each third
+    assert spread_subset([1, 2], 5) == [1, 2]
+    picked = spread_subset(list(range(191)), 23)
+    assert len(set(picked)) == 23 and picked[0] < 10 and picked[-1] > 180  # the whole range, no repeats
+
+
 def test_epoch_batch_sampler_order_sharding_and_restart():
     s = EpochBatchSampler(10, 3, seed=0)
     assert s.steps_per_epoch == 3  # 10 // 3, the remainder is dropped
@@ -142,6 +155,53 @@ def test_refinish_measures_a_post_training_change_on_the_run_s_own_weights(data_
         refinish(tmp_path / "base", tmp_path / "base", {})
 
 
+def test_train_images_picks_a_spread_subset_kept_on_resume_and_refinish(data_root, tmp_path, monkeypatch):
+    """A count trains on that many distinct images (stored as the resolved count, so a resume and a re-finish
+    use the same ones); 'auto' on a step budget picks as many as the steps visit ~100 times each."""
+    from stlm_train.training import refinish
+    from stlm_train.training import sampling
+
+    three = train(opts(data_root, tmp_path / "three", steps=2, train_images="3"))
+    state = read_file(tmp_path / "three" / "last.ckpt")
+    assert state["options"]["train_images"] == "3"
+    assert read_file(tmp_path / "three" / "model.ckpt")["train"]["n_train_images"] == 3
+    every = train(opts(data_root, tmp_path / "every", steps=2, train_images="all"))
+    assert max_diff(weights(three), weights(every)) > 1e-4  # other images, other steps
+    more = train(opts(data_root, tmp_path / "three", steps=3, resume=True), explicit={"steps", "resume"})
+    assert more.steps == 3 and read_file(tmp_path / "three" / "model.ckpt")["train"]["n_train_images"] == 3
+    again = refinish(tmp_path / "three", tmp_path / "three_again", {})
+    assert max_diff(weights(more), weights(again)) == 0.0
+    assert read_file(tmp_path / "three_again" / "model.ckpt")["train"]["n_train_images"] == 3
+    # 6 trainable images, a floor of 2: 2 steps x batch 2 = 4 samples -> the floor
+    monkeypatch.setattr(sampling, "AUTO_TRAIN_MIN_IMAGES", 2)
+    auto = train(opts(data_root, tmp_path / "auto", steps=2))
+    assert read_file(tmp_path / "auto" / "last.ckpt")["options"]["train_images"] == "2"
+    assert read_file(tmp_path / "auto" / "model.ckpt")["train"]["n_train_images"] == 2
+    epochs = train(opts(data_root, tmp_path / "epochs", steps=None, epochs=1))  # an epoch count: every image
+    assert read_file(tmp_path / "epochs" / "last.ckpt")["options"]["train_images"] == "all"
+    assert epochs.steps == 3  # 6 images / batch 2
+
+
+def test_time_budget_probe_steps_leave_no_trace(data_root, tmp_path):
+    """'auto' under a time budget times a few real steps to plan its images; they must not change the run."""
+    from stlm_train.config import get_config
+    from stlm_train.training.distributed import DistInfo
+    from stlm_train.training.run import _Run
+    from stlm_train.training.state import rng_state
+
+    o = opts(data_root, tmp_path / "probe", steps=None, time_budget=0.05, train_images="all").validate()
+    run = _Run(o, get_config("small", 128), None, DistInfo(), None)
+    run.setup()
+    before, optim, rng = weights(run), {k: v for k, v in run.trainer.state_dict().items()}, rng_state()
+    assert run.probe_seconds_per_step() > 0
+    assert max_diff(before, weights(run)) == 0.0  # weights and BatchNorm statistics restored
+    assert str(run.trainer.state_dict()) == str(optim)  # the optimisers' state too (no moments yet)
+    assert torch.equal(rng_state()["torch"], rng["torch"])
+    budget = train(opts(data_root, tmp_path / "budget", steps=None, time_budget=0.05))
+    assert read_file(tmp_path / "budget" / "last.ckpt")["options"]["train_images"] == "all"  # 6 < the floor 16
+    assert budget.steps >= 1
+
+
 def test_resume_errors(data_root, tmp_path):
     with pytest.raises(TrainError, match="last.ckpt not found"):
         train(opts(data_root, tmp_path / "none", resume=True))
@@ -225,7 +285,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
 
     old = {k: v for k, v in TrainOptions(data="builtin", out=str(tmp_path), seed=4).identity().items()
            if k not in ("teacher_seed", "teacher_recipe", "texture_bank", "resize", "student_bn", "threshold_target",
-                         "fa_grad", "fa_loss", "fa_target", "fa_input")}
+                         "fa_grad", "fa_loss", "fa_target", "fa_input", "train_images")}
     merged = merge_resume_options(TrainOptions(data="", out=str(tmp_path), resume=True), old, set())
     assert (merged.teacher_seed, merged.teacher_recipe, merged.texture_bank, merged.resize) == (4, "v1", "v1", "bilinear")
     assert (merged.student_bn, merged.threshold_target) == ("train", None)  # official BatchNorm, quantile rule
@@ -234,6 +294,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     assert merged.fa_target == "mask"  # on every pixel of the pseudo mask
     assert merged.fa_input == "product"  # of the students' product, as in the official code
     assert merged.student_init == "random"  # seeded students
+    assert merged.train_images == "all"  # on every training image
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
@@ -253,6 +314,8 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     ("holdout", 1.0, "--holdout must be in (0, 1)"),
     ("batch_size", 0, "--batch-size must be at least 1"),
     ("student_init", "mobile_sam", "student_init must be one of random, teacher"),
+    ("train_images", "0", "--train-images must be all or auto or a positive count, got '0'"),
+    ("train_images", "some", "--train-images must be all or auto or a positive count, got 'some'"),
 ])
 def test_options_are_validated_in_one_place(tmp_path, field, value, needle):
     opts = TrainOptions(data="builtin", out=str(tmp_path), **{field: value})
