@@ -76,7 +76,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "current+detached-fa": dict(CHANGES_R3["detached-fa"]),
     "current-tlm-prior": {"fa_input": "product"},  # the trainer of the localisation tables' rows before 2026-12-07
     "current-prior-output": {"fa_output": "head"},  # the FA map with the head's learned correction (to 2026-12-07)
-    "current-all-images": {"train_images": "all"},  # every training image, however few steps (to 2026-12-07)
     "current": {},
 }
 #: Rows measured on another row's weights (same seed, resumed from its last.ckpt): their change acts only after
@@ -103,7 +102,8 @@ FA_LOSS = re.compile(r"^fa-loss-(focal)$")
 #: ``fa-loss-dice`` (a soft Dice term added to the FA head's focal + L1), ``fa-input-tlm`` (the FA head also
 #: reads the TLM map's per-level log distances through a prior path and starts as the TLM map),
 #: ``fa-input-tlm-only`` (the FA head reads those log distances alone, not the product),
-#: ``teacher-init`` / ``random-init`` (students and decoder start as copies of the TinyViT teacher / seeded random)
+#: ``teacher-init`` / ``random-init`` (students and decoder start as copies of the TinyViT teacher / seeded random),
+#: ``few-images`` (``train_images`` "auto": as many distinct images as the planned steps visit ~100 times each)
 FIXED_PARTS: dict[str, dict[str, Any]] = {
     "self-texture": {"texture_bank": "reference+self"},
     "grey-textures": {"texture_bank": "reference+grey"},
@@ -119,6 +119,7 @@ FIXED_PARTS: dict[str, dict[str, Any]] = {
     "fp32": {"amp": False},
     "teacher-init": {"student_init": "teacher"},
     "random-init": {"student_init": "random"},
+    "few-images": {"train_images": "auto"},
 }
 METRICS = (("fa", "i_auroc"), ("fa", "p_auroc"), ("fa", "aupro"), ("tlm", "i_auroc"), ("tlm", "p_auroc"),
            ("tlm", "aupro"), ("fa", "fnr"), ("fa", "fpr"))

@@ -40,7 +40,7 @@ DEFAULT_TEXTURE_BANK_NAME = "reference+grey"
 STUDENT_INIT_CHOICES = ("random", "teacher")
 DEFAULT_STUDENT_INIT_NAME = "random"
 #: ``--train-images`` default (kept equal to ``DEFAULT_TRAIN_IMAGES`` by a test).
-DEFAULT_TRAIN_IMAGES_NAME = "auto"
+DEFAULT_TRAIN_IMAGES_NAME = "all"
 
 FORMAT_CHOICES = ("mvtec", "visa", "dagm", "folder")
 
@@ -120,9 +120,10 @@ _STOP_HELP = ("Stopping rule: exactly one of --epochs, --steps, --time-budget; w
               show_default=True, help="Where the students and the shared decoder start: 'random' (seeded) or "
               "'teacher' (copies of a TinyViT teacher's encoder and decoder: the built-in one or MobileSAM).")
 @click.option("--train-images", default=DEFAULT_TRAIN_IMAGES_NAME, show_default=True, metavar="N|all|auto",
-              help="How many distinct train/good images the students learn from (evenly spread): a count, 'all', or "
+              help="How many distinct train/good images the students learn from (evenly spread): 'all', a count, or "
               "'auto': as many as the planned steps visit about 100 times each (at least 16; every image with "
-              "--epochs), since a short CPU run fits a few images well rather than many poorly (docs/localisation.md).")
+              "--epochs). Screened, not the default: better maps on full tire, worse on grey surfaces "
+              "(docs/localisation.md).")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the test split at the end (when the data set has one).")
 @click.option("--refinish", "refinish_from", default=None, metavar="RUN_DIR",

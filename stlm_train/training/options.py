@@ -49,11 +49,12 @@ DEFAULT_FA_TARGET = "mask"
 #: MobileSAM init of students that distil SAM, so training starts from students that already reproduce the teacher).
 STUDENT_INITS = ("random", "teacher")
 DEFAULT_STUDENT_INIT = "random"
-#: How many distinct train/good images the students learn from (STLM): ``all``, a count, or ``auto``: as many as
-#: the run's planned steps visit about ``sampling.AUTO_TRAIN_EPOCHS`` times each (a step-bounded CPU run fits a few
-#: images well rather than many poorly; :func:`.sampling.auto_train_images`). A resumed run keeps the resolved count.
+#: How many distinct train/good images the students learn from (STLM): ``all`` (the default, as the official code),
+#: a count, or ``auto``: as many as the run's planned steps visit about ``sampling.AUTO_TRAIN_EPOCHS`` times each
+#: (:func:`.sampling.auto_train_images`; it lifts full tire's maps and lowers a grey-surface category's, so it is an
+#: option, docs/localisation.md). A resumed run keeps the resolved count.
 TRAIN_IMAGES_MODES = ("all", "auto")
-DEFAULT_TRAIN_IMAGES = "auto"
+DEFAULT_TRAIN_IMAGES = "all"
 
 
 def parse_train_images(value: str) -> int | str:

@@ -174,10 +174,10 @@ def test_train_images_picks_a_spread_subset_kept_on_resume_and_refinish(data_roo
     assert read_file(tmp_path / "three_again" / "model.ckpt")["train"]["n_train_images"] == 3
     # 6 trainable images, a floor of 2: 2 steps x batch 2 = 4 samples -> the floor
     monkeypatch.setattr(sampling, "AUTO_TRAIN_MIN_IMAGES", 2)
-    auto = train(opts(data_root, tmp_path / "auto", steps=2))
+    auto = train(opts(data_root, tmp_path / "auto", steps=2, train_images="auto"))
     assert read_file(tmp_path / "auto" / "last.ckpt")["options"]["train_images"] == "2"
     assert read_file(tmp_path / "auto" / "model.ckpt")["train"]["n_train_images"] == 2
-    epochs = train(opts(data_root, tmp_path / "epochs", steps=None, epochs=1))  # an epoch count: every image
+    epochs = train(opts(data_root, tmp_path / "epochs", steps=None, epochs=1, train_images="auto"))  # every image
     assert read_file(tmp_path / "epochs" / "last.ckpt")["options"]["train_images"] == "all"
     assert epochs.steps == 3  # 6 images / batch 2
 
@@ -197,7 +197,7 @@ def test_time_budget_probe_steps_leave_no_trace(data_root, tmp_path):
     assert max_diff(before, weights(run)) == 0.0  # weights and BatchNorm statistics restored
     assert str(run.trainer.state_dict()) == str(optim)  # the optimisers' state too (no moments yet)
     assert torch.equal(rng_state()["torch"], rng["torch"])
-    budget = train(opts(data_root, tmp_path / "budget", steps=None, time_budget=0.05))
+    budget = train(opts(data_root, tmp_path / "budget", steps=None, time_budget=0.05, train_images="auto"))
     assert read_file(tmp_path / "budget" / "last.ckpt")["options"]["train_images"] == "all"  # 6 < the floor 16
     assert budget.steps >= 1
 
@@ -294,7 +294,7 @@ def test_resume_of_a_run_saved_before_the_recipe_knobs_keeps_its_old_recipe(tmp_
     assert merged.fa_target == "mask"  # on every pixel of the pseudo mask
     assert merged.fa_input == "product"  # of the students' product, as in the official code
     assert merged.student_init == "random"  # seeded students
-    assert merged.train_images == "all"  # on every training image
+    assert merged.train_images == "all"  # on every training image (the default too; a count is kept as stored)
     assert merged.builtin_teacher_seed == 4
     fresh = TrainOptions(data="builtin", out=str(tmp_path), seed=4)
     assert fresh.builtin_teacher_seed == 1004 and fresh.resize == "area"
