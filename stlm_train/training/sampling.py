@@ -21,7 +21,7 @@ def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     if n < 2:
         raise TrainError(f"need at least 2 training images (1 is held out for thresholds), found {n}")
     k = min(n - 1, max(1, int(round(n * fraction))))
-    held = sorted({int((i + 0.5) * n / k) for i in range(k)})
+    held = spread_subset(range(n), k)
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], held
 
